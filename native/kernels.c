@@ -1,0 +1,303 @@
+/* Hamming distance kernels, one family per SIMD level, and the run-time choice
+ * between them. Each level is compiled with its own target attribute, so the module
+ * itself needs no -march flag and runs on any x86-64 (or any other CPU, generic only). */
+#include "kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CMH_X86 1
+#include <immintrin.h>
+#else
+#define CMH_X86 0
+#endif
+
+static inline uint64_t load64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint32_t load32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The last (nbytes % 8) bytes of a code, zero-extended into one word. */
+static inline uint64_t load_tail(const uint8_t *p, size_t len) {
+    uint64_t v = 0;
+    memcpy(&v, p, len);
+    return v;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define POP64(x) ((unsigned)__builtin_popcountll(x))
+#define POP32(x) ((unsigned)__builtin_popcount(x))
+#else
+static inline unsigned pop64_swar(uint64_t x) {
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (unsigned)((x * 0x0101010101010101ULL) >> 56);
+}
+#define POP64(x) pop64_swar(x)
+#define POP32(x) pop64_swar((uint64_t)(x))
+#endif
+
+/* Scalar kernels: fixed widths of 4, 8, 16 and 32 bytes, and any width. The same body
+ * is compiled once plain (generic) and once with the POPCNT instruction enabled. */
+#define DEFINE_SCALAR_KERNELS(SUFFIX, ATTR)                                                      \
+    ATTR static void dist4_##SUFFIX(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,  \
+                                    uint16_t *out) {                                            \
+        const uint32_t a = load32(q);                                                           \
+        for (size_t j = 0; j < n; j++) out[j] = (uint16_t)POP32(a ^ load32(db + 4 * j));        \
+    }                                                                                           \
+    ATTR static void dist8_##SUFFIX(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,  \
+                                    uint16_t *out) {                                            \
+        const uint64_t a = load64(q);                                                           \
+        for (size_t j = 0; j < n; j++) out[j] = (uint16_t)POP64(a ^ load64(db + 8 * j));        \
+    }                                                                                           \
+    ATTR static void dist16_##SUFFIX(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, \
+                                     uint16_t *out) {                                           \
+        const uint64_t a0 = load64(q), a1 = load64(q + 8);                                      \
+        for (size_t j = 0; j < n; j++, db += 16)                                                \
+            out[j] = (uint16_t)(POP64(a0 ^ load64(db)) + POP64(a1 ^ load64(db + 8)));           \
+    }                                                                                           \
+    ATTR static void dist32_##SUFFIX(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, \
+                                     uint16_t *out) {                                           \
+        const uint64_t a0 = load64(q), a1 = load64(q + 8), a2 = load64(q + 16),                 \
+                       a3 = load64(q + 24);                                                     \
+        for (size_t j = 0; j < n; j++, db += 32)                                                \
+            out[j] = (uint16_t)(POP64(a0 ^ load64(db)) + POP64(a1 ^ load64(db + 8)) +           \
+                                POP64(a2 ^ load64(db + 16)) + POP64(a3 ^ load64(db + 24)));     \
+    }                                                                                           \
+    ATTR static void distany_##SUFFIX(const uint8_t *q, const uint8_t *db, size_t n,           \
+                                      size_t nb, uint16_t *out) {                               \
+        const size_t words = nb / 8, rest = nb % 8;                                             \
+        const uint64_t qtail = load_tail(q + 8 * words, rest);                                  \
+        for (size_t j = 0; j < n; j++, db += nb) {                                              \
+            unsigned d = 0;                                                                     \
+            for (size_t w = 0; w < words; w++) d += POP64(load64(q + 8 * w) ^ load64(db + 8 * w)); \
+            if (rest) d += POP64(qtail ^ load_tail(db + 8 * words, rest));                      \
+            out[j] = (uint16_t)d;                                                               \
+        }                                                                                       \
+    }
+
+DEFINE_SCALAR_KERNELS(generic, )
+#if CMH_X86
+DEFINE_SCALAR_KERNELS(popcnt, __attribute__((target("popcnt"))))
+#endif
+
+static cmh_dist_fn pick_scalar(size_t nbytes, cmh_dist_fn d4, cmh_dist_fn d8, cmh_dist_fn d16,
+                               cmh_dist_fn d32, cmh_dist_fn dany) {
+    switch (nbytes) {
+    case 4: return d4;
+    case 8: return d8;
+    case 16: return d16;
+    case 32: return d32;
+    default: return dany;
+    }
+}
+
+#if CMH_X86
+/* AVX2: nibble-lookup popcount (Mula) for codes that are a whole number of 32-byte
+ * blocks (256, 512, 1024... bits); shorter codes stay on scalar POPCNT, which is as
+ * fast there. */
+__attribute__((target("avx2,popcnt"))) static void dist_blocks32_avx2(const uint8_t *q,
+                                                                     const uint8_t *db, size_t n,
+                                                                     size_t nb, uint16_t *out) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                         2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const size_t blocks = nb / 32;
+    for (size_t j = 0; j < n; j++, db += nb) {
+        __m256i acc = _mm256_setzero_si256();
+        for (size_t b = 0; b < blocks; b++) {
+            __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + 32 * b)),
+                                         _mm256_loadu_si256((const __m256i *)(db + 32 * b)));
+            __m256i lo = _mm256_and_si256(x, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+            __m256i cnt = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(cnt, _mm256_setzero_si256()));
+        }
+        __m128i s = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s = _mm_add_epi64(s, _mm_unpackhi_epi64(s, s));
+        out[j] = (uint16_t)_mm_cvtsi128_si64(s);
+    }
+}
+
+#define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
+
+/* 32-bit codes: 16 per vector. */
+AVX512_ATTR static void dist4_avx512(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,
+                                     uint16_t *out) {
+    const __m512i a = _mm512_set1_epi32((int)load32(q));
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512i c = _mm512_popcnt_epi32(_mm512_xor_si512(a, _mm512_loadu_si512(db + 4 * j)));
+        _mm256_storeu_si256((__m256i *)(out + j), _mm512_cvtepi32_epi16(c));
+    }
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        __m512i c = _mm512_popcnt_epi32(_mm512_xor_si512(a, _mm512_maskz_loadu_epi32(m, db + 4 * j)));
+        _mm512_mask_cvtepi32_storeu_epi16(out + j, m, c);
+    }
+}
+
+/* 64-bit codes: 8 per vector. */
+AVX512_ATTR static void dist8_avx512(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,
+                                     uint16_t *out) {
+    const __m512i a = _mm512_set1_epi64((long long)load64(q));
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) { /* two vectors per step keep both load ports busy */
+        __m512i c0 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 8 * j)));
+        __m512i c1 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 8 * j + 64)));
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtepi64_epi16(c0));
+        _mm_storeu_si128((__m128i *)(out + j + 8), _mm512_cvtepi64_epi16(c1));
+    }
+    for (; j < n; j += 8) {
+        size_t left = n - j < 8 ? n - j : 8;
+        __mmask8 m = (__mmask8)((1u << left) - 1);
+        __m512i c = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_maskz_loadu_epi64(m, db + 8 * j)));
+        _mm512_mask_cvtepi64_storeu_epi16(out + j, m, c);
+    }
+}
+
+/* Sum adjacent 64-bit lanes of the 16-lane sequence (x, y): lane t = s[2t] + s[2t+1]. */
+AVX512_ATTR static inline __m512i pair_sums(__m512i x, __m512i y) {
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    return _mm512_add_epi64(_mm512_permutex2var_epi64(x, even, y),
+                            _mm512_permutex2var_epi64(x, odd, y));
+}
+
+/* 128-bit codes: 8 codes are two vectors of per-word counts, reduced pairwise. */
+AVX512_ATTR static void dist16_avx512(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,
+                                      uint16_t *out) {
+    const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8, db += 128) {
+        __m512i c0 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db)));
+        __m512i c1 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 64)));
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtepi64_epi16(pair_sums(c0, c1)));
+    }
+    if (j < n) dist16_popcnt(q, db, n - j, nb, out + j);
+}
+
+/* 256-bit codes: 8 codes are four vectors, reduced pairwise twice. */
+AVX512_ATTR static void dist32_avx512(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,
+                                      uint16_t *out) {
+    const __m512i a = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q));
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8, db += 256) {
+        __m512i c0 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db)));
+        __m512i c1 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 64)));
+        __m512i c2 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 128)));
+        __m512i c3 = _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(db + 192)));
+        __m512i s = pair_sums(pair_sums(c0, c1), pair_sums(c2, c3));
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtepi64_epi16(s));
+    }
+    if (j < n) dist32_popcnt(q, db, n - j, nb, out + j);
+}
+
+/* Any other length: 64-byte chunks, the last one loaded under a byte mask. */
+AVX512_ATTR static void distany_avx512(const uint8_t *q, const uint8_t *db, size_t n, size_t nb,
+                                       uint16_t *out) {
+    const size_t chunks = nb / 64, rest = nb % 64;
+    const __mmask64 tail = rest ? (((__mmask64)1 << rest) - 1) : 0;
+    for (size_t j = 0; j < n; j++, db += nb) {
+        __m512i acc = _mm512_setzero_si512();
+        for (size_t c = 0; c < chunks; c++)
+            acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(
+                                            _mm512_loadu_si512(q + 64 * c),
+                                            _mm512_loadu_si512(db + 64 * c))));
+        if (rest)
+            acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(
+                                            _mm512_maskz_loadu_epi8(tail, q + 64 * chunks),
+                                            _mm512_maskz_loadu_epi8(tail, db + 64 * chunks))));
+        out[j] = (uint16_t)_mm512_reduce_add_epi64(acc);
+    }
+}
+#endif /* CMH_X86 */
+
+static const char *const level_names[CMH_SIMD_COUNT] = {"generic", "popcnt", "avx2", "avx512"};
+
+const char *cmh_simd_name(int level) {
+    return (level >= 0 && level < CMH_SIMD_COUNT) ? level_names[level] : "unknown";
+}
+
+int cmh_simd_supported(int level) {
+    if (level == CMH_SIMD_GENERIC) return 1;
+#if CMH_X86
+    __builtin_cpu_init();
+    switch (level) {
+    case CMH_SIMD_POPCNT: return __builtin_cpu_supports("popcnt") != 0;
+    case CMH_SIMD_AVX2: return __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("avx2");
+    case CMH_SIMD_AVX512:
+        return __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vpopcntdq");
+    }
+#endif
+    return 0;
+}
+
+int cmh_simd_best(void) {
+    for (int level = CMH_SIMD_COUNT - 1; level > 0; level--)
+        if (cmh_simd_supported(level)) return level;
+    return CMH_SIMD_GENERIC;
+}
+
+/* -1 until first use; then set once from the CPU (or by cmh_simd_set). Reads and
+ * writes of an int are atomic on every platform we build for. */
+static volatile int current_level = -1;
+
+int cmh_simd_current(void) {
+    int level = current_level;
+    if (level < 0) {
+        level = cmh_simd_best();
+        current_level = level;
+    }
+    return level;
+}
+
+int cmh_simd_set(int level) {
+    if (level < 0 || level >= CMH_SIMD_COUNT || !cmh_simd_supported(level)) return -1;
+    current_level = level;
+    return 0;
+}
+
+cmh_dist_fn cmh_dist_kernel(size_t nbytes) {
+    switch (cmh_simd_current()) {
+#if CMH_X86
+    case CMH_SIMD_AVX512:
+        return pick_scalar(nbytes, dist4_avx512, dist8_avx512, dist16_avx512, dist32_avx512,
+                           distany_avx512);
+    case CMH_SIMD_AVX2:
+        if (nbytes % 32 == 0 && nbytes > 32) return dist_blocks32_avx2;
+        return pick_scalar(nbytes, dist4_popcnt, dist8_popcnt, dist16_popcnt, dist32_popcnt,
+                           distany_popcnt);
+    case CMH_SIMD_POPCNT:
+        return pick_scalar(nbytes, dist4_popcnt, dist8_popcnt, dist16_popcnt, dist32_popcnt,
+                           distany_popcnt);
+#endif
+    default:
+        return pick_scalar(nbytes, dist4_generic, dist8_generic, dist16_generic, dist32_generic,
+                           distany_generic);
+    }
+}
+
+void cmh_any_common(const uint8_t *a, const uint8_t *db, size_t n, size_t nbytes, uint8_t *out) {
+    if (nbytes <= 8) { /* up to 64 labels: one word per item */
+        const uint64_t x = load_tail(a, nbytes);
+        for (size_t j = 0; j < n; j++) out[j] = (x & load_tail(db + j * nbytes, nbytes)) != 0;
+        return;
+    }
+    for (size_t j = 0; j < n; j++, db += nbytes) {
+        uint8_t hit = 0;
+        for (size_t b = 0; b < nbytes && !hit; b++) hit = (a[b] & db[b]) != 0;
+        out[j] = hit;
+    }
+}

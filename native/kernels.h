@@ -1,0 +1,38 @@
+/* Hamming distance kernels and their run-time selection. No Python API in here.
+ *
+ * A code is `nbytes` bytes; a database is `n` codes stored back to back (row-major,
+ * no padding). Every kernel computes out[j] = popcount(q XOR db[j]) for j < n.
+ * Distances fit in uint16 because codes are limited to CMH_MAX_BYTES bytes.
+ */
+#ifndef CMHASH_KERNELS_H
+#define CMHASH_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CMH_MAX_BYTES 8191 /* 65,528 bits: every distance fits in uint16 */
+
+enum cmh_simd_level {
+    CMH_SIMD_GENERIC = 0, /* portable C, no special instructions */
+    CMH_SIMD_POPCNT = 1,  /* scalar POPCNT instruction */
+    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount for long codes, POPCNT otherwise */
+    CMH_SIMD_AVX512 = 3,  /* AVX-512 VPOPCNTDQ + BW */
+    CMH_SIMD_COUNT = 4
+};
+
+typedef void (*cmh_dist_fn)(const uint8_t *q, const uint8_t *db, size_t n, size_t nbytes,
+                            uint16_t *out);
+
+const char *cmh_simd_name(int level);
+int cmh_simd_supported(int level);   /* 1 when this CPU (and OS) can run that level */
+int cmh_simd_best(void);             /* highest supported level */
+int cmh_simd_current(void);          /* the level kernels are chosen for now */
+int cmh_simd_set(int level);         /* 0 on success, -1 when unsupported */
+
+/* The distance kernel for this code length at the current level. */
+cmh_dist_fn cmh_dist_kernel(size_t nbytes);
+
+/* out[j] = 1 when a AND db[j] has a set bit (two label sets share a label), else 0. */
+void cmh_any_common(const uint8_t *a, const uint8_t *db, size_t n, size_t nbytes, uint8_t *out);
+
+#endif

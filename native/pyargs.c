@@ -1,0 +1,88 @@
+#include "pyargs.h"
+
+#include "kernels.h"
+#include "threads.h"
+
+int cmh_get_matrix(PyObject *obj, const char *func, const char *arg, cmh_matrix *m) {
+    m->held = 0;
+    if (PyObject_GetBuffer(obj, &m->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s(): %s must be a C-contiguous uint8 array of shape (n, nbytes), not '%.200s'"
+                     " (use numpy.ascontiguousarray(x, dtype=numpy.uint8))",
+                     func, arg, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    m->held = 1;
+    const char *fmt = m->view.format ? m->view.format : "B";
+    if (m->view.itemsize != 1 || (strcmp(fmt, "B") != 0 && strcmp(fmt, "=B") != 0 &&
+                                  strcmp(fmt, "<B") != 0 && strcmp(fmt, "|B") != 0)) {
+        PyErr_Format(PyExc_TypeError, "%s(): %s must hold uint8 (format 'B'), got format '%s'",
+                     func, arg, fmt);
+        cmh_release_matrix(m);
+        return -1;
+    }
+    if (m->view.ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "%s(): %s must be 2-D (n, nbytes), got %d dimension(s)",
+                     func, arg, m->view.ndim);
+        cmh_release_matrix(m);
+        return -1;
+    }
+    m->rows = (size_t)m->view.shape[0];
+    m->cols = (size_t)m->view.shape[1];
+    m->data = (const uint8_t *)m->view.buf;
+    return 0;
+}
+
+int cmh_get_out(PyObject *obj, const char *func, const char *arg, size_t itemsize, size_t count,
+                cmh_out *o) {
+    o->held = 0;
+    if (PyObject_GetBuffer(obj, &o->view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be a writable C-contiguous array, not '%.200s'",
+                     func, arg, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    o->held = 1;
+    if ((size_t)o->view.len != itemsize * count ||
+        (o->view.itemsize != (Py_ssize_t)itemsize && o->view.itemsize != 1)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s(): %s must hold %zu items of %zu bytes (%zu bytes), got %zd bytes of "
+                     "itemsize %zd",
+                     func, arg, count, itemsize, count * itemsize, o->view.len, o->view.itemsize);
+        cmh_release_out(o);
+        return -1;
+    }
+    o->data = o->view.buf;
+    return 0;
+}
+
+void cmh_release_matrix(cmh_matrix *m) {
+    if (m->held) PyBuffer_Release(&m->view);
+    m->held = 0;
+}
+
+void cmh_release_out(cmh_out *o) {
+    if (o->held) PyBuffer_Release(&o->view);
+    o->held = 0;
+}
+
+int cmh_check_code_bytes(size_t nbytes, const char *func) {
+    if (nbytes == 0 || nbytes > CMH_MAX_BYTES) {
+        PyErr_Format(PyExc_ValueError, "%s(): codes must be 1 to %d bytes (8 to %d bits), got %zu bytes",
+                     func, CMH_MAX_BYTES, CMH_MAX_BYTES * 8, nbytes);
+        return -1;
+    }
+    return 0;
+}
+
+int cmh_resolve_threads(Py_ssize_t threads, const char *func, size_t *out) {
+    if (threads < 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): threads must be >= 0 (0 = all CPUs), got %zd", func,
+                     threads);
+        return -1;
+    }
+    *out = threads == 0 ? cmh_cpu_count() : (size_t)threads;
+    if (*out > 1024) *out = 1024; /* more threads than that only costs memory */
+    return 0;
+}

@@ -1,0 +1,1 @@
+"""Training of the cross-modal hashing models (needs the ``train`` extra)."""
