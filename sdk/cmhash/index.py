@@ -76,6 +76,11 @@ def _as_ids(ids, n: int | None, func: str, allow_negative: bool = False) -> np.n
     return arr
 
 
+def _has_duplicates(ids: np.ndarray) -> bool:
+    srt = np.sort(ids)  # sorting beats np.unique's hashing on large int64 arrays
+    return bool((srt[1:] == srt[:-1]).any())
+
+
 class HashIndex:
     """Exact Hamming search over packed codes, each with a unique int64 id (>= 0).
 
@@ -174,9 +179,10 @@ class HashIndex:
                 new_ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
             else:
                 new_ids = _as_ids(ids, m, "HashIndex.add")
-                if np.unique(new_ids).size != m:
-                    vals, counts = np.unique(new_ids, return_counts=True)
-                    raise ValueError(f"HashIndex.add: duplicate ids in the batch, e.g. {int(vals[counts > 1][0])}")
+                if _has_duplicates(new_ids):
+                    srt = np.sort(new_ids)
+                    dup = int(srt[1:][srt[1:] == srt[:-1]][0])
+                    raise ValueError(f"HashIndex.add: duplicate ids in the batch, e.g. {dup}")
             id_set = self._ensure_id_set()
             clash = [i for i in new_ids.tolist() if i in id_set] if ids is not None else []
             if clash:
@@ -276,8 +282,8 @@ class HashIndex:
             next_id = self._next_id
         codes_bytes = count * self.nbytes
         payload_len = codes_bytes + _pad(codes_bytes) + count * 8
-        parts = [memoryview(codes).cast("B"), memoryview(bytes(_pad(codes_bytes))),
-                 memoryview(np.ascontiguousarray(ids, dtype="<i8")).cast("B")]
+        parts = [memoryview(np.ascontiguousarray(codes).reshape(-1)), memoryview(bytes(_pad(codes_bytes))),
+                 memoryview(np.ascontiguousarray(ids, dtype="<i8").view(np.uint8))]
         crc = 0
         for part in parts:
             for off in range(0, len(part), _CHUNK):
@@ -360,7 +366,7 @@ class HashIndex:
         index._count = count
         index._next_id = max(fields["next_id"], int(ids.max()) + 1 if count else 0)
         index._id_set = None
-        if count and np.unique(index._ids[:count]).size != count:
+        if _has_duplicates(index._ids[:count]):
             raise IndexFileError(f"{path}: the file holds duplicate ids; re-create it with HashIndex.save")
         return index
 
