@@ -61,7 +61,7 @@ def ref_range(R, radius):
 
 
 def block_of(nbytes):  # mirrors block_codes() in search.c: sizes that span several blocks
-    return min(max(256 * 1024 // nbytes, 256), 8192)
+    return min(max(16 * 1024 // nbytes, 128), 8192)
 
 
 def make_data(rng, nq, n, nbytes, ties):
