@@ -22,6 +22,7 @@ Conventions, the same in every function here:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Mapping, Sequence
 
@@ -119,13 +120,15 @@ def _prepare(q_codes, db_codes, q_labels, db_labels, func: str):
 # ---------------------------------------------------------------------- histograms
 
 _EULER_GAMMA = 0.57721566490153286061
-_EXACT_HARMONIC = 32  # below this, harmonic numbers come from a table
+_EXACT_HARMONIC = 64  # up to this, harmonic numbers come from a table
+# H(0..64), each correctly rounded (math.fsum), so small-c differences are a few ulp.
+_HARMONIC_TABLE = np.array([math.fsum(1.0 / j for j in range(1, i + 1)) for i in range(_EXACT_HARMONIC + 1)])
 
 
 def _harmonic_tail(x: np.ndarray) -> np.ndarray:
-    """H(x) - ln(x) - gamma for x >= 32 (asymptotic series; error < 1e-17 there)."""
+    """H(x) - ln(x) - gamma for x > 64 (asymptotic series; truncation error < 1e-19 there)."""
     inv2 = 1.0 / (x * x)
-    return 0.5 / x - inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 / 252))
+    return 0.5 / x - inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 * (1.0 / 252 - inv2 / 240)))
 
 
 def _harmonic_diff(c: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -134,11 +137,11 @@ def _harmonic_diff(c: np.ndarray, m: np.ndarray) -> np.ndarray:
     whose rounding would swamp 1/c-sized differences)."""
     c = np.asarray(c, dtype=np.float64)
     m = np.asarray(m, dtype=np.float64)
-    table = np.concatenate(([0.0], np.cumsum(1.0 / np.arange(1, _EXACT_HARMONIC + 1))))
+    table = _HARMONIC_TABLE
 
     def harmonic(x):
         small = x <= _EXACT_HARMONIC
-        xs = np.where(small, x, _EXACT_HARMONIC + 1)  # keeps log/table lookups in range
+        xs = np.where(small, _EXACT_HARMONIC + 1, x)  # keeps the series away from x = 0
         exact = table[np.where(small, x, 0).astype(np.int64)]
         return np.where(small, exact, np.log(xs) + _EULER_GAMMA + _harmonic_tail(xs))
 
