@@ -50,11 +50,13 @@ typedef struct {
 typedef struct {
     uint16_t *dist;       /* CMH_STREAMS * CMH_BLOCK */
     uint8_t *rel;         /* CMH_STREAMS * CMH_BLOCK */
-    uint32_t *cnt, *rcnt; /* CMH_STREAMS * bins each: running counters per stripe */
+    uint64_t *cnt;        /* bins * CMH_STREAMS running counters, cnt[d * CMH_STREAMS + t]:
+                           * items (low 32 bits) and relevant items (high 32 bits) of
+                           * stripe t seen so far at distance d: one read-modify-write */
     uint64_t *nless, *rless;          /* bins: items / relevant items at smaller distance */
     uint64_t *soff, *roff;            /* CMH_STREAMS * bins: counts of earlier stripes */
     uint16_t *list_d;                 /* n: distance of each relevant item */
-    uint32_t *list_s, *list_r;        /* n: in-stripe counts of earlier items at that distance */
+    uint64_t *list_c;                 /* n: that counter just before the relevant item */
     size_t list_len[CMH_STREAMS], list_start[CMH_STREAMS];
     double *ap_sum;                   /* n_map */
     uint64_t *ap_hits, *prec_hits;    /* n_map, n_prec */
@@ -83,15 +85,13 @@ static size_t workspace_layout(uint8_t *base, workspace *w, size_t n, size_t bin
     }
     CARVE(dist, uint16_t, CMH_STREAMS * CMH_BLOCK);
     CARVE(rel, uint8_t, CMH_STREAMS * CMH_BLOCK);
-    CARVE(cnt, uint32_t, CMH_STREAMS * bins);
-    CARVE(rcnt, uint32_t, CMH_STREAMS * bins);
+    CARVE(cnt, uint64_t, CMH_STREAMS * bins);
     CARVE(nless, uint64_t, bins);
     CARVE(rless, uint64_t, bins);
     CARVE(soff, uint64_t, CMH_STREAMS * bins);
     CARVE(roff, uint64_t, CMH_STREAMS * bins);
     CARVE(list_d, uint16_t, n);
-    CARVE(list_s, uint32_t, n);
-    CARVE(list_r, uint32_t, n);
+    CARVE(list_c, uint64_t, n);
     CARVE(ap_sum, double, n_map);
     CARVE(ap_hits, uint64_t, n_map);
     CARVE(prec_hits, uint64_t, n_prec);
@@ -173,8 +173,12 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
         w->list_start[t] = begin[t]; /* stripe t's relevant items go to list[begin[t]...] */
         w->list_len[t] = 0;
     }
-    memset(w->cnt, 0, CMH_STREAMS * bins * sizeof(uint32_t));
-    memset(w->rcnt, 0, CMH_STREAMS * bins * sizeof(uint32_t));
+    memset(w->cnt, 0, CMH_STREAMS * bins * sizeof(uint64_t));
+    uint64_t *const cnt = w->cnt;
+    uint16_t *const ld = w->list_d;
+    uint64_t *const lc = w->list_c;
+    /* adding inc[e] counts an item, and a relevant one in the high half when e = 1 */
+    const uint64_t inc[2] = {1, 1 + ((uint64_t)1 << 32)};
 
     for (size_t step = 0;; step++) {
         size_t len[CMH_STREAMS], most = 0;
@@ -190,62 +194,48 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
         if (most == 0) break;
         if (len[CMH_STREAMS - 1] == most) {
             /* Every stripe has `most` items this step (stripes differ by at most one item
-             * in total, and only the last step is short), so the four run interleaved. */
-            size_t m0 = w->list_len[0], m1 = w->list_len[1], m2 = w->list_len[2], m3 = w->list_len[3];
-            uint16_t *ld = w->list_d;
-            uint32_t *ls = w->list_s, *lr = w->list_r;
-            const size_t s0 = w->list_start[0], s1 = w->list_start[1], s2 = w->list_start[2],
-                         s3 = w->list_start[3];
-            uint32_t *c0 = w->cnt, *c1 = w->cnt + bins, *c2 = w->cnt + 2 * bins, *c3 = w->cnt + 3 * bins;
-            uint32_t *r0 = w->rcnt, *r1 = w->rcnt + bins, *r2 = w->rcnt + 2 * bins,
-                     *r3 = w->rcnt + 3 * bins;
-            const uint16_t *d0 = w->dist, *d1 = w->dist + CMH_BLOCK, *d2 = w->dist + 2 * CMH_BLOCK,
-                           *d3 = w->dist + 3 * CMH_BLOCK;
-            const uint8_t *e0 = w->rel, *e1 = w->rel + CMH_BLOCK, *e2 = w->rel + 2 * CMH_BLOCK,
-                          *e3 = w->rel + 3 * CMH_BLOCK;
-            /* Branch-free: every item is written to its stripe's list, and the list only
-             * grows when the item is relevant (relevance is close to a coin flip). */
-#define STEP(D, E, C, R, S, M)                  \
-    {                                           \
-        const uint16_t d = D[j];                \
-        const uint32_t e = E[j];                \
-        const uint32_t sv = C[d], rv = R[d];    \
-        C[d] = sv + 1;                          \
-        R[d] = rv + e;                          \
-        ld[S + M] = d;                          \
-        ls[S + M] = sv;                         \
-        lr[S + M] = rv;                         \
-        M += e;                                 \
+             * in total, and only the last step is short), so the four run interleaved.
+             * Branch-free: every item is written at its stripe's list end, and the list
+             * only grows when the item is relevant (relevance is close to a coin flip). */
+            size_t i0 = w->list_start[0] + w->list_len[0], i1 = w->list_start[1] + w->list_len[1],
+                   i2 = w->list_start[2] + w->list_len[2], i3 = w->list_start[3] + w->list_len[3];
+            const uint16_t *dist = w->dist;
+            const uint8_t *rel = w->rel;
+#define STEP(T, I)                                              \
+    {                                                           \
+        const size_t d = dist[(T) * CMH_BLOCK + j];             \
+        const uint8_t e = rel[(T) * CMH_BLOCK + j];             \
+        const uint64_t v = cnt[d * CMH_STREAMS + (T)];          \
+        cnt[d * CMH_STREAMS + (T)] = v + inc[e];                \
+        ld[I] = (uint16_t)d;                                    \
+        lc[I] = v;                                              \
+        I += e;                                                 \
     }
             for (size_t j = 0; j < most; j++) {
-                STEP(d0, e0, c0, r0, s0, m0)
-                STEP(d1, e1, c1, r1, s1, m1)
-                STEP(d2, e2, c2, r2, s2, m2)
-                STEP(d3, e3, c3, r3, s3, m3)
+                STEP(0, i0)
+                STEP(1, i1)
+                STEP(2, i2)
+                STEP(3, i3)
             }
 #undef STEP
-            w->list_len[0] = m0, w->list_len[1] = m1, w->list_len[2] = m2, w->list_len[3] = m3;
+            w->list_len[0] = i0 - w->list_start[0], w->list_len[1] = i1 - w->list_start[1];
+            w->list_len[2] = i2 - w->list_start[2], w->list_len[3] = i3 - w->list_start[3];
         } else {
             for (size_t t = 0; t < CMH_STREAMS; t++) {
-                uint32_t *ct = w->cnt + t * bins, *rt = w->rcnt + t * bins;
                 const uint16_t *dt = w->dist + t * CMH_BLOCK;
                 const uint8_t *et = w->rel + t * CMH_BLOCK;
-                size_t m = w->list_len[t];
-                const size_t s = w->list_start[t];
+                size_t i = w->list_start[t] + w->list_len[t];
                 for (size_t j = 0; j < len[t]; j++) {
-                    const uint16_t d = dt[j];
-                    const uint32_t e = et[j];
-                    const uint32_t sv = ct[d], rv = rt[d];
-                    ct[d] = sv + 1;
-                    rt[d] = rv + e;
-                    if (e) {
-                        w->list_d[s + m] = d;
-                        w->list_s[s + m] = sv;
-                        w->list_r[s + m] = rv;
-                        m++;
+                    const size_t d = dt[j];
+                    const uint64_t v = cnt[d * CMH_STREAMS + t];
+                    cnt[d * CMH_STREAMS + t] = v + inc[et[j]];
+                    if (et[j]) {
+                        ld[i] = (uint16_t)d;
+                        lc[i] = v;
+                        i++;
                     }
                 }
-                w->list_len[t] = m;
+                w->list_len[t] = i - w->list_start[t];
             }
         }
     }
@@ -262,8 +252,9 @@ static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
             /* items of distance d in the stripes before t, and below d overall */
             w->soff[t * bins + d] = tot;
             w->roff[t * bins + d] = rtot;
-            tot += w->cnt[t * bins + d];
-            rtot += w->rcnt[t * bins + d];
+            const uint64_t v = w->cnt[d * CMH_STREAMS + t];
+            tot += (uint32_t)v;
+            rtot += v >> 32;
         }
         ha[d] = (int64_t)tot;
         hr[d] = (int64_t)rtot;
@@ -290,8 +281,9 @@ static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
         const size_t start = w->list_start[t], stop = start + w->list_len[t];
         for (size_t m = start; m < stop; m++) {
             const uint16_t d = w->list_d[m];
-            const uint64_t pos = so[d] + w->list_s[m];  /* 1-based position in the ranking */
-            const uint64_t rank = ro[d] + w->list_r[m]; /* 1-based rank among relevant items */
+            const uint64_t v = w->list_c[m];
+            const uint64_t pos = so[d] + (uint32_t)v; /* 1-based position in the ranking */
+            const uint64_t rank = ro[d] + (v >> 32);  /* 1-based rank among relevant items */
             /* signed conversions: one instruction each (values are < 2^32) */
             const double p = (double)(int64_t)rank / (double)(int64_t)pos;
             if (all_only) {
