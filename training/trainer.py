@@ -61,17 +61,19 @@ _SHUFFLE, _STEP, _LOADER, _FIT_START = 1, 2, 3, 4
 
 
 class NonFiniteLossError(CmhashError, FloatingPointError):
-    """A loss (or loss term) became NaN or infinite; raised before the optimiser step.
+    """A loss (or loss term) became NaN or infinite; training stops before the optimiser step.
 
-    ``epoch``, ``step`` (within the epoch) and ``global_step`` count from 1, like the logs.
+    ``epoch``, ``step`` (within the epoch) and ``global_step`` count from 1, like the logs;
+    ``where`` names the backward step (``ctx.backward_step(name=...)``) or "epoch mean".
     """
 
-    def __init__(self, term: str, value: float, epoch: int, step: int, global_step: int, rank: int = 0) -> None:
-        self.term, self.value, self.epoch, self.step, self.global_step = term, value, epoch, step, global_step
+    def __init__(self, term: str, value: float, where: str, epoch: int, step: int, global_step: int, rank: int = 0) -> None:
+        self.term, self.value, self.where = term, value, where
+        self.epoch, self.step, self.global_step = epoch, step, global_step
         super().__init__(
-            f"loss term {term!r} is {value} at epoch {epoch}, step {step} (global step {global_step}"
-            f"{f', rank {rank}' if rank else ''}); training stopped. The 'last' "
-            "checkpoint holds the last good epoch: lower the learning rate, check the inputs, or disable amp"
+            f"loss term {term!r} of {where} is {value} at epoch {epoch}, step {step} (global step {global_step}"
+            f"{f', rank {rank}' if rank else ''}); training stopped. The 'last' checkpoint holds the last "
+            "good epoch: lower the learning rate, check the inputs, or disable amp"
         )
 
 
@@ -139,7 +141,7 @@ class StepContext:
         """
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
-        self._check_finite({name: loss, **(terms or {})})
+        self._check_finite(name, {**(terms or {}), name: loss})
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -154,8 +156,8 @@ class StepContext:
         if self.scaler is not None:
             self.scaler.update()
 
-    def _check_finite(self, values: Mapping[str, torch.Tensor]) -> None:
-        names = list(values)
+    def _check_finite(self, where: str, values: Mapping[str, torch.Tensor]) -> None:
+        names = list(values)  # the named terms first: they say more than the total
         stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
         bad = (~torch.isfinite(stacked)).float()
         if self.world_size > 1:  # all processes must stop together, or the others hang
@@ -163,7 +165,8 @@ class StepContext:
         if bad.any():
             i = int(bad.nonzero()[0])
             raise NonFiniteLossError(
-                names[i], float(stacked[i]), self.epoch + 1, self.step + 1, self.global_step + 1, self.rank
+                names[i], float(stacked[i]), f"backward step {where!r}",
+                self.epoch + 1, self.step + 1, self.global_step + 1, self.rank,
             )
 
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -345,7 +348,7 @@ class Trainer:
         losses = self._mean_over_processes(sums, ctx.step)
         for name, value in losses.items():  # a logged term that was never part of a backward loss
             if not math.isfinite(value):
-                raise NonFiniteLossError(name, value, epoch + 1, ctx.step, ctx.global_step, self.env.rank)
+                raise NonFiniteLossError(name, value, "the epoch mean", epoch + 1, ctx.step, ctx.global_step, self.env.rank)
         self._sync_sample_buffers(owned)
         extra = method.on_epoch_end(epoch, ctx) or {}
         for scheduler in method.schedulers().values():

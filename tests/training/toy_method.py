@@ -14,6 +14,7 @@ As a script (used for torchrun and kill tests)::
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ class ToyDataset(Dataset):
 
     def __init__(self, n: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.labels = (torch.rand(n, N_LABELS, generator=g) < 0.4).float()
+        self.labels = (torch.rand(n, N_LABELS, generator=g) < 0.25).float()
         self.labels[self.labels.sum(1) == 0, 0] = 1.0  # every item has a label
         patterns = torch.Generator().manual_seed(1234)  # class patterns shared by all splits
         image_patterns = torch.randn(N_LABELS, 3, IMAGE_SIZE, IMAGE_SIZE, generator=patterns)
@@ -66,9 +67,9 @@ class ToyDataset(Dataset):
 class ToyConfig(MethodConfig):
     bits: int = 16
     hidden: int = 32
-    lr: float = 1e-2
+    lr: float = 0.03
     lr_decay: float = 0.9  # per epoch
-    quantisation: float = 0.5
+    quantisation: float = 0.05
     dropout: float = 0.1
     nan_at_step: int | None = None  # global step at which the loss becomes NaN (tests the NaN stop)
 
@@ -179,6 +180,8 @@ class ToyMethod(HashingMethod):
 
 def main(argv: list[str]) -> None:
     """Train ``toy`` on synthetic data into OUT_DIR, with config overrides."""
+    from safetensors.torch import save_file
+
     from cmhash.training.config import load_config
     from cmhash.training.trainer import Trainer, build_method
 
@@ -187,6 +190,10 @@ def main(argv: list[str]) -> None:
     train_set, query_set, database_set = ToyDataset(64, seed=0), ToyDataset(16, seed=1), ToyDataset(48, seed=2)
     method = build_method(config, train_set.info())
     Trainer(config, method, train_set, query_set, database_set).fit()
+    if "RANK" in os.environ:  # torchrun: every rank leaves its final tensors for comparison
+        final = {f"{n}.{k}": v for n, m in method.modules().items() for k, v in m.state_dict().items()}
+        final.update({f"state/{k}": v for k, v in method.state_tensors().items()})
+        save_file({k: v.contiguous() for k, v in final.items()}, str(Path(out_dir) / f"final-rank{os.environ['RANK']}.safetensors"))
 
 
 if __name__ == "__main__":
