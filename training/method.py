@@ -14,8 +14,9 @@ and saves what the method exposes. One epoch of :class:`~cmhash.training.trainer
 
 Before the first epoch of a fresh run (not after a resume: its effect is in the saved
 state) the trainer calls ``method.on_fit_start(ctx)``; ``ctx.train_batches()`` there yields one
-unshuffled-by-the-method pass over this process's shard (HFAH: label pre-training, filling
-the memory banks), and the sample buffers are synchronised after it too.
+pass over this process's shard of the training set (HFAH: label pre-training, filling the
+memory banks). The sample buffers are synchronised after it; a hook that needs every row
+earlier (HFAH: B = sign of the filled banks) calls ``ctx.sync_sample_buffers()`` itself.
 
 What a method must keep where (so that checkpoints and resumes are exact):
 
@@ -139,8 +140,9 @@ class HashingMethod(abc.ABC):
         """Tensors whose row i is written when sample i is in a batch (first dim n_train).
 
         In a torchrun job each process sees a different shard of the samples; the trainer
-        overwrites these tensors in place before ``on_epoch_end`` (and after ``on_fit_start``)
-        so that every process holds row i from the process that processed sample i.
+        overwrites these tensors in place before ``on_epoch_end`` (and after ``on_fit_start``;
+        or whenever the method calls ``ctx.sync_sample_buffers()``) so that every process holds
+        row i from the process that processed sample i. Numeric dtypes only.
         """
         return {}
 

@@ -114,6 +114,7 @@ class StepContext:
         self.step = 0  # within the epoch
         self.global_step = 0
         self._train_batches: Callable[[], Iterator[Batch]] | None = None
+        self._sync_sample_buffers: Callable[[], None] = lambda: None
 
     @property
     def is_main(self) -> bool:
@@ -174,6 +175,15 @@ class StepContext:
         if self.world_size > 1:
             distributed.all_reduce_(tensor, op)
         return tensor
+
+    def sync_sample_buffers(self) -> None:
+        """Make row i of every ``method.sample_buffers()`` tensor the row written by the process
+        that processed sample i (in this epoch, or in ``on_fit_start``'s pass).
+
+        The trainer does this itself after ``on_fit_start`` and before ``on_epoch_end``; call it
+        inside a hook only when all rows are needed earlier. A no-op in one process.
+        """
+        self._sync_sample_buffers()
 
     def train_batches(self) -> Iterator[Batch]:
         """One pass over this process's shard of the training set (only inside ``on_fit_start``)."""
@@ -308,11 +318,12 @@ class Trainer:
         shard, owned = self._epoch_shard(0)
         loader = self._loader(shard, 0, _FIT_START)
         self.ctx._train_batches = lambda: (_to_batch(items, self.device) for items in loader)
+        self.ctx._sync_sample_buffers = lambda: self._combine_sample_rows(owned)
         try:
             self.method.on_fit_start(self.ctx)
         finally:
             self.ctx._train_batches = None
-        self._sync_sample_buffers(owned)
+        self.ctx.sync_sample_buffers()
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         tc, method, ctx = self.config.train, self.method, self.ctx
@@ -321,6 +332,7 @@ class Trainer:
         shard, owned = self._epoch_shard(epoch)
         loader = self._loader(shard, epoch, _LOADER)
         ctx.epoch, ctx.step = epoch, 0
+        ctx._sync_sample_buffers = lambda: self._combine_sample_rows(owned)
         for module in method.modules().values():
             module.train()
         method.on_epoch_start(epoch, ctx)
@@ -349,7 +361,7 @@ class Trainer:
         for name, value in losses.items():  # a logged term that was never part of a backward loss
             if not math.isfinite(value):
                 raise NonFiniteLossError(name, value, "the epoch mean", epoch + 1, ctx.step, ctx.global_step, self.env.rank)
-        self._sync_sample_buffers(owned)
+        ctx.sync_sample_buffers()
         extra = method.on_epoch_end(epoch, ctx) or {}
         for scheduler in method.schedulers().values():
             scheduler.step()
@@ -370,7 +382,7 @@ class Trainer:
         distributed.all_reduce_(t, "sum")
         return {n: float(t[i] / max(t[-1], 1.0)) for i, n in enumerate(names)}
 
-    def _sync_sample_buffers(self, owned: torch.Tensor) -> None:
+    def _combine_sample_rows(self, owned: torch.Tensor) -> None:
         """Row i of each per-sample buffer from the process that processed sample i."""
         if self.env.world_size == 1:
             return

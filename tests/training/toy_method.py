@@ -4,7 +4,8 @@
 RNG matters) hashes 16-word bags of words. Each iteration alternates an image step and a
 text step (two optimisers), with a pairwise likelihood loss between the modalities and a
 quantisation loss towards a discrete code matrix B. B is updated once per epoch from
-per-sample buffers of the latest outputs, like EGATH's B. Synthetic data: labels pick
+per-sample buffers of the latest outputs, like EGATH's B; before the first epoch the buffers
+are filled by one pass of the untrained nets, like HFAH's memory banks. Synthetic data: labels pick
 class patterns for the images and class words for the texts, plus noise.
 
 As a script (used for torchrun and kill tests)::
@@ -107,6 +108,7 @@ class ToyMethod(HashingMethod):
         self.text_net = TextNet(info.text_dim, config.bits, config.hidden, config.dropout)
         n, k = info.n_train, config.bits
         self.B = torch.where(torch.randn(n, k) >= 0, 1.0, -1.0)
+        self.B0 = self.B  # B after on_fit_start (kept to compare processes in the torchrun test)
         self.H_image = torch.zeros(n, k)
         self.H_text = torch.zeros(n, k)
         self.b_updates = torch.tensor(0)
@@ -123,10 +125,10 @@ class ToyMethod(HashingMethod):
         return {"image_net": self.image_net, "text_net": self.text_net}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"B": self.B, "H_image": self.H_image, "H_text": self.H_text, "b_updates": self.b_updates}
+        return {"B": self.B, "B0": self.B0, "H_image": self.H_image, "H_text": self.H_text, "b_updates": self.b_updates}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.B, self.H_image, self.H_text = tensors["B"], tensors["H_image"], tensors["H_text"]
+        self.B, self.B0, self.H_image, self.H_text = tensors["B"], tensors["B0"], tensors["H_image"], tensors["H_text"]
         self.b_updates = tensors["b_updates"]
 
     def sample_buffers(self) -> dict[str, torch.Tensor]:
@@ -137,6 +139,17 @@ class ToyMethod(HashingMethod):
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         return self._schedulers
+
+    @torch.no_grad()
+    def on_fit_start(self, ctx) -> None:
+        # Like HFAH's bank fill: one pass of the untrained nets, then B from the filled buffers.
+        for module in self.modules().values():
+            module.eval()
+        for batch in ctx.train_batches():
+            self.H_image[batch.index] = self.image_net(batch.image).float()
+            self.H_text[batch.index] = self.text_net(batch.text).float()
+        ctx.sync_sample_buffers()  # every process needs all rows before computing B
+        self.B = self.B0 = torch.where(self.H_image + self.H_text >= 0, 1.0, -1.0)
 
     def _loss(self, h_anchor, h_other, labels, codes):
         similar = (labels @ labels.T > 0).float()
