@@ -9,7 +9,9 @@ Reproducibility. The shuffling order of epoch ``e`` is a permutation drawn from 
 ``torch.Generator`` seeded from (seed, e); torch, numpy and ``random`` are re-seeded from
 (seed, e, rank) at the start of every epoch. Everything else that changes is saved in the
 ``last`` checkpoint after each epoch, so a run resumed after a kill makes bitwise the same
-steps as an uninterrupted one on CPU (on CUDA as far as its kernels are deterministic).
+steps as an uninterrupted one on CPU, given the same torch build and number of threads
+(reductions split over threads add in another order); on CUDA as far as its kernels are
+deterministic.
 
 Distributed. Under ``torchrun`` each process takes every ``world_size``-th item of the
 epoch's order (padded by wrapping around so all have the same number of batches), averages
@@ -446,9 +448,9 @@ class Trainer:
             self._save(self.out_dir / "last")
         self._write_metrics()
         if self._writer is not None:
-            for name, value in row.items():
-                if name not in ("epoch", "global_step"):
-                    self._writer.add_scalar(f"epoch/{name}", value, epoch + 1)
+            for name, value in row.items():  # x axis: global step, so a resume's purge_step applies
+                if name != "global_step":
+                    self._writer.add_scalar(f"epoch/{name}", value, row["global_step"])
             self._writer.flush()
         summary = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("loss/", "map_")))
         log.info("epoch %d/%d: %s", epoch + 1, tc.epochs, summary)

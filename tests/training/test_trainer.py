@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,40 @@ def test_mixed_precision_on_cuda(tmp_path, dtype):
                                       "train.epochs=4", "train.resume=true"))
     assert resumed.start_epoch == 3
     resumed.fit()
+
+
+def saved_epochs(path: Path) -> int:
+    """Epochs in the checkpoint at ``path``, 0 while there is none (or it is being replaced)."""
+    try:
+        return json.loads((path / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL a training process at an arbitrary moment (maybe mid-checkpoint), resume, compare."""
+    out = tmp_path / "killed"
+    # Same environment as this process: CPU results are bitwise equal only at equal thread counts.
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "toy_method.py"), str(out), "train.epochs=1000", "train.batch_size=16",
+         "train.eval_every=0", "train.progress=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while saved_epochs(out / "last") < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the training process made no progress"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed = make_trainer(toy_config(out, "train.resume=true", "train.epochs=1000"))
+    done = resumed.start_epoch
+    assert done >= 3
+    # Train both to the same end: the resumed run continues two epochs past the kill.
+    resumed.config.train.epochs = done + 2
+    resumed.fit()
+    straight = make_trainer(toy_config(tmp_path / "straight", f"train.epochs={done + 2}"))
+    straight.fit()
+    assert_identical(everything(straight), everything(resumed))
