@@ -16,7 +16,6 @@ A key that does not exist in ``model``, ``train`` or ``eval`` (or an unknown sec
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,8 +170,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
-        if self.eval_every < 0 or self.num_workers < 0:
-            raise ConfigError("train.eval_every and train.num_workers must be >= 0")
+        if self.eval_every < 0 or self.num_workers < 0 or self.seed < 0:
+            raise ConfigError("train.eval_every, train.num_workers and train.seed must be >= 0")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -286,7 +285,3 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     return build_config(apply_overrides(raw, overrides))
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -227,6 +227,8 @@ class Trainer:
             raise ConfigError("the method was built from another model config than config.model; use build_method(config, info)")
         if method.name != config.method:
             raise ConfigError(f"config.method is {config.method!r} but the method is {method.name or type(method).__name__!r}")
+        if len(train_set) < int(os.environ.get("WORLD_SIZE", "1")):
+            raise ValueError(f"{len(train_set)} training items cannot be shared by {os.environ['WORLD_SIZE']} processes")
         if len(train_set) != method.info.n_train:
             raise ValueError(f"the training set has {len(train_set)} items but DatasetInfo.n_train is {method.info.n_train}")
         if (query_set is None) != (database_set is None):
@@ -269,7 +271,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train from ``start_epoch`` to ``train.epochs``; returns the history and the best result."""
-        tc, method, ctx = self.config.train, self.method, self.ctx
+        tc, ctx = self.config.train, self.ctx
         try:
             if self.env.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
