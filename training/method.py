@@ -142,7 +142,8 @@ class HashingMethod(abc.ABC):
         In a torchrun job each process sees a different shard of the samples; the trainer
         overwrites these tensors in place before ``on_epoch_end`` (and after ``on_fit_start``;
         or whenever the method calls ``ctx.sync_sample_buffers()``) so that every process holds
-        row i from the process that processed sample i. Numeric dtypes only.
+        row i from the process that processed sample i. Numeric dtypes, on the training device
+        (under NCCL collectives need CUDA tensors; :meth:`to` moves state tensors there).
         """
         return {}
 

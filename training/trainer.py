@@ -382,9 +382,11 @@ class Trainer:
         if self.env.world_size == 1:
             return {k: v / max(steps, 1) for k, v in sums.items()}
         names = sorted(sums)
-        t = torch.tensor([sums[n] for n in names] + [float(steps)], dtype=torch.float64)
+        # On the training device: NCCL reduces CUDA tensors only.
+        t = torch.tensor([sums[n] for n in names] + [float(steps)], dtype=torch.float64, device=self.device)
         distributed.all_reduce_(t, "sum")
-        return {n: float(t[i] / max(t[-1], 1.0)) for i, n in enumerate(names)}
+        total = t.cpu()
+        return {n: float(total[i] / max(total[-1], 1.0)) for i, n in enumerate(names)}
 
     def _combine_sample_rows(self, owned: torch.Tensor) -> None:
         """Row i of each per-sample buffer from the process that processed sample i."""
