@@ -121,6 +121,30 @@ def test_unknown_method_lists_the_registered_ones(tmp_path):
         toy_config(tmp_path, "method=egath2")
 
 
+def test_built_in_methods_are_listed_and_imported_on_first_use(tmp_path, monkeypatch):
+    from cmhash.training import method as method_module
+
+    package = tmp_path / "fake_models"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lazy.py").write_text(
+        "import toy_method\n"
+        "from cmhash.training.method import register_method\n"
+        "@register_method('lazy')\n"
+        "class Lazy(toy_method.ToyMethod):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(method_module, "BUILTIN_PACKAGE", "fake_models")
+    assert "lazy" in list_methods() and "fake_models.lazy" not in sys.modules
+    try:
+        assert get_method("lazy").__module__ == "fake_models.lazy"
+    finally:
+        method_module._REGISTRY.pop("lazy", None)
+        for name in ("fake_models.lazy", "fake_models"):
+            sys.modules.pop(name, None)
+
+
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
