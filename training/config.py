@@ -142,6 +142,14 @@ class MethodConfig:
     def __post_init__(self) -> None:
         validate_bits(self.bits)
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, section: str = "model"):
+        """Build from a mapping; unknown keys are a ConfigError that lists the valid ones."""
+        return from_mapping(cls, values, section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
 
 @dataclass
 class TrainConfig:
@@ -206,7 +214,7 @@ class RunConfig:
         return {
             "method": self.method,
             "data": dict(self.data),
-            "model": to_mapping(self.model),
+            "model": self.model.to_dict(),
             "train": to_mapping(self.train),
             "eval": to_mapping(self.eval),
         }
@@ -264,7 +272,7 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"'data' must be a mapping, got {data!r}")
     return RunConfig(
         method=name,
-        model=from_mapping(method_cls.Config, raw.get("model"), "model"),
+        model=method_cls.Config.from_dict(raw.get("model")),
         data=dict(data),
         train=from_mapping(TrainConfig, raw.get("train"), "train"),
         eval=from_mapping(EvalConfig, raw.get("eval"), "eval"),

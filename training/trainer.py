@@ -53,7 +53,7 @@ from cmhash.metrics import mean_average_precision
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import ConfigError, RunConfig, to_mapping
+from .config import ConfigError, RunConfig
 from .method import Batch, DatasetInfo, HashingMethod, get_method
 
 log = logging.getLogger("cmhash.training")
@@ -516,7 +516,7 @@ class Trainer:
         meta, method = ckpt.meta, self.method
         if meta["method"] != self.config.method:
             raise ConfigError(f"checkpoint {ckpt.path} is of method {meta['method']!r}, not {self.config.method!r}")
-        saved, current = meta["config"]["model"], to_mapping(self.config.model)
+        saved, current = meta["config"]["model"], self.config.model.to_dict()
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
             raise ConfigError(

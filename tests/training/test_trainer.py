@@ -112,6 +112,14 @@ def test_bits_must_be_a_positive_multiple_of_8(tmp_path, value, expected):
         toy_config(tmp_path, f"model.bits={value}")
 
 
+def test_method_config_from_a_dict():
+    config = toy_method.ToyConfig.from_dict({"bits": 32, "lr": "1e-3"})
+    assert (config.bits, config.lr, config.hidden) == (32, 0.001, 32)
+    assert toy_method.ToyConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"unknown key 'model.depth'; valid keys in 'model': bits, dropout"):
+        toy_method.ToyConfig.from_dict({"depth": 3})
+
+
 def test_unknown_method_lists_the_registered_ones(tmp_path):
     assert "toy" in list_methods()
     assert get_method("toy") is toy_method.ToyMethod
