@@ -1,0 +1,241 @@
+"""The interface every training method (EGATH, TEGAH, HFAH, ...) implements, and the registry.
+
+The trainer knows nothing method-specific: it builds a method from its config, moves it to
+a device, iterates batches, calls the hooks below in a fixed order, evaluates the two towers
+and saves what the method exposes. One epoch of :class:`~cmhash.training.trainer.Trainer`::
+
+    all modules .train(); method.on_epoch_start(epoch, ctx)
+    for batch in this process's shard of the epoch's order:
+        logs = method.train_step(batch, ctx)       # forward, ctx.backward_step(...), as often as it likes
+    sync method.sample_buffers() across processes  # row i from the process that saw sample i
+    extra = method.on_epoch_end(epoch, ctx)        # e.g. EGATH's discrete update of B
+    every scheduler in method.schedulers() .step() # once per epoch, by the trainer
+    evaluate image_tower()/text_tower() (every eval_every epochs), write checkpoints
+
+Before the first epoch of a fresh run (not after a resume: its effect is in the saved
+state) the trainer calls ``method.on_fit_start(ctx)``; ``ctx.train_batches()`` there yields one
+pass over this process's shard of the training set (HFAH: label pre-training, filling the
+memory banks). The sample buffers are synchronised after it; a hook that needs every row
+earlier (HFAH: B = sign of the filled banks) calls ``ctx.sync_sample_buffers()`` itself.
+
+What a method must keep where (so that checkpoints and resumes are exact):
+
+- weights: in the ``nn.Module``s returned by :meth:`HashingMethod.modules` (saved by name);
+- every other piece of state that changes during training (the discrete code matrix B,
+  memory banks, ADMM multipliers, a counter, a schedule value): in
+  :meth:`HashingMethod.state_tensors` as tensors (0-d tensors for scalars);
+- optimisers and schedulers: returned by :meth:`optimizers` / :meth:`schedulers`, created
+  once in ``__init__``. Schedulers are stepped by the trainer once per epoch after
+  ``on_epoch_end``; a method that wants another rhythm writes ``param_group['lr']`` itself
+  from a value kept in ``state_tensors``.
+- randomness: the trainer re-seeds torch, numpy and ``random`` at the start of every epoch
+  from (seed, epoch, rank), so a method just draws from the global generators.
+
+Backward passes go through ``ctx.backward_step(loss, optimizers, name)``: it refuses a
+non-finite loss (:class:`NonFiniteLossError`, raised before any weight changes), handles the
+fp16 GradScaler, averages the gradients over processes in a torchrun job and steps the
+given optimisers. A method with an alternating schedule (HFAH: label, text, image,
+discriminator steps) simply calls it once per sub-step with that sub-step's optimisers.
+
+Built-in methods live in ``cmhash.training.models.<name>`` and register themselves with
+``@register_method("<name>")``; :func:`get_method` imports that module on first use.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import MethodConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import StepContext
+
+__all__ = [
+    "Batch",
+    "DatasetInfo",
+    "HashingMethod",
+    "MethodConfig",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+BUILTIN_PACKAGE = "cmhash.training.models"
+
+
+class Batch(NamedTuple):
+    """One training batch, already on the training device."""
+
+    image: Tensor  # preprocessed images, float (B, 3, H, W)
+    text: Tensor  # bag-of-words, float (B, text_dim)
+    labels: Tensor  # multi-hot, float (B, n_labels)
+    index: Tensor  # int64 (B,): positions in the training set, for per-sample buffers
+
+
+@dataclass
+class DatasetInfo:
+    """What a method may know about the training data when it is built (from the data layer)."""
+
+    n_train: int
+    n_labels: int
+    text_dim: int  # bag-of-words size
+    train_labels: Tensor  # float (n_train, n_labels), multi-hot, row i = training item i
+    label_names: list[str] = field(default_factory=list)
+    image_size: int = 224
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # resize, crop, mean, std, ... (for export)
+    vocabulary: list[str] | None = None  # the BoW vocabulary in column order (saved with checkpoints)
+
+    def __post_init__(self) -> None:
+        shape = (self.n_train, self.n_labels)
+        if tuple(self.train_labels.shape) != shape:
+            raise ValueError(f"DatasetInfo.train_labels has shape {tuple(self.train_labels.shape)}, expected {shape}")
+        if self.label_names and len(self.label_names) != self.n_labels:
+            raise ValueError(f"DatasetInfo has {len(self.label_names)} label names for {self.n_labels} labels")
+        if self.vocabulary is not None and len(self.vocabulary) != self.text_dim:
+            raise ValueError(f"DatasetInfo has a vocabulary of {len(self.vocabulary)} words for text_dim={self.text_dim}")
+
+
+class HashingMethod(abc.ABC):
+    """A cross-modal hashing method: its networks, state, optimisers and training step.
+
+    Subclasses set ``Config`` to a :class:`MethodConfig` subclass (a dataclass with defaults;
+    a ``__post_init__`` of their own must call ``super().__post_init__()``), call
+    ``super().__init__(config, info)`` first and build everything in ``__init__`` (on CPU;
+    the trainer moves the method with :meth:`to`).
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    name: ClassVar[str] = ""  # set by @register_method
+
+    def __init__(self, config: MethodConfig, info: DatasetInfo) -> None:
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.info = info
+
+    # -- what is saved -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module with weights or buffers, by a stable name (checkpoint keys are 'name.param')."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Non-module training state (code matrix B, banks, scalars as 0-d tensors), by name."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Replace the state with ``tensors`` (same names as :meth:`state_tensors`, already on the device)."""
+        if tensors:
+            raise NotImplementedError(f"{type(self).__name__} has no state tensors but was given {sorted(tensors)}")
+
+    def sample_buffers(self) -> dict[str, Tensor]:
+        """Tensors whose row i is written when sample i is in a batch (first dim n_train).
+
+        In a torchrun job each process sees a different shard of the samples; the trainer
+        overwrites these tensors in place before ``on_epoch_end`` (and after ``on_fit_start``;
+        or whenever the method calls ``ctx.sync_sample_buffers()``) so that every process holds
+        row i from the process that processed sample i. Numeric dtypes, on the training device
+        (under NCCL collectives need CUDA tensors; :meth:`to` moves state tensors there).
+        """
+        return {}
+
+    @abc.abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers, by name; created once in ``__init__``."""
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Learning-rate schedulers, by name; the trainer steps each once per epoch after ``on_epoch_end``."""
+        return {}
+
+    # -- training ----------------------------------------------------------------------
+
+    def on_fit_start(self, ctx: StepContext) -> None:
+        """Once before the first epoch of a fresh run (not on resume). ``ctx.train_batches()`` is available."""
+
+    def on_epoch_start(self, epoch: int, ctx: StepContext) -> None:
+        """Start of epoch ``epoch`` (0-based), after the trainer put every module in train mode."""
+
+    @abc.abstractmethod
+    def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, float | Tensor]:
+        """One iteration: forward, ``ctx.backward_step`` for each (sub-)step; returns loss terms to log."""
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, float]:
+        """End of epoch ``epoch`` (sample buffers already synchronised); returns extra values to log."""
+        return {}
+
+    # -- inference ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def image_tower(self) -> nn.Module:
+        """Preprocessed images (N, 3, H, W) -> tanh codes (N, bits). No labels, no training-only parts."""
+
+    @abc.abstractmethod
+    def text_tower(self) -> nn.Module:
+        """Bag-of-words (N, text_dim) -> tanh codes (N, bits). No labels, no training-only parts."""
+
+    # -- placement ---------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> HashingMethod:
+        """Move modules and state tensors to ``device``. Optimisers keep working: modules move in place."""
+        for module in self.modules().values():
+            module.to(device)
+        state = self.state_tensors()
+        if state:
+            self.load_state_tensors({k: v.to(device) for k, v in state.items()})
+        return self
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[HashingMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[HashingMethod]], type[HashingMethod]]:
+    """Class decorator: make a HashingMethod subclass available as ``get_method(name)``."""
+
+    def decorate(cls: type[HashingMethod]) -> type[HashingMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, HashingMethod)):
+            raise TypeError(f"@register_method({name!r}) needs a HashingMethod subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _builtin_names() -> list[str]:
+    """Module names under cmhash.training.models (not imported)."""
+    try:
+        spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    except ModuleNotFoundError:
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_")]
+
+
+def list_methods() -> list[str]:
+    """Names get_method accepts: registered methods and built-in method modules."""
+    return sorted(set(_REGISTRY) | set(_builtin_names()))
+
+
+def get_method(name: str) -> type[HashingMethod]:
+    """The method class registered as ``name`` (importing the built-in module of that name if needed)."""
+    if name not in _REGISTRY and name in _builtin_names():
+        importlib.import_module(f"{BUILTIN_PACKAGE}.{name}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(list_methods()) or "(none)"
+        raise ValueError(f"unknown method {name!r}; registered methods: {known}") from None
