@@ -1,6 +1,5 @@
 """The discrete code update of spec §6.5: invariants and the optimality of each step."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ def test_invariants_over_epochs():
     assert set(codes.B.unique().tolist()) <= {-1.0, 1.0}
     gamma = codes.gamma
     for epoch in range(5):
-        P_before, Q_before = codes.P.clone(), codes.Q.clone()
+        Q_before = codes.Q.clone()
         R = codes.update(labels, h_i, h_t)
         assert R.shape == (5, 16)
         assert set(codes.B.unique().tolist()) <= {-1.0, 1.0}
