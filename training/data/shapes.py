@@ -64,11 +64,12 @@ def _draw_scene(rng: np.random.Generator, size: int, single_prob: float) -> Scen
         lo, hi = half + 1, size - half - 1
         x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
         if n_shapes == 2:
-            # shape 0 goes on the `relation` side of the centre line, shape 1 on the other side
+            # shape 0 lies wholly on the `relation` side of the centre line, shape 1 wholly on
+            # the other, so "above" / "left of" hold and the two never overlap
             first_side = relation in ("above", "left of")
             low_half = (k == 0) == first_side  # top or left half
             mid = size / 2
-            span = (lo, mid - 2) if low_half else (mid + 2, hi)
+            span = (lo, mid - 1 - half) if low_half else (mid + 1 + half, hi)
             coord = rng.uniform(*span)
             if relation in ("above", "below"):
                 y = coord
