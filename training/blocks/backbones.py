@@ -1,0 +1,152 @@
+"""Image backbones: open_clip CLIP image towers and torchvision CNNs, built by name with
+random initialisation or a local weights file. Nothing is ever downloaded.
+
+Names:
+- ``clip:<open_clip model>``, e.g. ``clip:ViT-B-32``, ``clip:RN50`` (any of
+  ``open_clip.list_models()``): the CLIP image tower, output = the projected embedding.
+- ``clip:tiny-resnet`` / ``clip:tiny-vit``: small configurations of the same classes
+  (``ModifiedResNet``, ``VisionTransformer``) on 64-pixel images, for tests and the demo.
+- ``torchvision:<model>``, e.g. ``torchvision:alexnet``, ``torchvision:resnet18``: the
+  network without its last linear layer (AlexNet gives fc7, 4096-d).
+- ``torchvision:tiny-resnet``: torchvision's ``ResNet`` with one basic block per stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess_config
+
+# Tiny CLIP vision configurations (open_clip's own config format: embed_dim + vision_cfg).
+TINY_CLIP_CONFIGS = {
+    # ModifiedResNet: stem width 16, one bottleneck per stage, 512 channels before the attention pool.
+    "tiny-resnet": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}},
+    # VisionTransformer: 8x8 patches of a 64-pixel image, 2 blocks of width 64, 2 heads.
+    "tiny-vit": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                                                  "patch_size": 8}},
+}
+TORCHVISION_TINY = {"tiny-resnet"}
+TORCHVISION_IMAGE_SIZE = 224
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a plain tensor-only ``torch.save`` file
+    (read with ``weights_only=True``; nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # TorchScript archives and pickled objects both land here
+        raise ConfigError(f"{path} is not a plain state dict that can be read without unpickling "
+                          f"(TorchScript archives such as OpenAI's ViT-B-32.pt are not); convert it once "
+                          f"with open_clip and safetensors.torch.save_file(model.state_dict(), ...)") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class ImageBackbone(nn.Module):
+    """A trunk that maps preprocessed images (N, 3, S, S) to features (N, output_dim).
+
+    ``preprocess`` is the preprocessing the trunk expects (see ``data.transforms``);
+    ``spec`` records how it was built, for the run's configuration.
+    """
+
+    def __init__(self, trunk: nn.Module, output_dim: int, preprocess: dict, spec: dict, freeze: bool = False):
+        super().__init__()
+        self.trunk = trunk
+        self.output_dim = int(output_dim)
+        self.preprocess = preprocess
+        self.spec = spec
+        self.frozen = bool(freeze)
+        if freeze:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # a frozen trunk keeps its batch-norm statistics and no dropout
+            self.trunk.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+
+def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+    import open_clip
+    from open_clip.model import _build_vision_tower  # the builder open_clip's own CLIP and CoCa use
+
+    if model in TINY_CLIP_CONFIGS:
+        cfg = TINY_CLIP_CONFIGS[model]
+    elif model in open_clip.list_models():
+        cfg = open_clip.get_model_config(model)
+    else:
+        raise ConfigError(f"unknown CLIP model {model!r}; available: {sorted(TINY_CLIP_CONFIGS)} and "
+                          f"open_clip.list_models() (e.g. ViT-B-32, RN50)")
+    tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+    if pretrained is not None:
+        state = load_weights_file(pretrained)
+        if any(k.startswith("visual.") for k in state):  # a whole CLIP checkpoint: keep the image tower
+            state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+        missing, unexpected = tower.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{pretrained} does not fit clip:{model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    return tower, cfg["embed_dim"], preprocess_config(size, CLIP_MEAN, CLIP_STD, "bicubic")
+
+
+def _drop_last_linear(model: nn.Module) -> int:
+    """Replace the network's last nn.Linear (the classifier) by Identity; its input width."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ConfigError(f"{type(model).__name__} has no linear classifier to remove")
+    parent_name, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    width = getattr(parent, attr).in_features
+    setattr(parent, attr, nn.Identity())
+    return width
+
+
+def _torchvision_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+    import torchvision
+
+    if model in TORCHVISION_TINY:
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        net = ResNet(BasicBlock, [1, 1, 1, 1])
+    elif model in torchvision.models.list_models(torchvision.models):
+        net = torchvision.models.get_model(model, weights=None)
+    else:
+        raise ConfigError(f"unknown torchvision model {model!r}; available: {sorted(TORCHVISION_TINY)} and "
+                          f"torchvision.models.list_models() (e.g. alexnet, resnet18)")
+    if pretrained is not None:  # the checkpoint includes the classifier, so load before removing it
+        net.load_state_dict(load_weights_file(pretrained))
+    width = _drop_last_linear(net)
+    return net, width, preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+
+def build_image_backbone(name: str, pretrained: str | Path | None = None, freeze: bool = False) -> ImageBackbone:
+    """Build the image trunk ``name`` (see the module docstring), randomly initialised or
+    from the local weights file ``pretrained``; ``freeze`` stops its gradients."""
+    family, _, model = name.partition(":")
+    builders = {"clip": _clip_tower, "torchvision": _torchvision_trunk}
+    if family not in builders or not model:
+        raise ConfigError(f"backbone name must be 'clip:<model>' or 'torchvision:<model>', got {name!r}")
+    trunk, width, preprocess = builders[family](model, pretrained)
+    spec = {"name": name, "pretrained": str(pretrained) if pretrained is not None else None, "freeze": bool(freeze)}
+    return ImageBackbone(trunk, width, preprocess, spec, freeze=freeze)

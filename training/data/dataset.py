@@ -1,0 +1,47 @@
+"""The torch view of a split: ``(image, text_bow, labels, index)`` per item."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .sources import CrossModalData
+
+
+class CrossModalDataset(Dataset):
+    """Samples ``indices`` of ``data``.
+
+    Item k is ``(image (3,S,S) float, text bag of words (V,) float, labels (C,) float, k)``:
+    ``k`` is the position inside this dataset (0..len-1), the row of the per-sample
+    code buffers; ``indices[k]`` is the sample's row in ``data``.
+    """
+
+    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable):
+        if data.bow is None:
+            raise DataError(f"{data.name}: build the vocabulary before making datasets (data.with_vocabulary)")
+        self.data = data
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.size == 0:
+            raise DataError(f"{data.name}: a dataset needs at least one sample")
+        if self.indices.min() < 0 or self.indices.max() >= len(data):
+            raise DataError(f"{data.name}: sample indices outside [0, {len(data)})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """All labels of this dataset, (len, C): the training label matrix of spec §4/§6.5."""
+        return torch.from_numpy(self.data.labels[self.indices])
+
+    def __getitem__(self, k: int):
+        i = int(self.indices[k])
+        image = self.transform(self.data.images.load(i))
+        text = torch.from_numpy(self.data.text(i))
+        labels = torch.from_numpy(self.data.labels[i])
+        return image, text, labels, k

@@ -1,0 +1,46 @@
+"""Errors raised by cmhash.training. They extend cmhash's own hierarchy, so
+``except cmhash.CmhashError`` catches them too, and subclass the built-in a caller
+would expect (``ValueError``, ``FileNotFoundError``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from cmhash.errors import CmhashError
+
+
+class ConfigError(CmhashError, ValueError):
+    """A training option that cannot work (bits not a multiple of 8, unknown backbone, ...)."""
+
+
+class DataError(CmhashError, ValueError):
+    """Training data that is empty, inconsistent or malformed; the message names the record."""
+
+
+class MissingImagesError(CmhashError, FileNotFoundError):
+    """Image files named by the data are absent or unreadable.
+
+    ``missing`` holds every absent path, ``unreadable`` every (path, reason) pair, so a
+    caller can print or fix all of them at once; the message shows the first few.
+    """
+
+    SHOWN = 10
+
+    def __init__(self, root: Path | None, missing: Sequence[Path], unreadable: Sequence[tuple[Path, str]] = (), total: int = 0):
+        self.root = root
+        self.missing = list(missing)
+        self.unreadable = list(unreadable)
+        self.total = total
+        parts = []
+        where = f" under {root}" if root is not None else ""
+        if self.missing:
+            shown = ", ".join(str(p) for p in self.missing[: self.SHOWN])
+            more = f" ... and {len(self.missing) - self.SHOWN} more (all in .missing)" if len(self.missing) > self.SHOWN else ""
+            parts.append(f"{len(self.missing)} of {total} image files are missing{where}: {shown}{more}")
+        if self.unreadable:
+            shown = "; ".join(f"{p} ({why})" for p, why in self.unreadable[: self.SHOWN])
+            more = f" ... and {len(self.unreadable) - self.SHOWN} more (all in .unreadable)" if len(self.unreadable) > self.SHOWN else ""
+            parts.append(f"{len(self.unreadable)} of {total} image files cannot be read as images: {shown}{more}")
+        parts.append("Put the images in place (or point image_root at them) before training.")
+        super().__init__(". ".join(parts))
