@@ -437,7 +437,8 @@ def test_fresh_venv_with_plain_pip_install_hashes_without_torch(bundle, tmp_path
     subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, cwd=tmp_path)
     out = subprocess.run([python, "-c", HASH_SCRIPT, str(bundle[0])], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, (
-        f"{out.stderr}\n(a plain install must bring numpy, Pillow and onnxruntime: check [project].dependencies)"
+        f"{out.stderr}\n(a plain install must bring numpy, Pillow and onnxruntime and ship cmhash.backends: "
+        "check [project].dependencies and [tool.setuptools].packages)"
     )
     assert str(env_dir) in out.stdout  # the installed package, not the source tree
     assert best_import_time(python, "cmhash") < 0.3

@@ -1,6 +1,7 @@
 """Image decoding and preprocessing: the runtime's Pillow + numpy path against open_clip's
 evaluation transform (bit for bit), odd image modes, every kind of source, bad input."""
 
+import hashlib
 import io
 import json
 import warnings
@@ -352,3 +353,48 @@ def test_call_batches_any_sources():
     stacked = pre(np.stack([gradient(), gradient()[::-1]]))
     assert stacked.shape == (2, 3, 16, 16) and not np.array_equal(stacked[0], stacked[1])
     assert pre([]).shape == (0, 3, 16, 16)
+
+
+# --- the same parity without torch: digests of open_clip's outputs, kept in fixtures ---------
+
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "open_clip_golden.json"
+
+
+def digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def regenerate_golden() -> None:
+    """Rewrite the digests from open_clip (needs torch + open_clip_torch and the photos):
+    python -c "import sys; sys.path.insert(0, 'tests'); import test_preprocess as t; t.regenerate_golden()"
+    """
+    import PIL
+    import open_clip
+
+    sizes = {}
+    for size in (64, 224):
+        transform = open_clip.image_transform(size, is_train=False)
+        sizes[str(size)] = {p.name: digest(transform(load_image(p)).numpy()) for p in PHOTOS}
+    data = {
+        "about": "sha256 (first 16 hex) of open_clip.image_transform(size, is_train=False)(load_image(photo)) as "
+        "float32 C-order bytes, for the mirflickr-mini photos; made by tests/test_preprocess.py::regenerate_golden",
+        "pillow": PIL.__version__,
+        "open_clip": open_clip.__version__,
+        "sizes": sizes,
+    }
+    GOLDEN.write_text(json.dumps(data, indent=0, sort_keys=True) + "\n")
+
+
+@pytest.mark.skipif(not PHOTOS, reason="shared/data/mirflickr-mini is not present")
+@pytest.mark.parametrize("size", ["64", "224"])
+def test_real_photos_match_recorded_open_clip_outputs(size):
+    import PIL
+
+    golden = json.loads(GOLDEN.read_text())
+    if golden["pillow"].split(".")[0] != PIL.__version__.split(".")[0]:
+        pytest.skip(f"digests were made with Pillow {golden['pillow']}; JPEG decoding may differ in {PIL.__version__}")
+    expected = golden["sizes"][size]
+    assert sorted(expected) == sorted(p.name for p in PHOTOS)
+    ours = ImagePreprocessor(image_size=int(size))
+    different = [p.name for p in PHOTOS if digest(ours(p)[0]) != expected[p.name]]
+    assert not different, f"{len(different)} photos differ from open_clip's recorded output, e.g. {different[:5]}"
