@@ -14,3 +14,53 @@ class CodeFormatError(CmhashError, ValueError):
 
 class IndexFileError(CmhashError, ValueError):
     """An index file that is truncated, corrupted, of another format or of an unknown version."""
+
+
+class UnsupportedInputError(CmhashError, TypeError):
+    """An input of a type the encoder cannot take (e.g. a dict where an image or a text goes)."""
+
+
+class ImageDecodeError(CmhashError, ValueError):
+    """An image that cannot be decoded: zero bytes, truncated, corrupt, not an image, or of a
+    pixel format with no agreed conversion to RGB."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than the per-call limit (a decompression-bomb guard)."""
+
+
+class ImageNotFoundError(CmhashError, FileNotFoundError):
+    """An image path that does not exist."""
+
+
+class TextInputError(CmhashError, ValueError):
+    """A text that cannot be encoded (bytes that are not UTF-8), or a bag-of-words array of the
+    wrong shape or with values other than 0 and 1."""
+
+
+class VocabularyError(CmhashError, ValueError):
+    """A vocabulary file or word list that is malformed or breaks its own tokenisation rules."""
+
+
+class BundleError(CmhashError, ValueError):
+    """A model bundle that is malformed: bad manifest, missing, extra or unsafe files."""
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """A bundle path that does not exist."""
+
+
+class BundleVersionError(BundleError):
+    """A bundle written in a format version this cmhash cannot read."""
+
+
+class BundleChecksumError(BundleError):
+    """A bundle file whose sha256 differs from the one the manifest records (tampered or corrupt)."""
+
+
+class ModelSignatureError(BundleError):
+    """A model whose inputs or outputs (names, ranks, sizes, dtypes) do not match the manifest."""
+
+
+class BackendUnavailableError(CmhashError, RuntimeError):
+    """An inference backend or device that is not installed or not present on this machine."""

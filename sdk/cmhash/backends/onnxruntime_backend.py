@@ -1,0 +1,120 @@
+"""The onnxruntime backend: an InferenceSession per model, checked against the manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
+from . import Backend, ModelSpec
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
+            "(or onnxruntime-gpu for CUDA)"
+        ) from exc
+    return onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: bytes,
+        spec: ModelSpec,
+        *,
+        device: str = "cpu",
+        device_index: int = 0,
+        threads: int | None = None,
+    ):
+        ort = _onnxruntime()
+        self.spec = spec
+        if device == "cuda":
+            if not cuda_provider_available():
+                raise BackendUnavailableError(
+                    f"device 'cuda' asked for, but this onnxruntime has no CUDA provider (it has "
+                    f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use device='cpu'"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": device_index}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ValueError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
+        try:
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented...: all mean a bad model file
+            raise BundleError(f"{spec.what} is not a model onnxruntime can load: {exc}") from exc
+        self.device = device
+        self.providers = self.session.get_providers()
+        check_signature(self.session, spec)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run([self.spec.output_name], {self.spec.input_name: batch})
+        return out
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _describe(arg) -> str:
+    return f"{arg.name} {arg.type} {list(arg.shape)}"
+
+
+def check_signature(session, spec: ModelSpec) -> None:
+    """The model's one input and the named output agree with the manifest, or
+    :class:`ModelSignatureError` says how they differ."""
+    inputs = session.get_inputs()
+    expected = f"{spec.input_name} tensor(float) {list(spec.input_shape)}"
+    if len(inputs) != 1:
+        raise ModelSignatureError(
+            f"{spec.what} has {len(inputs)} inputs ({'; '.join(_describe(i) for i in inputs)}); "
+            f"the manifest describes one: {expected}"
+        )
+    (arg,) = inputs
+    problems = []
+    if arg.name != spec.input_name:
+        problems.append(f"its input is named {arg.name!r}, the manifest says {spec.input_name!r}")
+    if arg.type != "tensor(float)":
+        problems.append(f"its input is {arg.type}, the manifest says float32")
+    if len(arg.shape) != len(spec.input_shape):
+        problems.append(f"its input has rank {len(arg.shape)}, the manifest says {len(spec.input_shape)}")
+    else:
+        if isinstance(arg.shape[0], int):
+            problems.append(f"its batch axis is fixed at {arg.shape[0]}; export it with a dynamic batch axis")
+        for axis, (got, want) in enumerate(zip(arg.shape[1:], spec.input_shape[1:]), start=1):
+            if isinstance(got, int) and got != want:
+                problems.append(f"input axis {axis} is {got}, the manifest says {want}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    out = outputs.get(spec.output_name)
+    if out is None:
+        problems.append(f"it has no output {spec.output_name!r} (outputs: {', '.join(outputs)})")
+    else:
+        if out.type != "tensor(float)":
+            problems.append(f"output {out.name!r} is {out.type}, not float32")
+        if len(out.shape) != 2:
+            problems.append(f"output {out.name!r} has rank {len(out.shape)}, not 2 (batch, bits)")
+        elif isinstance(out.shape[1], int) and out.shape[1] != spec.bits:
+            problems.append(f"output {out.name!r} has {out.shape[1]} values per item, the manifest says bits={spec.bits}")
+    if problems:
+        raise ModelSignatureError(
+            f"{spec.what} does not match the manifest: {'; '.join(problems)}. Model input: {_describe(arg)}; "
+            f"manifest: {expected}"
+        )

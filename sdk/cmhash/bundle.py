@@ -1,0 +1,471 @@
+"""Model bundles: a directory (or one zip archive of it) that holds everything needed to hash.
+
+Layout::
+
+    bundle/
+      manifest.json     what follows, plus the sha256 of every other file
+      image.onnx        image tower: pixel_values float32 [N, 3, H, W] -> tanh codes [N, bits]
+      text.onnx         text tower:  bow float32 [N, d] -> tanh codes [N, bits]
+      vocab.json        the text vocabulary and tokenisation rules (cmhash.text), if any
+
+``manifest.json`` (format 1.x)::
+
+    {
+      "format_version": "1.0",
+      "method": "egath",
+      "bits": 64,
+      "modalities": {
+        "image": {"file": "image.onnx",
+                  "input": {"name": "pixel_values", "shape": ["batch", 3, 224, 224], "dtype": "float32"},
+                  "output": {"name": "codes", "values": "tanh"},
+                  "preprocess": {"image_size": 224, "mean": [...], "std": [...],
+                                 "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}},
+        "text":  {"file": "text.onnx",
+                  "input": {"name": "bow", "shape": ["batch", 1386], "dtype": "float32"},
+                  "output": {"name": "codes", "values": "tanh"},
+                  "vocabulary": "vocab.json", "vocabulary_fingerprint": "<sha256 of its canonical JSON>"}
+      },
+      "label_names": ["animals", ...],
+      "provenance": {"cmhash_version": "0.1.0", "training_config": {...}, "metrics": {...}},
+      "files": {"image.onnx": "<sha256>", "text.onnx": "<sha256>", "vocab.json": "<sha256>"}
+    }
+
+``output.values`` is ``"tanh"`` (continuous values in [-1, 1], signed at hashing) or
+``"sign"`` (already ±1; no continuous output). A text modality without a vocabulary
+takes bag-of-words vectors only (e.g. MIRFlickr, whose tag words are not published).
+
+Versioning: a reader accepts every minor version of a major it knows (minor versions only
+add optional keys) and refuses other majors. Loading reads every file once, checks its
+sha256, and keeps the verified bytes, so what runs is exactly what was checked. Nothing is
+ever unpickled: the manifest and vocabulary are JSON, the models ONNX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from ._version import __version__
+from .errors import BundleChecksumError, BundleError, BundleNotFoundError, BundleVersionError
+from .preprocess import ImagePreprocessor
+from .text import Vocabulary
+
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+MODALITIES = ("image", "text")
+OUTPUT_VALUES = ("tanh", "sign")
+# Guards against zip bombs: a bundle holds a few models, not terabytes.
+MAX_BUNDLE_BYTES = 16 * 2**30
+MAX_BUNDLE_FILES = 1000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same bundle packs to the same bytes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle: its manifest and the bytes of every file it lists."""
+
+    manifest: dict
+    files: Mapping[str, bytes]
+    source: str
+
+    @property
+    def format_version(self) -> str:
+        return self.manifest["format_version"]
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def bits(self) -> int:
+        return self.manifest["bits"]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.manifest["modalities"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.manifest.get("label_names", []))
+
+    def modality(self, name: str) -> dict:
+        try:
+            return self.manifest["modalities"][name]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.source} has no {name} model (it has: {', '.join(self.modalities)})"
+            ) from None
+
+    def model_bytes(self, name: str) -> bytes:
+        return self.files[self.modality(name)["file"]]
+
+    def image_preprocessor(self, **overrides) -> ImagePreprocessor:
+        return ImagePreprocessor.from_dict(self.modality("image")["preprocess"], **overrides)
+
+    def vocabulary(self) -> Vocabulary | None:
+        spec = self.modality("text")
+        if spec.get("vocabulary") is None:
+            return None
+        vocab = Vocabulary.from_json(self.files[spec["vocabulary"]])
+        if vocab.fingerprint != spec["vocabulary_fingerprint"]:
+            raise BundleChecksumError(
+                f"{spec['vocabulary']} in {self.source} is a different vocabulary from the one the model "
+                f"was exported with (fingerprint {vocab.fingerprint[:12]}, manifest "
+                f"{spec['vocabulary_fingerprint'][:12]})"
+            )
+        if vocab.dim != spec["input"]["shape"][1]:
+            raise BundleError(
+                f"{spec['vocabulary']} has {vocab.dim} words but the text model takes "
+                f"{spec['input']['shape'][1]} inputs"
+            )
+        return vocab
+
+
+# --- manifest pieces -----------------------------------------------------------------------
+
+
+def image_modality(
+    file: str,
+    preprocess: ImagePreprocessor,
+    *,
+    input_name: str = "pixel_values",
+    output_name: str = "codes",
+    output_values: str = "tanh",
+) -> dict:
+    """The manifest entry of an image tower."""
+    height, width = preprocess.output_size
+    return {
+        "file": file,
+        "input": {"name": input_name, "shape": ["batch", 3, height, width], "dtype": "float32"},
+        "output": {"name": output_name, "values": output_values},
+        "preprocess": preprocess.to_dict(),
+    }
+
+
+def text_modality(
+    file: str,
+    dim: int,
+    *,
+    vocabulary: Vocabulary | None = None,
+    vocabulary_file: str = "vocab.json",
+    input_name: str = "bow",
+    output_name: str = "codes",
+    output_values: str = "tanh",
+) -> dict:
+    """The manifest entry of a text tower; with a vocabulary, also name its file (whose
+    bytes the caller passes to :func:`write_bundle`, e.g. ``vocabulary.to_json()``)."""
+    entry = {
+        "file": file,
+        "input": {"name": input_name, "shape": ["batch", int(dim)], "dtype": "float32"},
+        "output": {"name": output_name, "values": output_values},
+        "vocabulary": None,
+    }
+    if vocabulary is not None:
+        entry["vocabulary"] = vocabulary_file
+        entry["vocabulary_fingerprint"] = vocabulary.fingerprint
+    return entry
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def check_version(manifest: Any, source: str) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{source}: manifest.json must hold a JSON object")
+    version = manifest.get("format_version")
+    match = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if match is None:
+        raise BundleVersionError(f"{source}: format_version must be 'major.minor', got {version!r}")
+    if int(match.group(1)) not in SUPPORTED_MAJOR_VERSIONS:
+        supported = ", ".join(f"{m}.x" for m in SUPPORTED_MAJOR_VERSIONS)
+        raise BundleVersionError(
+            f"{source}: bundle format {version} is not supported; this cmhash-sdk {__version__} reads "
+            f"format {supported}. Install a cmhash-sdk that reads {match.group(1)}.x, or re-export the bundle"
+        )
+
+
+def check_file_name(name: Any, source: str) -> str:
+    """A bundle file name: relative, '/'-separated, no '..', no drive, not the manifest."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{source}: file names must be non-empty strings, got {name!r}")
+    parts = PurePosixPath(name).parts
+    if (
+        name.startswith("/")
+        or "\\" in name
+        or ":" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in name.split("/"))
+        or not parts
+    ):
+        raise BundleError(f"{source}: unsafe file name {name!r} (absolute, '..', backslash or drive); refused")
+    if name == MANIFEST_NAME:
+        raise BundleError(f"{source}: {MANIFEST_NAME} cannot list itself")
+    return name
+
+
+def validate_manifest(manifest: Any, source: str = "bundle") -> dict:
+    """Check a manifest against format 1 and return it; raise :class:`BundleError` saying
+    which key is wrong."""
+    check_version(manifest, source)
+
+    def fail(message: str):
+        raise BundleError(f"{source}: manifest.json: {message}")
+
+    if not isinstance(manifest.get("method"), str) or not manifest["method"]:
+        fail("'method' must be a non-empty string (e.g. 'egath')")
+    bits = manifest.get("bits")
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0 or bits % 8:
+        fail(f"'bits' must be a positive multiple of 8, got {bits!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        fail("'files' must map each file name to its sha256")
+    for name, digest in files.items():
+        check_file_name(name, source)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            fail(f"files[{name!r}] must be a lowercase hex sha256, got {digest!r}")
+    modalities = manifest.get("modalities")
+    if not isinstance(modalities, dict) or not modalities:
+        fail("'modalities' must hold at least one of 'image' and 'text'")
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        fail(f"unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    for name, spec in modalities.items():
+        _validate_modality(name, spec, files, fail)
+    labels = manifest.get("label_names", [])
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        fail("'label_names' must be a list of strings")
+    if not isinstance(manifest.get("provenance", {}), dict):
+        fail("'provenance' must be an object")
+    return manifest
+
+
+def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:
+    where = f"modalities.{name}"
+    if not isinstance(spec, dict):
+        fail(f"{where} must be an object")
+    if spec.get("file") not in files:
+        fail(f"{where}.file {spec.get('file')!r} is not listed in 'files'")
+    tensor = spec.get("input")
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+        fail(f"{where}.input must be an object with a 'name'")
+    if tensor.get("dtype") != "float32":
+        fail(f"{where}.input.dtype must be 'float32', got {tensor.get('dtype')!r}")
+    shape = tensor.get("shape")
+    rank = 4 if name == "image" else 2
+    if (
+        not isinstance(shape, list)
+        or len(shape) != rank
+        or shape[0] != "batch"
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])
+    ):
+        fail(f"{where}.input.shape must be ['batch', {', '.join(['<int>'] * (rank - 1))}], got {shape!r}")
+    output = spec.get("output")
+    if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+        fail(f"{where}.output must be an object with a 'name'")
+    if output.get("values") not in OUTPUT_VALUES:
+        fail(f"{where}.output.values must be one of {list(OUTPUT_VALUES)}, got {output.get('values')!r}")
+    if name == "image":
+        if shape[1] != 3:
+            fail(f"{where}.input.shape must have 3 channels, got {shape[1]}")
+        try:
+            preprocess = ImagePreprocessor.from_dict(spec.get("preprocess"))
+        except (TypeError, ValueError) as exc:
+            fail(f"{where}.preprocess is invalid: {exc}")
+        if list(preprocess.output_size) != shape[2:]:
+            fail(f"{where}.preprocess makes {preprocess.output_size} images but the input is {shape[2:]}")
+    else:
+        vocab = spec.get("vocabulary")
+        if vocab is not None:
+            if vocab not in files:
+                fail(f"{where}.vocabulary {vocab!r} is not listed in 'files'")
+            if not isinstance(spec.get("vocabulary_fingerprint"), str):
+                fail(f"{where}.vocabulary_fingerprint is missing")
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def write_bundle(
+    directory: str | os.PathLike,
+    manifest: dict,
+    files: Mapping[str, bytes | str | os.PathLike],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle directory atomically: everything goes into a temporary sibling
+    directory that is renamed into place, so readers never see half a bundle.
+
+    Args:
+        directory: where the bundle goes.
+        manifest: the manifest without 'files' (computed here); 'format_version' defaults
+            to :data:`FORMAT_VERSION`, 'provenance.cmhash_version' to this version.
+        files: bundle file name -> bytes or a path to copy from.
+        overwrite: replace an existing directory (else :class:`FileExistsError`).
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    contents: dict[str, bytes] = {}
+    for name, data in files.items():
+        check_file_name(name, str(directory))
+        contents[name] = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else Path(data).read_bytes()
+    manifest = json.loads(json.dumps(manifest))  # a deep copy that also proves it is JSON
+    manifest.setdefault("format_version", FORMAT_VERSION)
+    manifest.setdefault("provenance", {}).setdefault("cmhash_version", __version__)
+    manifest.setdefault("label_names", [])
+    manifest["files"] = {name: sha256_bytes(data) for name, data in sorted(contents.items())}
+    validate_manifest(manifest, str(directory))
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        for name, data in contents.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            os.replace(directory, old / "bundle")
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def pack_archive(directory: str | os.PathLike, archive: str | os.PathLike | None = None) -> Path:
+    """Pack a bundle directory into one zip file (default ``<directory>.zip``), after
+    verifying it. Entries are stored uncompressed, in name order, with fixed timestamps,
+    so the same bundle always packs to the same bytes. Written atomically."""
+    bundle = load_bundle(directory)
+    directory = Path(directory)
+    archive = Path(archive) if archive is not None else directory.parent / f"{directory.name}.zip"
+    fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            entries = {MANIFEST_NAME: (directory / MANIFEST_NAME).read_bytes(), **dict(sorted(bundle.files.items()))}
+            for name, data in entries.items():
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                zf.writestr(info, data)
+        os.replace(tmp, archive)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return archive
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Load and verify a bundle from a directory or a zip archive.
+
+    Raises:
+        BundleNotFoundError: nothing at ``path``.
+        BundleVersionError: a format major version this cmhash does not read.
+        BundleChecksumError: a file whose sha256 differs from the manifest (named).
+        BundleError: no or malformed manifest, missing, extra, unsafe or linked files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BundleNotFoundError(f"bundle not found: {path}")
+    if path.is_dir():
+        raw = _read_directory(path)
+    elif zipfile.is_zipfile(path):
+        raw = _read_archive(path)
+    else:
+        raise BundleError(f"{path} is neither a bundle directory nor a zip archive of one")
+    source = str(path)
+    if MANIFEST_NAME not in raw:
+        raise BundleError(f"{source} has no {MANIFEST_NAME}; it is not a cmhash bundle")
+    try:
+        manifest = json.loads(raw.pop(MANIFEST_NAME))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{source}: {MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    check_version(manifest, source)  # before the schema: a future format may look different
+    validate_manifest(manifest, source)
+    listed = manifest["files"]
+    missing = sorted(set(listed) - set(raw))
+    if missing:
+        raise BundleError(f"{source}: files listed in the manifest are missing: {', '.join(missing)}")
+    extra = sorted(set(raw) - set(listed))
+    if extra:
+        raise BundleError(
+            f"{source}: files not listed in the manifest: {', '.join(extra)}; remove them or re-export the bundle"
+        )
+    for name, expected in sorted(listed.items()):
+        actual = sha256_bytes(raw[name])
+        if actual != expected:
+            raise BundleChecksumError(
+                f"{source}: {name} fails its checksum (sha256 {actual[:16]}..., manifest says "
+                f"{expected[:16]}...); the file is corrupt or was changed after export"
+            )
+    return Bundle(manifest=manifest, files=raw, source=source)
+
+
+def _read_directory(root: Path) -> dict[str, bytes]:
+    raw: dict[str, bytes] = {}
+    total = 0
+    for current, dirs, names in os.walk(root, followlinks=False):
+        for entry in dirs + names:
+            full = Path(current) / entry
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink():
+                raise BundleError(f"{root}: {rel} is a symbolic link; bundles hold plain files only")
+            if entry in names:
+                if not full.is_file():
+                    raise BundleError(f"{root}: {rel} is not a regular file")
+                total += full.stat().st_size
+                if total > MAX_BUNDLE_BYTES or len(raw) >= MAX_BUNDLE_FILES:
+                    raise BundleError(f"{root}: more than {MAX_BUNDLE_BYTES:,} bytes or {MAX_BUNDLE_FILES} files")
+                raw[rel] = full.read_bytes()
+    return raw
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    source = str(path)
+    raw: dict[str, bytes] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_BUNDLE_FILES or sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
+                raise BundleError(f"{source}: more than {MAX_BUNDLE_BYTES:,} bytes or {MAX_BUNDLE_FILES} files")
+            for info in infos:
+                if info.is_dir():
+                    continue
+                name = info.filename
+                if name != MANIFEST_NAME:
+                    check_file_name(name, source)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise BundleError(f"{source}: {name} is a symbolic link; bundles hold plain files only")
+                if name in raw:
+                    raise BundleError(f"{source}: {name} appears twice in the archive")
+                with zf.open(info) as fh:
+                    data = fh.read(info.file_size + 1)  # never trust the header's size
+                if len(data) != info.file_size:
+                    raise BundleError(f"{source}: {name} is not the size its header says")
+                raw[name] = data
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise BundleError(f"{source}: the archive is corrupt or truncated: {exc}") from exc
+    return raw

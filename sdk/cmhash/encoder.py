@@ -1,0 +1,221 @@
+"""Encoder: a loaded bundle that turns images and texts into packed binary codes.
+
+    enc = Encoder.load("bundle/")                 # or "bundle.zip"
+    enc.hash("cat.jpg")                           # (bits/8,) uint8
+    enc.hash_images(paths, batch_size=32)         # (n, bits/8) uint8
+    enc.hash_texts(["a cat on a sofa"])           # (n, bits/8) uint8
+    enc.hash_texts(bow_array, return_continuous=True)  # (n, bits) float32 tanh values
+
+Codes are ``sign(tanh)`` with 0 -> +1, packed by :func:`cmhash.pack_codes` (LSB first).
+Images are decoded by :func:`cmhash.preprocess.load_image` and preprocessed exactly as in
+training; texts are tokenised with the bundle's own vocabulary and rules.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .backends import Backend, ModelSpec, create_backend
+from .bundle import Bundle, load_bundle
+from .codes import pack_codes
+from .errors import CodeFormatError, TextInputError, UnsupportedInputError
+from .preprocess import DEFAULT_MAX_PIXELS, load_image
+from .text import check_bow
+
+
+class Encoder:
+    """Hash images and texts with the towers of one bundle. Make it with :meth:`load`."""
+
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend], max_image_pixels: int | None):
+        self.bundle = bundle
+        self.backends = backends
+        self.bits: int = bundle.bits
+        self.method: str = bundle.method
+        self.label_names: list[str] = bundle.label_names
+        self.preprocessor = (
+            bundle.image_preprocessor(max_pixels=max_image_pixels) if "image" in bundle.modalities else None
+        )
+        self.vocabulary = bundle.vocabulary() if "text" in bundle.modalities else None
+        self.text_dim = bundle.modality("text")["input"]["shape"][1] if "text" in bundle.modalities else None
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        backend: str = "auto",
+        device: str = "cpu",
+        threads: int | None = None,
+        *,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        **backend_options,
+    ) -> "Encoder":
+        """Load and verify a bundle and make a backend for each of its models.
+
+        Args:
+            path: a bundle directory or its zip archive.
+            backend: ``"auto"`` (TensorRT on a GPU where it runs, else onnxruntime),
+                ``"onnxruntime"`` or ``"tensorrt"``.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"``.
+            threads: CPU threads per model for onnxruntime; ``None`` for its default.
+            max_image_pixels: refuse larger images (decompression-bomb guard).
+            backend_options: TensorRT's ``precision``, ``cache_dir``, ``max_batch``.
+        """
+        bundle = load_bundle(path)
+        backends: dict[str, Backend] = {}
+        try:
+            for modality in bundle.modalities:
+                spec = bundle.modality(modality)
+                model_spec = ModelSpec(
+                    what=f"the {modality} model {spec['file']} of {bundle.source}",
+                    input_name=spec["input"]["name"],
+                    input_shape=tuple(spec["input"]["shape"]),
+                    output_name=spec["output"]["name"],
+                    bits=bundle.bits,
+                )
+                backends[modality] = create_backend(
+                    backend, bundle.model_bytes(modality), model_spec, device=device, threads=threads, **backend_options
+                )
+            return cls(bundle, backends, max_image_pixels)
+        except BaseException:
+            for made in backends.values():
+                made.close()
+            raise
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.bundle.modalities
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the models (``"onnxruntime"`` or ``"tensorrt"``)."""
+        return next(iter(self.backends.values())).name
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.method}, {self.bits} bits, {'+'.join(self.modalities)}, {self.backend})"
+
+    # --- images ------------------------------------------------------------------------------
+
+    def hash(self, image: Any, *, return_continuous: bool = False) -> np.ndarray:
+        """One image (path, bytes, file object, PIL image, HWC uint8 array) -> (bits/8,) uint8,
+        or (bits,) float32 tanh values with ``return_continuous``."""
+        if isinstance(image, np.ndarray) and image.ndim == 4:
+            raise UnsupportedInputError("hash takes one image; use hash_images for a batch (N, H, W, C)")
+        return self.hash_images([image], return_continuous=return_continuous)[0]
+
+    def hash_images(
+        self, images: Iterable[Any], batch_size: int = 32, *, return_continuous: bool = False
+    ) -> np.ndarray:
+        """Images (any iterable, streamed ``batch_size`` at a time, or a uint8 array
+        (N, H, W, C)) -> (n, bits/8) uint8 codes, or (n, bits) float32 tanh values."""
+        self._require("image")
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or hasattr(images, "read"):
+            raise UnsupportedInputError("hash_images takes an iterable of images; use hash for a single image")
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            raise UnsupportedInputError(
+                f"hash_images takes a uint8 array of shape (N, H, W, C), got {images.shape}; use hash for one image"
+            )
+        pre = self.preprocessor
+        outputs = []
+        for chunk in _chunks(images, _positive(batch_size)):
+            pixels = np.stack([pre.transform(load_image(item, max_pixels=pre.max_pixels)) for item in chunk])
+            outputs.append(self._run("image", pixels, return_continuous))
+        return self._finish(outputs, return_continuous)
+
+    # --- texts -------------------------------------------------------------------------------
+
+    def hash_text(self, text: Any, *, return_continuous: bool = False) -> np.ndarray:
+        """One text (str or UTF-8 bytes), tag list or BoW vector -> (bits/8,) uint8."""
+        if isinstance(text, np.ndarray):
+            if text.ndim != 1:
+                raise UnsupportedInputError("hash_text takes one BoW vector (d,); use hash_texts for (n, d)")
+            return self.hash_texts(text[None, :], return_continuous=return_continuous)[0]
+        return self.hash_texts([text], return_continuous=return_continuous)[0]
+
+    def hash_texts(self, texts: Any, batch_size: int = 256, *, return_continuous: bool = False) -> np.ndarray:
+        """Texts, tag lists, or a BoW array (n, d) of 0/1 -> (n, bits/8) uint8 codes, or
+        (n, bits) float32 tanh values. Raw text needs a bundle with a vocabulary."""
+        self._require("text")
+        if isinstance(texts, (str, bytes)):
+            raise UnsupportedInputError("hash_texts takes a list of texts; use hash_text for a single text")
+        batch_size = _positive(batch_size)
+        outputs = []
+        if isinstance(texts, np.ndarray):
+            bow = check_bow(texts, self.text_dim)
+            for start in range(0, len(bow), batch_size):
+                outputs.append(self._run("text", bow[start : start + batch_size], return_continuous))
+        else:
+            for chunk in _chunks(texts, batch_size):
+                outputs.append(self._run("text", self._encode_texts(chunk), return_continuous))
+        return self._finish(outputs, return_continuous)
+
+    def _encode_texts(self, items: list) -> np.ndarray:
+        rows = []
+        for item in items:
+            if isinstance(item, np.ndarray):
+                if item.ndim != 1:
+                    raise UnsupportedInputError(f"a BoW vector in a list must be 1-D ({self.text_dim},), got {item.shape}")
+                rows.append(check_bow(item, self.text_dim)[0])
+            elif self.vocabulary is None:
+                raise TextInputError(
+                    f"this bundle has no vocabulary (its text model takes {self.text_dim}-dim bag-of-words "
+                    "vectors); pass BoW vectors instead of raw text"
+                )
+            else:
+                rows.append(self.vocabulary.encode(item))
+        return np.stack(rows)
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def _require(self, modality: str) -> None:
+        if modality not in self.backends:
+            raise UnsupportedInputError(
+                f"this bundle has no {modality} model (it has: {', '.join(self.modalities)})"
+            )
+
+    def _run(self, modality: str, batch: np.ndarray, return_continuous: bool) -> np.ndarray:
+        if return_continuous and self.bundle.modality(modality)["output"]["values"] != "tanh":
+            raise UnsupportedInputError(
+                f"the {modality} model of this bundle outputs signs, not tanh values; return_continuous "
+                "is not available"
+            )
+        out = np.asarray(self.backends[modality].run(np.ascontiguousarray(batch, dtype=np.float32)))
+        if out.shape != (len(batch), self.bits):
+            raise CodeFormatError(
+                f"the {modality} model returned shape {out.shape} for {len(batch)} items; the manifest says "
+                f"({len(batch)}, {self.bits})"
+            )
+        out = out.astype(np.float32, copy=False)
+        return out if return_continuous else pack_codes(out, input="sign")
+
+    def _finish(self, outputs: list[np.ndarray], return_continuous: bool) -> np.ndarray:
+        if outputs:
+            return np.concatenate(outputs)
+        if return_continuous:
+            return np.zeros((0, self.bits), dtype=np.float32)
+        return np.zeros((0, self.bits // 8), dtype=np.uint8)
+
+
+def _positive(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

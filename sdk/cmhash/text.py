@@ -1,0 +1,252 @@
+"""Text -> bag-of-words, shared by training and the runtime.
+
+A :class:`Vocabulary` is an ordered word list plus the tokenisation rules it was built
+with; both are saved together in one JSON file, so a bundle tokenises exactly as training
+did. The rules (version 1):
+
+1. Unicode NFKC normalisation (full-width letters, ligatures and compatibility forms fold
+   to their plain equivalents),
+2. lower case (``str.lower``),
+3. split on every character that is not a letter or a digit (``[^\\W_]+`` runs; underscore
+   and punctuation separate words).
+
+A text becomes a multi-hot float32 vector: 1.0 at every vocabulary word it contains, 0.0
+elsewhere; words outside the vocabulary are dropped, so an empty text (or one with no
+known word) is the legal all-zero vector. A tag list is read as a text already split into
+parts: each tag goes through the same rules, so ``["New York", "cat"]`` and
+``"new york cat"`` encode alike. Bytes must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import TextInputError, UnsupportedInputError, VocabularyError
+
+RULES_VERSION = 1
+DEFAULT_RULES = {"version": RULES_VERSION, "normalization": "NFKC", "lowercase": True, "split": "non-alphanumeric"}
+_WORD = re.compile(r"[^\W_]+")
+
+
+def tokenize(text: str | bytes, rules: dict | None = None) -> list[str]:
+    """Split a text into words by the rules (the defaults unless given)."""
+    rules = _check_rules(rules or DEFAULT_RULES)
+    text = _as_str(text)
+    if rules["normalization"]:
+        text = unicodedata.normalize(rules["normalization"], text)
+    if rules["lowercase"]:
+        text = text.lower()
+    return _WORD.findall(text)
+
+
+def _as_str(text: Any) -> str:
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TextInputError(
+                f"text bytes are not valid UTF-8 ({exc.reason} at byte {exc.start}); decode them with "
+                "the right codec first and pass a str"
+            ) from exc
+    if not isinstance(text, str):
+        raise UnsupportedInputError(f"a text must be str or UTF-8 bytes, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates, e.g. from errors="surrogateescape"
+        raise TextInputError(
+            f"text holds characters that are not valid Unicode ({exc.reason} at {exc.start}); it was "
+            "probably decoded from non-UTF-8 bytes"
+        ) from exc
+    return text
+
+
+def _check_rules(rules: dict) -> dict:
+    if rules.get("version") != RULES_VERSION:
+        raise VocabularyError(
+            f"tokenisation rules version {rules.get('version')!r} is not supported (this cmhash knows "
+            f"version {RULES_VERSION}); upgrade cmhash-sdk"
+        )
+    if rules.get("normalization") not in ("NFKC", "NFC", None) or rules.get("split") != "non-alphanumeric":
+        raise VocabularyError(f"unknown tokenisation rules {rules}; known: {DEFAULT_RULES}")
+    if not isinstance(rules.get("lowercase"), bool):
+        raise VocabularyError(f"tokenisation rule 'lowercase' must be true or false, got {rules.get('lowercase')!r}")
+    return rules
+
+
+class Vocabulary:
+    """An ordered word list (column i of the BoW is ``words[i]``) and its tokenisation rules."""
+
+    def __init__(self, words: Sequence[str], *, rules: dict | None = None, min_count: int | None = None):
+        self.rules = dict(_check_rules(dict(rules or DEFAULT_RULES)))
+        self.words = tuple(words)
+        self.min_count = min_count
+        if not self.words:
+            raise VocabularyError("a vocabulary needs at least one word")
+        self._index: dict[str, int] = {}
+        for i, word in enumerate(self.words):
+            if not isinstance(word, str):
+                raise VocabularyError(f"vocabulary word {i} is {type(word).__name__}, not str")
+            if tokenize(word, self.rules) != [word]:
+                raise VocabularyError(
+                    f"vocabulary word {i} {word!r} is not one token under the rules (it tokenises to "
+                    f"{tokenize(word, self.rules)}); it could never match"
+                )
+            if word in self._index:
+                raise VocabularyError(f"vocabulary word {word!r} appears twice (at {self._index[word]} and {i})")
+            self._index[word] = i
+
+    @classmethod
+    def build(
+        cls, texts: Iterable[str | bytes | Sequence[str]], *, min_count: int = 1, max_size: int | None = None
+    ) -> "Vocabulary":
+        """Words that occur in at least ``min_count`` texts (document frequency), the
+        ``max_size`` most frequent if given (ties by word), in alphabetical order."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be at least 1, got {min_count}")
+        counts: Counter = Counter()
+        for text in texts:
+            counts.update(set(_tokens_of(text, DEFAULT_RULES)))
+        kept = [(word, n) for word, n in counts.items() if n >= min_count]
+        if max_size is not None:
+            kept = sorted(kept, key=lambda item: (-item[1], item[0]))[:max_size]
+        if not kept:
+            raise VocabularyError(f"no word occurs in at least {min_count} texts; lower min_count")
+        return cls(sorted(word for word, _ in kept), min_count=min_count)
+
+    @classmethod
+    def from_words(cls, words: Sequence[str], rules: dict | None = None) -> "Vocabulary":
+        """A vocabulary in the given column order (e.g. a dataset's published tag list)."""
+        return cls(words, rules=rules)
+
+    @property
+    def dim(self) -> int:
+        return len(self.words)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._index
+
+    def index(self, word: str) -> int:
+        return self._index[word]
+
+    def tokenize(self, text: str | bytes) -> list[str]:
+        return tokenize(text, self.rules)
+
+    def encode(self, text: str | bytes | Sequence[str]) -> np.ndarray:
+        """One text or tag list -> float32 (dim,) multi-hot; unknown words are dropped."""
+        vector = np.zeros(self.dim, dtype=np.float32)
+        columns = [self._index[t] for t in _tokens_of(text, self.rules) if t in self._index]
+        vector[columns] = 1.0
+        return vector
+
+    def encode_batch(self, texts: Any) -> np.ndarray:
+        """Texts, tag lists, or a precomputed BoW array (n, dim) -> float32 (n, dim).
+
+        A BoW array is checked (shape, values 0/1) and returned as float32.
+        """
+        if isinstance(texts, np.ndarray):
+            return check_bow(texts, self.dim)
+        if isinstance(texts, (str, bytes)):
+            raise UnsupportedInputError("encode_batch takes a list of texts; use encode for a single text")
+        rows = [self.encode(text) for text in texts]
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack(rows)
+
+    def to_dict(self) -> dict:
+        data = {"format": "cmhash.vocabulary", "rules": self.rules, "words": list(self.words)}
+        if self.min_count is not None:
+            data["min_count"] = self.min_count
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Vocabulary":
+        if not isinstance(data, dict) or data.get("format") != "cmhash.vocabulary":
+            raise VocabularyError("not a cmhash vocabulary (expected a JSON object with format 'cmhash.vocabulary')")
+        if not isinstance(data.get("words"), list) or not isinstance(data.get("rules"), dict):
+            raise VocabularyError("a vocabulary needs a 'words' list and a 'rules' object")
+        return cls(data["words"], rules=data["rules"], min_count=data.get("min_count"))
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces, UTF-8 kept): what :attr:`fingerprint` hashes."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Vocabulary":
+        try:
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VocabularyError(f"vocabulary file is not valid UTF-8 JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: equal fingerprints tokenise and order columns alike."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the canonical JSON atomically (temporary file + rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        return cls.from_json(Path(path).read_bytes())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.words == other.words and self.rules == other.rules
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({self.dim} words, fingerprint={self.fingerprint[:12]})"
+
+
+def _tokens_of(text: Any, rules: dict) -> list[str]:
+    if isinstance(text, (str, bytes, bytearray, memoryview)):
+        return tokenize(text, rules)
+    if isinstance(text, (list, tuple)):
+        tokens: list[str] = []
+        for tag in text:
+            if not isinstance(tag, (str, bytes)):
+                raise UnsupportedInputError(f"tags must be str, got {type(tag).__name__} in a tag list")
+            tokens.extend(tokenize(tag, rules))
+        return tokens
+    raise UnsupportedInputError(
+        f"a text must be a str, UTF-8 bytes or a list of tag strings, got {type(text).__name__}"
+    )
+
+
+def check_bow(bow: Any, dim: int) -> np.ndarray:
+    """A precomputed bag-of-words array -> float32 (n, dim), refusing anything but 0/1."""
+    array = np.asarray(bow)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise TextInputError(f"bag-of-words vectors must have shape (n, {dim}), got {np.shape(bow)}")
+    if array.dtype.kind not in "biuf":
+        raise TextInputError(f"bag-of-words vectors must be numeric, got dtype {array.dtype}")
+    if not np.isin(array, (0, 1)).all():
+        raise TextInputError(
+            "bag-of-words vectors must hold only 0 and 1 (multi-hot, as in training); counts or "
+            "weights would give silently wrong codes"
+        )
+    return array.astype(np.float32)
