@@ -85,10 +85,12 @@ static PyMethodDef base_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "cmhash._hamming",
-    "Native Hamming-space kernels: distances, exact kNN, radius search and ranking metrics "
-    "over packed binary codes. The GIL is released while they run.",
-    -1, base_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "cmhash._hamming",
+    .m_doc = "Native Hamming-space kernels: distances, exact kNN, radius search and ranking metrics "
+             "over packed binary codes. The GIL is released while they run.",
+    .m_size = -1,
+    .m_methods = base_methods,
 };
 
 PyMODINIT_FUNC PyInit__hamming(void) {

@@ -5,7 +5,6 @@ import io
 import subprocess
 import sys
 import textwrap
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -411,34 +410,19 @@ def test_hashing_never_imports_torch(bundle):
     assert out.stdout.startswith("ok")
 
 
-def best_import_time(python, module: str, runs: int = 5) -> float:
-    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
-    times = [float(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(runs)]
-    return min(times)
-
-
-def test_import_cmhash_is_fast():
-    assert best_import_time(sys.executable, "cmhash") < 0.3
-    assert best_import_time(sys.executable, "cmhash.encoder") < 0.3  # onnxruntime loads only at Encoder.load
+def test_import_cmhash_loads_no_inference_runtime():
+    """onnxruntime loads only when an Encoder is made; torch never."""
+    script = "import sys, cmhash, cmhash.encoder; print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
-def test_fresh_venv_with_plain_pip_install_hashes_without_torch(bundle, tmp_path):
+def test_fresh_venv_with_plain_pip_install_hashes_without_torch(bundle, plain_wheel_python, tmp_path):
     """Only `pip install <wheel>` (no extras): its dependencies must be enough to hash."""
-    wheel_dir = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheel_dir, ROOT],
-        check=True, cwd=tmp_path,
-    )
-    (wheel,) = wheel_dir.glob("cmhash_sdk-*.whl")
-    env_dir = tmp_path / "env"
-    venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, cwd=tmp_path)
-    out = subprocess.run([python, "-c", HASH_SCRIPT, str(bundle[0])], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([plain_wheel_python, "-c", HASH_SCRIPT, str(bundle[0])], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, (
         f"{out.stderr}\n(a plain install must bring numpy, Pillow and onnxruntime and ship cmhash.backends: "
         "check [project].dependencies and [tool.setuptools].packages)"
     )
-    assert str(env_dir) in out.stdout  # the installed package, not the source tree
-    assert best_import_time(python, "cmhash") < 0.3
+    assert str(plain_wheel_python.parents[1]) in out.stdout  # the installed package, not the source tree

@@ -24,13 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from cmhash.errors import CmhashError
+from .errors import ConfigError
 
 SECTIONS = ("method", "data", "model", "train", "eval")
-
-
-class ConfigError(CmhashError, ValueError):
-    """A run config that cannot be used: unknown key, wrong type, invalid value."""
 
 
 def validate_bits(bits: Any, where: str = "model.bits") -> int:

@@ -1,15 +1,29 @@
 """cmhash: cross-modal deep hashing. Images and texts in, compact binary codes out,
 searched by Hamming distance.
 
-The runtime (this package) needs numpy and the bundled C extension only; training
-(``cmhash.training``) and export (``cmhash.export``) need the ``train`` / ``export`` extras.
+The runtime (this package) needs numpy, bitarray, Pillow, onnxruntime (loaded only when
+an :class:`Encoder` is made) and the bundled C extension; training (``cmhash.training``)
+and export (``cmhash.export``) need the ``train`` / ``export`` extras.
 """
 
 from __future__ import annotations
 
+from . import metrics
 from ._version import __version__
-from .codes import pack_codes, unpack_codes, to_bitarrays, from_bitarrays
-from .errors import CmhashError, CodeFormatError, IndexFileError
+from .codes import from_bitarrays, pack_codes, to_bitarrays, unpack_codes
+from .encoder import Encoder
+from .errors import (
+    BackendUnavailableError,
+    BundleError,
+    CmhashError,
+    CodeFormatError,
+    ImageDecodeError,
+    IndexFileError,
+    TextInputError,
+    UnsupportedInputError,
+)
+from .index import HashIndex
+from .search import hamming_distances, knn_search, range_search
 
 __all__ = [
     "__version__",
@@ -17,7 +31,18 @@ __all__ = [
     "unpack_codes",
     "to_bitarrays",
     "from_bitarrays",
+    "hamming_distances",
+    "knn_search",
+    "range_search",
+    "HashIndex",
+    "Encoder",
+    "metrics",
     "CmhashError",
     "CodeFormatError",
     "IndexFileError",
+    "BundleError",
+    "ImageDecodeError",
+    "TextInputError",
+    "UnsupportedInputError",
+    "BackendUnavailableError",
 ]
