@@ -39,6 +39,7 @@ typedef struct {
     cmh_dist_fn dist;
     const size_t *map_ks, *prec_ks;
     size_t n_map, n_prec;
+    const double *inv; /* inv[p] = 1 / p for p = 1..n: a multiply instead of a divide */
     /* outputs */
     int64_t *hist_all, *hist_rel;
     double *ap, *prec;
@@ -177,8 +178,7 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
     uint64_t *const cnt = w->cnt;
     uint16_t *const ld = w->list_d;
     uint64_t *const lc = w->list_c;
-    /* adding inc[e] counts an item, and a relevant one in the high half when e = 1 */
-    const uint64_t inc[2] = {1, 1 + ((uint64_t)1 << 32)};
+    /* v + 1 + (e << 32) counts an item, and in the high half a relevant one (e = 1) */
 
     for (size_t step = 0;; step++) {
         size_t len[CMH_STREAMS], most = 0;
@@ -204,9 +204,9 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
 #define STEP(T, I)                                              \
     {                                                           \
         const size_t d = dist[(T) * CMH_BLOCK + j];             \
-        const uint8_t e = rel[(T) * CMH_BLOCK + j];             \
+        const uint64_t e = rel[(T) * CMH_BLOCK + j];            \
         const uint64_t v = cnt[d * CMH_STREAMS + (T)];          \
-        cnt[d * CMH_STREAMS + (T)] = v + inc[e];                \
+        cnt[d * CMH_STREAMS + (T)] = v + 1 + (e << 32);         \
         ld[I] = (uint16_t)d;                                    \
         lc[I] = v;                                              \
         I += e;                                                 \
@@ -228,7 +228,7 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
                 for (size_t j = 0; j < len[t]; j++) {
                     const size_t d = dt[j];
                     const uint64_t v = cnt[d * CMH_STREAMS + t];
-                    cnt[d * CMH_STREAMS + t] = v + inc[et[j]];
+                    cnt[d * CMH_STREAMS + t] = v + 1 + ((uint64_t)et[j] << 32);
                     if (et[j]) {
                         ld[i] = (uint16_t)d;
                         lc[i] = v;
@@ -284,8 +284,8 @@ static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
             const uint64_t v = w->list_c[m];
             const uint64_t pos = so[d] + (uint32_t)v; /* 1-based position in the ranking */
             const uint64_t rank = ro[d] + (v >> 32);  /* 1-based rank among relevant items */
-            /* signed conversions: one instruction each (values are < 2^32) */
-            const double p = (double)(int64_t)rank / (double)(int64_t)pos;
+            /* signed conversion: one instruction (values are < 2^32) */
+            const double p = (double)(int64_t)rank * c->inv[pos];
             if (all_only) {
                 sum_all += p;
                 continue;
@@ -402,6 +402,7 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
     cmh_out ha = {0}, hr = {0}, ap = {0}, pr = {0};
     size_t *map_ks = NULL, *prec_ks = NULL, n_map = 0, n_prec = 0, nthreads = 1;
     void **work = NULL;
+    double *inv = NULL;
     PyObject *result = NULL;
 
     if (cmh_resolve_threads(threads_arg, F, &nthreads) < 0) goto done;
@@ -466,8 +467,9 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
     }
     if (nthreads > nq) nthreads = nq;
 
+    inv = malloc((db.rows + 1) * sizeof(double)); /* db.rows < 2^32: no overflow */
     work = PyMem_Calloc(nthreads, sizeof(void *));
-    if (!work) {
+    if (!work || !inv) {
         PyErr_NoMemory();
         goto done;
     }
@@ -482,13 +484,15 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
         }
     }
 
+    inv[0] = 0.0;
+    for (size_t p = 1; p <= db.rows; p++) inv[p] = 1.0 / (double)p;
     rank_ctx ctx = {
         .q = q.data, .db = db.data, .ql = ql.data, .dbl = dbl.data,
         .nq = nq, .n = db.rows, .nbytes = q.cols, .lbytes = ql.cols, .bins = bins,
         .dist = cmh_dist_kernel(q.cols),
         .map_ks = map_ks, .prec_ks = prec_ks, .n_map = n_map, .n_prec = n_prec,
         .hist_all = (int64_t *)ha.data, .hist_rel = (int64_t *)hr.data,
-        .ap = (double *)ap.data, .prec = (double *)pr.data, .work = work,
+        .ap = (double *)ap.data, .prec = (double *)pr.data, .work = work, .inv = inv,
     };
     Py_BEGIN_ALLOW_THREADS
     cmh_parallel(nthreads, rank_task, &ctx); /* complete results even if a thread failed */
@@ -497,6 +501,7 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
     Py_INCREF(result);
 
 done:
+    free(inv);
     if (work) {
         for (size_t t = 0; t < nthreads; t++) workspace_free(work[t]);
         PyMem_Free(work);
