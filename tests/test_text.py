@@ -124,9 +124,9 @@ def test_fingerprint_changes_with_words_order_and_rules():
 
 
 def test_words_that_could_never_match_are_refused():
-    with pytest.raises(VocabularyError, match="not one token"):
+    with pytest.raises(VocabularyError, match="not one term"):
         Vocabulary.from_words(["new york"])
-    with pytest.raises(VocabularyError, match="not one token"):
+    with pytest.raises(VocabularyError, match="not one term"):
         Vocabulary.from_words(["Cat"])  # lower-cased text can never produce it
     with pytest.raises(VocabularyError, match="twice"):
         Vocabulary.from_words(["cat", "dog", "cat"])
@@ -154,3 +154,50 @@ def test_encode_marks_exactly_the_known_tokens(vocab_texts, text):
     expected = np.array([w in set(tokenize(text)) for w in words], dtype=np.float32)
     assert np.array_equal(vocab.encode(text), expected)
     assert np.array_equal(vocab.encode(text.split()), expected)
+
+
+# --- n-grams and anonymous vocabularies (what the training data layer builds) -----------------
+
+BIGRAMS = {**DEFAULT_RULES, "ngram_max": 2}
+
+
+def test_bigrams_tell_word_order_apart():
+    assert tokenize("Red circle above", BIGRAMS) == ["red", "circle", "above", "red circle", "circle above"]
+    vocab = Vocabulary.build(["a red circle above a blue square"], ngram_max=2)
+    assert {"red circle", "blue square", "above a"} <= set(vocab.words)
+    assert (vocab.encode("a red circle above a blue square") != vocab.encode("a blue circle above a red square")).any()
+
+
+def test_bigrams_never_span_two_tags():
+    vocab = Vocabulary(["new", "york", "new york", "york city"], rules=BIGRAMS)
+    assert vocab.encode(["new york", "city"]).tolist() == [1, 1, 1, 0]
+    assert vocab.encode("new york city").tolist() == [1, 1, 1, 1]
+    assert vocab.columns(["York", "new york"]).tolist() == [0, 1, 2]
+
+
+def test_a_term_longer_than_the_rules_allow_is_refused():
+    with pytest.raises(VocabularyError, match="not one term"):
+        Vocabulary(["new york"])  # unigram rules: a two-word term could never match
+    with pytest.raises(VocabularyError, match="ngram_max"):
+        Vocabulary(["a"], rules={**DEFAULT_RULES, "ngram_max": 0})
+
+
+def test_ngram_vocabulary_round_trips_with_its_rules(tmp_path):
+    vocab = Vocabulary.build(["ä red circle above a blue square"], ngram_max=2)
+    loaded = Vocabulary.load(vocab.save(tmp_path / "vocab.json"))
+    assert loaded == vocab and loaded.rules["ngram_max"] == 2 and loaded.fingerprint == vocab.fingerprint
+    assert loaded.encode("a blue circle").tolist() == vocab.encode("a blue circle").tolist()
+
+
+def test_anonymous_vocabulary_takes_tag_indices_only(tmp_path):
+    vocab = Vocabulary.anonymous_of_size(5)
+    assert vocab.anonymous and vocab.dim == 5
+    assert vocab.encode_indices([0, 3, 3]).tolist() == [1, 0, 0, 1, 0]
+    with pytest.raises(TextInputError, match="bag-of-words vectors or tag indices"):
+        vocab.encode("a word")
+    with pytest.raises(TextInputError, match=r"\[0, 5\)"):
+        vocab.encode_indices([5])
+    loaded = Vocabulary.load(vocab.save(tmp_path / "v.json"))
+    assert loaded.anonymous and loaded == vocab and "#0" not in json.loads((tmp_path / "v.json").read_text()).get("words", [])
+    with pytest.raises(VocabularyError, match="positive"):
+        Vocabulary.anonymous_of_size(0)

@@ -29,10 +29,11 @@ from .errors import ConfigError
 SECTIONS = ("method", "data", "model", "train", "eval")
 
 
-def validate_bits(bits: Any, where: str = "model.bits") -> int:
-    """Code length: a positive multiple of 8, since codes are packed 8 bits per byte."""
+def check_bits(bits: Any, where: str = "bits") -> int:
+    """Code lengths are positive multiples of 8: codes are packed 8 bits per byte."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0 or bits % 8:
-        raise ConfigError(f"{where} must be a positive multiple of 8 (codes are packed 8 bits per byte), got {bits!r}")
+        raise ConfigError(f"{where} must be a positive multiple of 8 (codes are packed 8 bits per byte; "
+                          f"the papers use 16, 32, 64), got {bits!r}")
     return bits
 
 
@@ -136,7 +137,7 @@ class MethodConfig:
     bits: int = 64
 
     def __post_init__(self) -> None:
-        validate_bits(self.bits)
+        check_bits(self.bits, "model.bits")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, section: str = "model"):

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cmhash.text import Vocabulary
+
 from .config import MethodConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,7 +93,9 @@ class DatasetInfo:
     label_names: list[str] = field(default_factory=list)
     image_size: int = 224
     preprocessing: dict[str, Any] = field(default_factory=dict)  # resize, crop, mean, std, ... (for export)
-    vocabulary: list[str] | None = None  # the BoW vocabulary in column order (saved with checkpoints)
+    # cmhash.text.Vocabulary.to_dict(): terms in column order and the tokenisation rules,
+    # saved with checkpoints and carried into bundles so inference tokenises as training did
+    vocabulary: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         shape = (self.n_train, self.n_labels)
@@ -99,8 +103,8 @@ class DatasetInfo:
             raise ValueError(f"DatasetInfo.train_labels has shape {tuple(self.train_labels.shape)}, expected {shape}")
         if self.label_names and len(self.label_names) != self.n_labels:
             raise ValueError(f"DatasetInfo has {len(self.label_names)} label names for {self.n_labels} labels")
-        if self.vocabulary is not None and len(self.vocabulary) != self.text_dim:
-            raise ValueError(f"DatasetInfo has a vocabulary of {len(self.vocabulary)} words for text_dim={self.text_dim}")
+        if self.vocabulary is not None and Vocabulary.from_dict(self.vocabulary).dim != self.text_dim:
+            raise ValueError(f"DatasetInfo's vocabulary does not have text_dim={self.text_dim} terms")
 
 
 class HashingMethod(abc.ABC):

@@ -20,8 +20,10 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from cmhash.text import Vocabulary  # noqa: E402
 from cmhash.training import checkpoint as ckpt_io  # noqa: E402
-from cmhash.training.config import ConfigError, load_config  # noqa: E402
+from cmhash.training.config import load_config  # noqa: E402
+from cmhash.training.errors import ConfigError  # noqa: E402
 from cmhash.training.method import get_method, list_methods  # noqa: E402
 from cmhash.training.trainer import NonFiniteLossError, Trainer, build_method  # noqa: E402
 
@@ -223,7 +225,7 @@ def test_checkpoint_is_safetensors_and_json_only(tmp_path):
         assert all(set(v) == {"dtype", "shape", "data_offsets"} for k, v in header.items() if k != "__metadata__")
     meta = json.loads((last / "checkpoint.json").read_text())
     assert meta["method"] == "toy" and meta["epoch"] == 2 and meta["global_step"] == 8
-    assert meta["label_names"] == [f"class{i}" for i in range(4)] and len(meta["vocabulary"]) == 16
+    assert meta["label_names"] == [f"class{i}" for i in range(4)] and Vocabulary.from_dict(meta["vocabulary"]).dim == 16
     assert meta["versions"]["torch"] == torch.__version__ and meta["config"]["model"]["bits"] == 16
 
     model = load_file(str(last / "model.safetensors"))

@@ -51,14 +51,14 @@ def test_labels_match_captions_and_pixels():
 def test_bigram_text_binds_colour_to_shape():
     data = make_shapes(300, seed=2)
     vocab = data.build_vocabulary(range(300))
-    assert vocab.ngram_max == 2 and "red circle" in vocab.terms and "above a" in vocab.terms
+    assert vocab.rules["ngram_max"] == 2 and "red circle" in vocab.words and "above a" in vocab.words
     data = data.with_vocabulary(vocab)
     # two captions with the same words but swapped colours differ in their bags of words
     a = vocab.encode("a red circle above a blue square")
     b = vocab.encode("a blue circle above a red square")
     assert (a != b).any()
     i = int(np.flatnonzero(data.labels.sum(1) == 1)[0])
-    assert data.text(i)[vocab.terms.index(SHAPES_LABEL_NAMES[int(np.flatnonzero(data.labels[i])[0])])] == 1
+    assert data.text(i)[vocab.words.index(SHAPES_LABEL_NAMES[int(np.flatnonzero(data.labels[i])[0])])] == 1
 
 
 def test_bad_arguments():

@@ -6,7 +6,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-from cmhash.training.data import (CrossModalDataset, Vocabulary, build_transform, load_data, load_manifest,
+from cmhash.text import Vocabulary
+from cmhash.training.data import (CrossModalDataset, build_transform, load_data, load_manifest,
                                   load_mat_layout, load_mirflickr25k, load_mirflickr_mini, make_split,
                                   preprocess_config)
 from cmhash.training.errors import ConfigError, DataError, MissingImagesError
@@ -43,13 +44,13 @@ def test_jsonl_manifest_end_to_end(manifest_dir):
     assert data.label_names == ["beach", "cat", "dog"]  # sorted names found
     np.testing.assert_array_equal(data.labels, [[1, 0, 1], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
     vocab = data.build_vocabulary([0, 1], min_count=2)  # only the training texts count
-    assert vocab.terms == ["dog"]
+    assert vocab.words == ("dog",)
     data = data.with_vocabulary(data.build_vocabulary([0, 1, 2, 3]))
     dataset = CrossModalDataset(data, [2, 0], build_transform(preprocess_config(32)))
     image, text, labels, index = dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert text.dtype == torch.float32 and text.shape == (len(data.vocabulary),)
-    assert {data.vocabulary.terms[j] for j in torch.nonzero(text).flatten().tolist()} == {"a", "cat", "sofa"}
+    assert {data.vocabulary.words[j] for j in torch.nonzero(text).flatten().tolist()} == {"a", "cat", "sofa"}
     assert labels.tolist() == [0, 1, 0] and index == 0
     assert dataset.labels.shape == (2, 3)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from cmhash.text import Vocabulary
 from cmhash.training.config import MethodConfig
 from cmhash.training.method import Batch, DatasetInfo, HashingMethod, register_method
 
@@ -60,7 +61,7 @@ class ToyDataset(Dataset):
             label_names=[f"class{i}" for i in range(N_LABELS)],
             image_size=IMAGE_SIZE,
             preprocessing={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-            vocabulary=[f"word{i}" for i in range(TEXT_DIM)],
+            vocabulary=Vocabulary.from_words([f"word{i}" for i in range(TEXT_DIM)]).to_dict(),
         )
 
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-
-
-def check_bits(bits: int) -> int:
-    """Code lengths are positive multiples of 8: codes are packed 8 bits per byte."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0 or bits % 8:
-        raise ConfigError(f"bits must be a positive multiple of 8 (16, 32, 64 in the papers), got {bits!r}")
-    return bits
+from ..config import check_bits
 
 
 def binarize(relaxed: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from .sources import (CrossModalData, ImageFiles, check_image_files, load_manife
                       load_mirflickr25k, load_mirflickr_mini, read_label_names)
 from .splits import SPLIT_PRESETS, Split, SplitSizes, make_split
 from .transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_transform, preprocess_config
-from .vocab import Vocabulary, tokenize
 
 SOURCES = {
     "shapes": make_shapes,
@@ -47,7 +46,7 @@ def load_data(config: dict) -> CrossModalData:
 
 
 __all__ = [
-    "CrossModalData", "CrossModalDataset", "ImageFiles", "Vocabulary", "tokenize", "Split", "SplitSizes",
+    "CrossModalData", "CrossModalDataset", "ImageFiles", "Split", "SplitSizes",
     "SPLIT_PRESETS", "make_split", "build_transform", "preprocess_config", "CLIP_MEAN", "CLIP_STD",
     "IMAGENET_MEAN", "IMAGENET_STD", "load_data", "SOURCES", "make_shapes", "captions", "SHAPES_LABEL_NAMES",
     "load_manifest", "load_mat_layout", "load_mirflickr25k", "load_mirflickr_mini", "check_image_files",

@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw
 
 from ..errors import DataError
 from .sources import CrossModalData
-from .vocab import document
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (225, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -123,8 +122,8 @@ class ShapeImages:
 
 
 def make_shapes(n: int = 5000, seed: int = 0, image_size: int = 64, single_prob: float = 0.3) -> CrossModalData:
-    """``n`` generated samples. The text is left as documents (unigrams and bigrams of
-    the captions), so the vocabulary is built from the training split like any other."""
+    """``n`` generated samples. The captions are kept raw (their vocabulary takes unigrams
+    and bigrams), so the vocabulary is built from the training split like any other."""
     if n < 1:
         raise DataError(f"the shapes dataset needs n >= 1, got {n}")
     if image_size < 16:
@@ -134,9 +133,9 @@ def make_shapes(n: int = 5000, seed: int = 0, image_size: int = 64, single_prob:
     position = {name: j for j, name in enumerate(LABEL_NAMES)}
     for i, scene in enumerate(scenes):
         labels[i, [position[name] for name in scene.label_names]] = 1.0
-    documents = [document(scene.caption, ngram_max=SHAPES_NGRAM_MAX) for scene in scenes]
+    texts = [[scene.caption] for scene in scenes]
     return CrossModalData("shapes", ShapeImages(scenes, image_size), labels, list(LABEL_NAMES),
-                          documents=documents, ngram_max=SHAPES_NGRAM_MAX,
+                          texts=texts, ngram_max=SHAPES_NGRAM_MAX,
                           info={"source": "shapes", "n": n, "seed": seed, "image_size": image_size,
                                 "single_prob": single_prob})
 

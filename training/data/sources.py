@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from PIL import Image
 
 from ..errors import DataError, MissingImagesError
-from .vocab import Vocabulary, document
+from cmhash.text import Vocabulary
 
 MAX_LISTED_ERRORS = 10
 
@@ -65,8 +65,9 @@ class CrossModalData:
     """All samples of one collection, before splitting.
 
     Text is held either as a bag-of-words matrix over ``vocabulary`` (``bow``) or, when
-    the vocabulary is still to be built from the training split, as tokenised
-    ``documents``; :meth:`with_vocabulary` turns the second into the first.
+    the vocabulary is still to be built from the training split, as raw ``texts`` (each a
+    list of parts: the caption and/or tags, tokenised separately); :meth:`with_vocabulary`
+    turns the second into the first.
     """
 
     name: str
@@ -75,8 +76,8 @@ class CrossModalData:
     label_names: list[str]
     bow: sp.csr_matrix | None = None  # (n, V) float32 in {0, 1}
     vocabulary: Vocabulary | None = None
-    documents: list[list[str]] | None = None
-    ngram_max: int = 1  # how the documents were tokenised; the vocabulary built from them keeps it
+    texts: list[list[str]] | None = None
+    ngram_max: int = 1  # n-grams of the vocabulary to be built from the texts
     info: dict = field(default_factory=dict)  # provenance recorded with the model
 
     def __post_init__(self):
@@ -90,16 +91,16 @@ class CrossModalData:
             raise DataError(f"{self.name}: labels must be 0/1 multi-hot")
         if len(self.label_names) != self.labels.shape[1]:
             raise DataError(f"{self.name}: {len(self.label_names)} label names for {self.labels.shape[1]} label columns")
-        if (self.bow is None) == (self.documents is None):
-            raise DataError(f"{self.name}: give text as either a bag-of-words matrix or documents")
+        if (self.bow is None) == (self.texts is None):
+            raise DataError(f"{self.name}: give text as either a bag-of-words matrix or raw texts")
         if self.bow is not None:
             self.bow = sp.csr_matrix(self.bow, dtype=np.float32)
             if self.bow.shape[0] != n:
                 raise DataError(f"{self.name}: {self.bow.shape[0]} text rows for {n} images")
             if self.vocabulary is None or len(self.vocabulary) != self.bow.shape[1]:
                 raise DataError(f"{self.name}: the bag-of-words matrix needs its vocabulary of {self.bow.shape[1]} terms")
-        elif len(self.documents) != n:
-            raise DataError(f"{self.name}: {len(self.documents)} texts for {n} images")
+        elif len(self.texts) != n:
+            raise DataError(f"{self.name}: {len(self.texts)} texts for {n} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -109,20 +110,19 @@ class CrossModalData:
         return self.labels.shape[1]
 
     def build_vocabulary(self, indices: Sequence[int], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
-        """A vocabulary from the documents of ``indices`` (the training split, so that no
+        """A vocabulary from the texts of ``indices`` (the training split, so that no
         query text leaks into it)."""
-        if self.documents is None:
+        if self.texts is None:
             return self.vocabulary
-        return Vocabulary.build((self.documents[i] for i in indices), min_count=min_count,
+        return Vocabulary.build((self.texts[i] for i in indices), min_count=min_count,
                                 max_size=max_size, ngram_max=self.ngram_max)
 
     def with_vocabulary(self, vocabulary: Vocabulary) -> "CrossModalData":
-        """The same samples with their documents encoded over ``vocabulary``."""
-        if self.documents is None:
+        """The same samples with their texts encoded over ``vocabulary`` (the tokenisation
+        rules are the vocabulary's own, as at inference)."""
+        if self.texts is None:
             raise DataError(f"{self.name}: the text is already a bag-of-words matrix over a fixed vocabulary")
-        if vocabulary.ngram_max != self.ngram_max:
-            raise DataError(f"{self.name}: documents use {self.ngram_max}-grams, the vocabulary {vocabulary.ngram_max}-grams")
-        rows = [vocabulary.columns(doc) for doc in self.documents]
+        rows = [vocabulary.columns(parts) for parts in self.texts]
         return CrossModalData(self.name, self.images, self.labels, self.label_names,
                               bow=_rows_to_csr(rows, len(vocabulary)), vocabulary=vocabulary, info=dict(self.info))
 
@@ -214,7 +214,7 @@ def load_mat_layout(image_list: str | Path, tags: str | Path, labels: str | Path
     if check_images:
         check_image_files(paths, image_root)
     return CrossModalData(name, ImageFiles(paths), label_matrix, names_list, bow=sp.csr_matrix(bow),
-                          vocabulary=Vocabulary.anonymous(bow.shape[1]),
+                          vocabulary=Vocabulary.anonymous_of_size(bow.shape[1]),
                           info={"source": "mat", "image_list": str(image_list), "tags": str(tags), "labels": str(labels)})
 
 
@@ -236,7 +236,7 @@ def load_mirflickr25k(arrays: str | Path, image_root: str | Path, label_names: S
         check_image_files(paths, image_root)
     tags = (tags > 0).astype(np.float32)
     return CrossModalData("mirflickr25k", ImageFiles(paths), labels.astype(np.float32), names,
-                          bow=sp.csr_matrix(tags), vocabulary=Vocabulary.anonymous(tags.shape[1]),
+                          bow=sp.csr_matrix(tags), vocabulary=Vocabulary.anonymous_of_size(tags.shape[1]),
                           info={"source": "mirflickr25k", "arrays": str(arrays), "image_root": str(image_root)})
 
 
@@ -285,10 +285,11 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     Fields: ``image`` (path, relative to ``image_root`` or else to the manifest's folder),
     ``text`` (raw text) and/or ``tags`` (words, or column indices into a given
     vocabulary), ``labels`` (names, or indices into ``label_names``). JSONL holds lists;
-    CSV cells separate several tags or labels with ``|``.
+    CSV cells separate several tags or labels with ``|``. ``ngram_max`` sets the n-grams
+    of a vocabulary built from the texts.
 
     Without ``label_names`` the label set is the sorted names found. Without a
-    ``vocabulary`` the texts stay tokenised documents, and the vocabulary is built later
+    ``vocabulary`` the texts are kept raw, and the vocabulary is built later
     from the training split (``CrossModalData.with_vocabulary``).
     """
     path = Path(path)
@@ -349,24 +350,24 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     if bad_labels and known:
         errors.append(f"{len(bad_labels)} labels outside the label set {known}: " + "; ".join(bad_labels[:MAX_LISTED_ERRORS]))
 
-    # Text: words (tokenised now) or tag indices (need a vocabulary).
-    documents, index_rows = [], []
+    # Text: words (kept raw until there is a vocabulary) or tag indices (need a vocabulary).
+    texts, index_rows = [], []
     for where, text, tags in text_parts:
         if tags and all(_is_index(t) for t in tags):
             if vocabulary is None:
                 errors.append(f"{where}: tags are column indices, which need a vocabulary "
-                              f"(e.g. Vocabulary.anonymous(size))")
+                              f"(e.g. Vocabulary.anonymous_of_size(size))")
                 break
             idx = np.array(sorted({int(t) for t in tags}), dtype=np.int64)
             if idx.min() < 0 or idx.max() >= len(vocabulary):
                 errors.append(f"{where}: tag index outside the vocabulary of {len(vocabulary)} terms")
             index_rows.append(idx[(idx >= 0) & (idx < len(vocabulary))])
-            documents.append(None)
+            texts.append(None)
         else:
             if vocabulary is not None and vocabulary.anonymous and (text or tags):
                 errors.append(f"{where}: words given, but the vocabulary has column indices only")
-            documents.append([] if vocabulary is not None and vocabulary.anonymous else
-                             document(text, [str(t) for t in tags], ngram_max if vocabulary is None else vocabulary.ngram_max))
+            texts.append([] if vocabulary is not None and vocabulary.anonymous else
+                         ([text] if text else []) + [str(t) for t in tags])
             index_rows.append(None)
     if errors:
         raise DataError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors[:MAX_LISTED_ERRORS]))
@@ -376,9 +377,9 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     info = {"source": "manifest", "manifest": str(path), "image_root": str(root)}
     images = ImageFiles(image_paths)
     if vocabulary is None:
-        return CrossModalData(name or path.stem, images, label_matrix, known, documents=documents,
+        return CrossModalData(name or path.stem, images, label_matrix, known, texts=texts,
                               ngram_max=ngram_max, info=info)
-    rows = [vocabulary.columns(doc) if idx is None else idx for doc, idx in zip(documents, index_rows)]
+    rows = [vocabulary.columns(parts) if idx is None else idx for parts, idx in zip(texts, index_rows)]
     return CrossModalData(name or path.stem, images, label_matrix, known, bow=_rows_to_csr(rows, len(vocabulary)),
                           vocabulary=vocabulary, info=info)
 
@@ -388,4 +389,4 @@ def load_mirflickr_mini(root: str | Path, check_images: bool = True) -> CrossMod
     loader; tags are column indices of the 1,386-word MIRFlickr tag vocabulary."""
     root = Path(root)
     return load_manifest(root / "manifest.jsonl", label_names=root / "label_names.txt",
-                         vocabulary=Vocabulary.anonymous(1386), check_images=check_images, name="mirflickr-mini")
+                         vocabulary=Vocabulary.anonymous_of_size(1386), check_images=check_images, name="mirflickr-mini")
