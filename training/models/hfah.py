@@ -81,6 +81,13 @@ class HFAHConfig(MethodConfig):
     hidden: int = 4096  # hidden width of the label and text networks
     feature_dim: int = 512  # d_f: width of f^l, f^x, f^y and of the reconstructions
     lrn: bool = True  # SSAH's local response normalisation in the label and text networks
+    # ReLU on the 512-d features f (spec). ReLU features have inner products >= 0, so the NLL can
+    # only push dissimilar pairs to theta = 0 by shrinking features; with sparse labels (few shared)
+    # that kills every feature. false: linear features, theta of either sign.
+    feature_relu: bool = False
+    # SSAH's N(0, 0.01^2) initialisation of the label network; measured to leave it stuck at
+    # theta = 0 (NLL = log 2), so PyTorch's default initialisation is the default here
+    ssah_init: bool = False
     text_windows: list[int] = field(default_factory=lambda: [5, 10, 15, 30, 50])  # multi-scale pools
     attention_reduction: int = 16  # channel-MLP reduction r of the hybrid attention
     attention_kernel: int = 7  # spatial-attention conv size
@@ -167,13 +174,15 @@ def _normal_init(module: nn.Module, std: float = 0.01) -> None:
 class LabelNet(nn.Module):
     """Multi-hot labels (N, c) -> f^l (N, d_f), H^l (N, k), label probabilities (N, c)."""
 
-    def __init__(self, n_labels: int, bits: int, hidden: int, feature_dim: int, lrn: bool) -> None:
+    def __init__(self, n_labels: int, bits: int, hidden: int, feature_dim: int, lrn: bool,
+                 feature_relu: bool = False, ssah_init: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Sequential(nn.Linear(n_labels, hidden), nn.ReLU(), VectorLRN() if lrn else nn.Identity())
-        self.fc2 = nn.Sequential(nn.Linear(hidden, feature_dim), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(hidden, feature_dim), nn.ReLU() if feature_relu else nn.Identity())
         self.hash = HashHead(feature_dim, bits)
         self.classifier = nn.Linear(feature_dim, n_labels)
-        _normal_init(self)  # SSAH's N(0, 0.01^2) for weights and biases
+        if ssah_init:
+            _normal_init(self)  # SSAH's N(0, 0.01^2) for weights and biases
 
     def forward(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = self.fc2(self.fc1(labels))
@@ -211,12 +220,12 @@ class TextNet(nn.Module):
     """Bag of words (N, T) -> f^x (N, d_f), H^x (N, k). ``forward`` returns H^x only (the tower)."""
 
     def __init__(self, text_dim: int, bits: int, hidden: int, feature_dim: int, lrn: bool,
-                 multiscale: bool, windows: list[int]) -> None:
+                 multiscale: bool, windows: list[int], feature_relu: bool = False) -> None:
         super().__init__()
         self.fusion = MultiScaleFusion(text_dim, windows) if multiscale else nn.Identity()
         width = self.fusion.output_dim if multiscale else text_dim
         self.fc1 = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), VectorLRN() if lrn else nn.Identity())
-        self.fc2 = nn.Sequential(nn.Linear(hidden, feature_dim), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(hidden, feature_dim), nn.ReLU() if feature_relu else nn.Identity())
         self.norm = VectorLRN() if lrn else nn.Identity()
         self.hash = HashHead(feature_dim, bits)
 
@@ -328,7 +337,8 @@ class ImageNet(nn.Module):
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.attention = (HybridAttention(channels, config.attention_reduction, config.attention_kernel,
                                           config.attention_mode) if config.attention else nn.Identity())
-        self.fc8 = nn.Sequential(nn.Linear(width, config.feature_dim), nn.ReLU())
+        self.fc8 = nn.Sequential(nn.Linear(width, config.feature_dim),
+                                 nn.ReLU() if config.feature_relu else nn.Identity())
         self.hash = HashHead(config.feature_dim, config.bits)
         if config.freeze_backbone:
             self.conv.requires_grad_(False)
@@ -413,9 +423,9 @@ class HFAH(HashingMethod):
     def __init__(self, config: HFAHConfig, info: DatasetInfo) -> None:
         super().__init__(config, info)
         c, k, d, n = info.n_labels, config.bits, config.feature_dim, info.n_train
-        self.label_net = LabelNet(c, k, config.hidden, d, config.lrn)
+        self.label_net = LabelNet(c, k, config.hidden, d, config.lrn, config.feature_relu, config.ssah_init)
         self.text_net = TextNet(info.text_dim, k, config.hidden, d, config.lrn, config.text_multiscale,
-                                config.text_windows)
+                                config.text_windows, config.feature_relu)
         self.image_net = ImageNet(config, info.image_size)
         self.recon = Reconstruction(k, d) if config.recon else None
         self.disc = nn.ModuleDict({"text": _discriminator(d), "image": _discriminator(d)}) if config.recon else None
