@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 
 __all__ = ["ABLATIONS", "HFAH", "HFAHConfig", "AdversarialDivergenceError", "HybridAttention", "ImageNet",
-           "LabelNet", "MultiScaleFusion", "TextNet"]
+           "LabelNet", "MultiScaleFusion", "TextNet", "pairwise_loss"]
 
 # model.* overrides of the paper's ablation variants (nested, spec §11)
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -407,6 +407,14 @@ def ssah_squared_loss(left: Tensor, right: Tensor, similarity: Tensor) -> Tensor
     return 0.5 * (similarity * theta - F.softplus(theta)).pow(2).mean()
 
 
+def pairwise_loss(bank: Tensor, batch_out: Tensor, similarity: Tensor, kind: str = "nll") -> Tensor:
+    """The pairwise term between every training sample's bank row and the batch (n x B):
+    the NLL of Eqs. 1-2 (stable, through softplus), or SSAH code's squared residual."""
+    if kind == "ssah_sq":
+        return ssah_squared_loss(bank, batch_out, similarity)
+    return pairwise_nll_loss(bank, batch_out, similarity)
+
+
 def straight_through_sign(h: Tensor) -> Tensor:
     return h + (binarize(h) - h).detach()
 
@@ -499,10 +507,7 @@ class HFAH(HashingMethod):
     # -- losses ------------------------------------------------------------------------
 
     def _pairwise(self, bank: Tensor, batch_out: Tensor, similarity: Tensor) -> Tensor:
-        """The pairwise term between every training sample's bank row and the batch (n x B)."""
-        if self.config.pair_loss == "ssah_sq":
-            return ssah_squared_loss(bank, batch_out, similarity)
-        return pairwise_nll_loss(bank, batch_out, similarity)
+        return pairwise_loss(bank, batch_out, similarity, self.config.pair_loss)
 
     def label_losses(self, labels: Tensor, index: Tensor | None) -> dict[str, Tensor]:
         """Eq. 3 on a batch of labels; refreshes the label banks' rows ``index`` first."""
