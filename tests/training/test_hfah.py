@@ -44,7 +44,7 @@ def one_thread():
 
 # Small sizes of the real model classes (spec §5 'tiny'); every learning rate 1e-3 (spec §8).
 TINY = ["model.backbone=tiny-cnn", "model.bits=16", "model.hidden=64", "model.feature_dim=32", "model.tiny_width=32",
-        "model.text_windows=[1,2,4]", "model.label_pretrain_epochs=2", "model.lr_label=1e-3", "model.lr_text=1e-3",
+        "model.text_windows=[1,2,4]", "model.image_size=16", "model.label_pretrain_epochs=2", "model.lr_label=1e-3", "model.lr_text=1e-3",
         "model.lr_image=1e-3", "model.lr_image_backbone=1e-3", "model.lr_disc=1e-3"]
 
 
@@ -285,9 +285,10 @@ def test_attention_gate_starts_as_identity():
 
     # the whole image network at initialisation equals the same network without attention
     torch.manual_seed(1)
-    with_attention = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32), 16)
+    with_attention = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16))
     torch.manual_seed(1)
-    plain = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, attention=False), 16)
+    plain = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16,
+                                attention=False))
     plain.load_state_dict({k: v for k, v in with_attention.state_dict().items() if not k.startswith("attention.")})
     images = torch.randn(3, 3, 16, 16)
     assert torch.equal(with_attention(images), plain(images))
@@ -316,7 +317,7 @@ def test_multiscale_fusion_shapes_and_initial_branches():
 
 def test_alexnet_backbone_puts_attention_on_conv5(tmp_path):
     config = HFAHConfig(bits=16)  # torchvision:alexnet, random weights
-    net = ImageNet(config, 224)
+    net = ImageNet(config)
     assert isinstance(net.conv[-1], nn.ReLU) and not any(isinstance(m, nn.Dropout) for m in net.head.modules())
     assert net.conv(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
     assert isinstance(net.attention, HybridAttention) and net.attention.mlp[0].out_channels == 256 // 16
@@ -324,11 +325,11 @@ def test_alexnet_backbone_puts_attention_on_conv5(tmp_path):
     assert f.shape == (2, 512) and h.shape == (2, 16)
     # pretrained weights come only from a local file, through the shared loader
     with pytest.raises(FileNotFoundError):
-        ImageNet(HFAHConfig(bits=16, backbone_weights=str(tmp_path / "missing.pth")), 224)
+        ImageNet(HFAHConfig(bits=16, backbone_weights=str(tmp_path / "missing.pth")))
 
 
 def test_cnnf_layer_table():
-    net = ImageNet(HFAHConfig(backbone="cnnf", bits=16), 224)
+    net = ImageNet(HFAHConfig(backbone="cnnf", bits=16))
     assert net.conv(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
     assert net.head(torch.zeros(1, 256, 13, 13)).shape == (1, 4096)
 
@@ -341,7 +342,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="multiple of 8"):
         HFAHConfig(bits=12)
     with pytest.raises(ConfigError, match="divisible by 8"):
-        ImageNet(HFAHConfig(backbone="tiny-cnn"), 20)
+        ImageNet(HFAHConfig(backbone="tiny-cnn", image_size=20))
 
 
 @pytest.mark.parametrize("variant", sorted(ABLATIONS))
@@ -460,7 +461,7 @@ def random_codes_map(query, database, bits: int, seed: int = 0) -> float:
     return mean_average_precision(q, d, query.labels.numpy(), database.labels.numpy())
 
 
-SHAPES_RUN = ["model.backbone=tiny-cnn", "model.bits=32", "model.hidden=256", "model.feature_dim=64",
+SHAPES_RUN = ["model.backbone=tiny-cnn", "model.image_size=32", "model.bits=32", "model.hidden=256", "model.feature_dim=64",
               "model.tiny_width=64", "model.text_windows=[2,4,8]", "model.label_pretrain_epochs=30",
               "model.lr_label=3e-3", "model.lr_text=3e-3", "model.lr_image=3e-3", "model.lr_image_backbone=3e-3",
               "model.lr_disc=1e-3", "model.lr_schedule=constant", "train.batch_size=64"]
@@ -474,7 +475,7 @@ def test_learns_the_generated_shapes(tmp_path):
     data = make_shapes(2000, seed=0, image_size=32)
     split = make_split(len(data), {"query": 200, "train": 1200, "seed": 0})
     data = data.with_vocabulary(data.build_vocabulary(split.train))
-    preprocess = backbone_preprocessing(HFAHConfig(backbone="tiny-cnn"), 32)
+    preprocess = backbone_preprocessing(HFAHConfig(backbone="tiny-cnn", image_size=32))
     train, query, database = cached_splits(data, split, preprocess)
     i2t, t2i = fit_and_score(tmp_path, train, query, database, preprocess, *SHAPES_RUN, "train.epochs=25")
     chance = random_codes_map(query, database, 32)
@@ -488,7 +489,7 @@ def test_beats_random_codes_on_mirflickr_mini(tmp_path):
     root = require(SHARED_DATA / "mirflickr-mini")
     data = load_mirflickr_mini(root)
     split = make_split(len(data), {"query": 80, "train": 300, "seed": 0})
-    preprocess = backbone_preprocessing(HFAHConfig(backbone="tiny-cnn"), 32)
+    preprocess = backbone_preprocessing(HFAHConfig(backbone="tiny-cnn", image_size=32))
     train, query, database = cached_splits(data, split, preprocess)
     i2t, t2i = fit_and_score(tmp_path, train, query, database, preprocess, *SHAPES_RUN, "model.text_windows=[5,10,15]",
                              "train.epochs=6", "model.label_pretrain_epochs=20")

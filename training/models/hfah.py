@@ -78,6 +78,7 @@ class HFAHConfig(MethodConfig):
     backbone_weights: str | None = None
     freeze_backbone: bool = False  # keep the backbone's conv and fc6/fc7 layers fixed
     tiny_width: int = 64  # fc6/fc7 width of 'tiny-cnn'
+    image_size: int | None = None  # input side; None: 224 (AlexNet, VGG, CNN-F) or 64 ('tiny-cnn')
     hidden: int = 4096  # hidden width of the label and text networks
     feature_dim: int = 512  # d_f: width of f^l, f^x, f^y and of the reconstructions
     lrn: bool = True  # SSAH's local response normalisation in the label and text networks
@@ -132,6 +133,8 @@ class HFAHConfig(MethodConfig):
         if self.backbone not in OWN_BACKBONES and family != "torchvision":
             raise ConfigError(f"model.backbone must be 'torchvision:<cnn>' (e.g. torchvision:alexnet) or one of "
                               f"{list(OWN_BACKBONES)}, got {self.backbone!r}")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ConfigError(f"model.image_size must be positive, got {self.image_size}")
         positive = ("tiny_width", "hidden", "feature_dim", "attention_reduction", "attention_kernel",
                     "schedule_epochs", "collapse_epochs")
         for name in positive:
@@ -309,21 +312,25 @@ def _torchvision_cnn(name: str, weights: str | None) -> tuple[nn.Module, int, nn
     return conv, channels, head, widths[-1], backbone.preprocess
 
 
-def backbone_preprocessing(config: HFAHConfig, image_size: int | None = None) -> dict:
+def backbone_image_size(config: HFAHConfig) -> int:
+    if config.image_size is not None:
+        return config.image_size
+    return 64 if config.backbone == "tiny-cnn" else 224
+
+
+def backbone_preprocessing(config: HFAHConfig) -> dict:
     """The image preprocessing the configured backbone expects (ImageNet statistics)."""
-    if config.backbone == "tiny-cnn":
-        return preprocess_config(image_size or 64, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-    return preprocess_config(224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return preprocess_config(backbone_image_size(config), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 class ImageNet(nn.Module):
     """Images (N, 3, S, S) -> f^y (N, d_f), H^y (N, k): CNN convs -> hybrid attention ->
     CNN fully connected layers -> fc8 (ReLU) -> hash. ``forward`` returns H^y only (the tower)."""
 
-    def __init__(self, config: HFAHConfig, image_size: int) -> None:
+    def __init__(self, config: HFAHConfig) -> None:
         super().__init__()
         if config.backbone == "tiny-cnn":
-            conv, channels, head, width = _tiny_cnn(image_size, config.tiny_width)
+            conv, channels, head, width = _tiny_cnn(backbone_image_size(config), config.tiny_width)
         elif config.backbone == "cnnf":
             conv, channels, head, width = _cnnf()
         else:
@@ -434,7 +441,10 @@ class HFAH(HashingMethod):
         self.label_net = LabelNet(c, k, config.hidden, d, config.lrn, config.feature_relu, config.ssah_init)
         self.text_net = TextNet(info.text_dim, k, config.hidden, d, config.lrn, config.text_multiscale,
                                 config.text_windows, config.feature_relu)
-        self.image_net = ImageNet(config, info.image_size)
+        if backbone_image_size(config) != info.image_size:
+            raise ConfigError(f"the data are preprocessed to {info.image_size}-pixel images but HFAH's backbone "
+                              f"{config.backbone!r} is configured for {backbone_image_size(config)} (model.image_size)")
+        self.image_net = ImageNet(config)
         self.recon = Reconstruction(k, d) if config.recon else None
         self.disc = nn.ModuleDict({"text": _discriminator(d), "image": _discriminator(d)}) if config.recon else None
 
@@ -501,8 +511,8 @@ class HFAH(HashingMethod):
         return self.text_net
 
     @classmethod
-    def image_preprocessing(cls, config: HFAHConfig, image_size: int | None = None) -> dict:
-        return backbone_preprocessing(config, image_size)
+    def image_preprocessing(cls, config: HFAHConfig) -> dict:
+        return backbone_preprocessing(config)
 
     # -- losses ------------------------------------------------------------------------
 
