@@ -24,7 +24,7 @@ from cmhash.training.distributed import DistEnv  # noqa: E402
 from cmhash.training.errors import ConfigError  # noqa: E402
 from cmhash.training.method import Batch, DatasetInfo  # noqa: E402
 from cmhash.training.models.hfah import (ABLATIONS, HFAH, AdversarialDivergenceError, HFAHConfig,  # noqa: E402
-                                         HybridAttention, ImageNet, MultiScaleFusion, backbone_preprocessing,
+                                         HybridAttention, ImageNet, MultiScaleFusion, TextNet,
                                          pairwise_loss)
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train  # noqa: E402
 from cmhash.training.trainer import StepContext, Trainer, build_method  # noqa: E402
@@ -45,7 +45,8 @@ def one_thread():
 
 # Small sizes of the real model classes (spec §5 'tiny'); every learning rate 1e-3 (spec §8).
 TINY = ["model.backbone=tiny-cnn", "model.bits=16", "model.hidden=64", "model.feature_dim=32", "model.tiny_width=32",
-        "model.text_windows=[1,2,4]", "model.image_size=16", "model.label_pretrain_epochs=2", "model.lr_label=1e-3", "model.lr_text=1e-3",
+        "model.text_windows=[1,2,4]", "model.image_size=16", "model.label_pretrain_epochs=2", "model.lr_label=1e-3",
+        "model.lr_text=1e-3",
         "model.lr_image=1e-3", "model.lr_image_backbone=1e-3", "model.lr_disc=1e-3"]
 
 
@@ -137,7 +138,8 @@ def test_pairwise_nll_matches_hand_computed_values():
     right = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     # theta = 1/2 left right^T = [[1, .5], [0, 1], [1, 0]]
-    expected = ((softplus(1) - 1) + softplus(0.5) + softplus(0) + (softplus(1) - 1) + (softplus(1) - 1) + softplus(0)) / 6
+    expected = ((softplus(1) - 1) + softplus(0.5) + softplus(0) + (softplus(1) - 1) + (softplus(1) - 1)
+                + softplus(0)) / 6
     assert float(pairwise_loss(left, right, s)) == pytest.approx(expected, abs=1e-6)
     assert nll_by_hand(left, right, s) == pytest.approx(expected, abs=1e-12)
 
@@ -193,7 +195,7 @@ def test_modality_loss_terms_match_hand_computed_values(tmp_path, modality):
                   else (method.recon.img_to_img, method.recon.img_to_txt))
     constant_output(own, own_value)
     constant_output(cross, cross_value)
-    d_own, d_other = (method.disc["text"], method.disc["image"]) if modality == "text" else (method.disc["image"], method.disc["text"])
+    d_own, d_other = method.disc[modality], method.disc["image" if modality == "text" else "text"]
     constant_output(d_own, torch.tensor([0.7]))
     constant_output(d_other, torch.tensor([-1.3]))
     batch = full_batch(data, [0, 5, 9, 20])
@@ -433,9 +435,11 @@ def test_every_shipped_config_is_valid():
         if name in expected:  # the spec's settings (§8)
             m = config.model
             assert m.bits == int(name.rsplit("-", 1)[1]) and m.backbone == "torchvision:alexnet"
-            assert (m.hidden, m.feature_dim, m.text_windows, m.label_pretrain_epochs) == (4096, 512, [5, 10, 15, 30, 50], 10)
+            assert (m.hidden, m.feature_dim, m.label_pretrain_epochs) == (4096, 512, 10)
+            assert m.text_windows == [5, 10, 15, 30, 50]
             assert m.lr_label == 1e-2 and m.lr_disc == 1e-3 and m.lr_schedule == "cosine"
-            assert m.lr_text == pytest.approx(10 ** -3.5, rel=1e-3) and m.lr_image_backbone == pytest.approx(10 ** -4.5, rel=1e-3)
+            assert m.lr_text == pytest.approx(10 ** -3.5, rel=1e-3)
+            assert m.lr_image_backbone == pytest.approx(10 ** -4.5, rel=1e-3)
             assert config.train.batch_size == 128 and config.train.epochs == 30
 
 
@@ -479,7 +483,7 @@ def run_shipped(name: str, tmp_path, *overrides):
 def test_demo_learns_the_generated_shapes(tmp_path):
     i2t, t2i, chance, seconds = run_shipped("hfah/demo", tmp_path)
     print(f"hfah/demo: mAP I->T {i2t:.3f}, T->I {t2i:.3f} (random codes {chance:.3f}) in {seconds:.0f}s")
-    assert i2t >= 0.8 and t2i >= 0.8
+    assert i2t >= 0.85 and t2i >= 0.85
 
 
 def test_beats_random_codes_on_mirflickr_mini(tmp_path):
@@ -487,3 +491,28 @@ def test_beats_random_codes_on_mirflickr_mini(tmp_path):
     i2t, t2i, chance, seconds = run_shipped("hfah/mirflickr-mini", tmp_path, f"data.root={root}")
     print(f"hfah/mirflickr-mini: mAP I->T {i2t:.3f}, T->I {t2i:.3f} (random codes {chance:.3f}) in {seconds:.0f}s")
     assert i2t > chance + 0.02 and t2i > chance + 0.02
+
+
+def test_towers_export_to_onnx_and_match(tmp_path):
+    """Every tower op has an ONNX form (LRN, ReduceMean/Max, Conv, AveragePool, linear Resize):
+    ONNX Runtime gives the same codes as torch, at another batch size than the exported one."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    config = HFAHConfig(backbone="tiny-cnn", image_size=32, bits=32, feature_dim=64, tiny_width=64)
+    image_net = ImageNet(config).eval()
+    with torch.no_grad():
+        image_net.attention.gate.fill_(0.7)  # the attention branch in use
+    text_net = TextNet(300, 32, 256, 64, True, True, [5, 10, 15, 30, 50]).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": (image_net, torch.randn(3, 3, 32, 32, generator=g)),
+              "text": (text_net, (torch.rand(3, 300, generator=g) < 0.05).float())}
+    for name, (net, x) in inputs.items():
+        path = str(tmp_path / f"{name}.onnx")
+        torch.onnx.export(net, (x,), path, input_names=["x"], output_names=["h"], opset_version=17,
+                          dynamic_axes={"x": {0: "n"}, "h": {0: "n"}}, dynamo=False)
+        x5 = torch.cat([x, x[:2]])
+        out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x5.numpy()})[0]
+        with torch.no_grad():
+            ref = net(x5).numpy()
+        assert np.abs(out - ref).max() < 1e-4, name
+        assert ((out >= 0) == (ref >= 0)).all(), name

@@ -470,12 +470,14 @@ class HFAH(HashingMethod):
         if self.disc is not None:
             self._optimizers["disc"] = torch.optim.Adam(self.disc.parameters(), lr=config.lr_disc, **adam)
         factor = _schedule(config)
-        self._schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in self._optimizers.items()}
+        self._schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+                            for name, opt in self._optimizers.items()}
 
     # -- what is saved -----------------------------------------------------------------
 
     def modules(self) -> dict[str, nn.Module]:
-        out: dict[str, nn.Module] = {"label_net": self.label_net, "text_net": self.text_net, "image_net": self.image_net}
+        out: dict[str, nn.Module] = {"label_net": self.label_net, "text_net": self.text_net,
+                                     "image_net": self.image_net}
         if self.recon is not None:
             out["recon"] = self.recon
             out["disc"] = self.disc
@@ -533,8 +535,8 @@ class HFAH(HashingMethod):
             "label_quantisation": mse(h, binarize(h.detach())),
             "label_prediction": mse(predicted, labels),
         }
-        terms["label"] = (terms["label_feature_nll"] + terms["label_code_nll"] + cfg.alpha_q * terms["label_quantisation"]
-                          + cfg.beta_cls * terms["label_prediction"])
+        terms["label"] = (terms["label_feature_nll"] + terms["label_code_nll"]
+                          + cfg.alpha_q * terms["label_quantisation"] + cfg.beta_cls * terms["label_prediction"])
         return terms
 
     def modality_losses(self, modality: str, f: Tensor, h: Tensor, batch: Batch) -> dict[str, Tensor]:
