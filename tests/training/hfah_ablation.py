@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("config", help="a shipped config, e.g. hfah/mirflickr-mini")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     for variant, switches in ABLATIONS.items():
         switch_overrides = [f"model.{k}={str(v).lower()}" for k, v in switches.items()]
         scores, started = [], time.perf_counter()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             with tempfile.TemporaryDirectory() as out:
                 i2t, t2i, chance, _ = run_shipped(args.config, Path(out), *args.overrides, *switch_overrides,
                                                   f"train.seed={seed}")
