@@ -64,7 +64,7 @@ def rewrite_manifest(directory, change):
 
 def test_write_then_load_round_trip(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
-    assert bundle.format_version == FORMAT_VERSION == "1.0"
+    assert bundle.format_version == FORMAT_VERSION == "1.1"
     assert (bundle.method, bundle.bits, bundle.modalities) == ("egath", 16, ("image", "text"))
     assert bundle.label_names == ["animals", "sea"]
     assert dict(bundle.files) == FILES

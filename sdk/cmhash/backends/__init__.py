@@ -75,6 +75,7 @@ def create_backend(
     *,
     device: str = "cpu",
     threads: int | None = None,
+    typed_model: bool = False,
     **options,
 ) -> Backend:
     """Make a backend for one model.
@@ -85,6 +86,8 @@ def create_backend(
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
         threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
+        typed_model: the ONNX file carries its own precision (an fp16 or Q/DQ int8 export);
+            TensorRT then builds it strongly typed (``precision="model"``) unless told otherwise.
         options: backend-specific (TensorRT: ``precision``, ``cache_dir``, ``max_batch``).
     """
     if kind not in BACKENDS:
@@ -101,6 +104,8 @@ def create_backend(
             raise BackendUnavailableError("the TensorRT backend runs on a GPU; pass device='cuda'")
         from .tensorrt_backend import TensorRTBackend
 
+        if typed_model:
+            options.setdefault("precision", "model")
         return TensorRTBackend(model, spec, device_index=device_index, **options)
     if options:
         raise TypeError(f"onnxruntime takes no options {sorted(options)}")
