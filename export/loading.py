@@ -78,7 +78,10 @@ def _load_method(path: Path, meta: dict):
     from cmhash.training.method import DatasetInfo, get_method
 
     ckpt = ckpt_io.read_checkpoint(path)
-    cls = get_method(meta["method"])
+    try:
+        cls = get_method(meta["method"])
+    except ValueError as exc:
+        raise ExportError(f"{path}: {exc}; import the module that registers it first") from None
     config = cls.Config.from_dict(meta["config"]["model"])
     n_train = int(meta.get("n_train") or 1)  # only sizes per-sample buffers, which the towers never use
     info = DatasetInfo(

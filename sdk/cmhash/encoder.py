@@ -187,7 +187,22 @@ class Encoder:
                 rows.append(self.vocabulary.encode(item))
         return np.stack(rows)
 
+    def encode_text_input(self, text: Any) -> np.ndarray:
+        """One text, tag list or BoW vector -> the float32 (d,) vector the text model takes."""
+        self._require("text")
+        return self._encode_texts([text])[0]
+
     # --- shared ------------------------------------------------------------------------------
+
+    def hash_preprocessed(self, modality: str, batch: np.ndarray, *, return_continuous: bool = False) -> np.ndarray:
+        """Model inputs already prepared (float32 (N, 3, H, W) pixels from :attr:`preprocessor`,
+        or (N, d) BoW rows) -> (N, bits/8) codes: for pipelines that decode in parallel."""
+        self._require(modality)
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = tuple(self.bundle.modality(modality)["input"]["shape"][1:])
+        if batch.ndim != len(expected) + 1 or batch.shape[1:] != expected:
+            raise UnsupportedInputError(f"{modality} inputs must have shape (N, {', '.join(map(str, expected))}), got {batch.shape}")
+        return self._run(modality, batch, return_continuous)
 
     def _require(self, modality: str) -> None:
         if modality not in self.backends:
