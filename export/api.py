@@ -105,6 +105,7 @@ def export_checkpoint(
     inputs = _real_inputs(verify_data, trained, pre, vocabulary, label_names, verify_items)
     towers = {"image": method.image_tower(), "text": method.text_tower()}
     input_names = {"image": IMAGE_INPUT, "text": TEXT_INPUT}
+    _complete(inputs, trained, verify_items)
     _check_input_shapes(inputs, pre, trained.text_dim)
 
     # ONNX export of each tower on a real batch.
@@ -112,7 +113,7 @@ def export_checkpoint(
     notes: dict[str, Any] = {}
     for modality, tower in towers.items():
         batch = inputs.of(modality)
-        example = torch.from_numpy(batch[: min(4, len(batch))].copy()) if batch is not None else _dummy(modality, pre, trained)
+        example = torch.from_numpy(batch[: min(4, len(batch))].copy())
         models[modality] = {"fp32": export_tower(tower, example, input_names[modality], trained.bits, modality)}
 
     # Reduced-precision variants.
@@ -220,12 +221,24 @@ def _check_input_shapes(inputs: RealInputs, pre, text_dim: int) -> None:
         raise ExportError(f"verification texts have {inputs.bow.shape[1]} columns, the model takes {text_dim}")
 
 
-def _dummy(modality: str, pre, trained: Trained) -> torch.Tensor:
-    """An example batch for tracing a tower that has no real inputs to verify with (the
-    text tower when only images were given). Shapes only: tracing records no values."""
-    if modality == "image":
-        return torch.zeros(2, 3, *pre.output_size)
-    return torch.zeros(2, trained.text_dim)
+def _complete(inputs: RealInputs, trained: Trained, limit: int) -> None:
+    """Every tower is verified on real inputs: a modality the given data lacks (texts, for
+    a folder of images) comes from the training data, or the export stops."""
+    missing = [m for m in ("image", "text") if inputs.of(m) is None]
+    if not missing:
+        return
+    try:
+        extra = inputs_from_training_data(trained, limit)
+    except ExportError as exc:
+        raise ExportError(
+            f"{inputs.source} has no {' or '.join(missing)} inputs and the training data is not available "
+            f"to verify the {' and '.join(missing)} tower with; give a manifest with images, texts (or tags) "
+            f"and labels ({exc})"
+        ) from None
+    for modality in missing:
+        setattr(inputs, "pixels" if modality == "image" else "bow", extra.of(modality))
+    inputs.paired, inputs.labels = False, None
+    inputs.source += f" (+ {' and '.join(missing)} of the {extra.source})"
 
 
 def _spec(modality: str, input_name: str, pre, trained: Trained) -> ModelSpec:

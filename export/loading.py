@@ -50,7 +50,7 @@ def read_meta(checkpoint: str | Path) -> tuple[Path, dict]:
     try:
         path = ckpt_io.resolve(checkpoint)
         return path, json.loads((path / ckpt_io.META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, ckpt_io.CheckpointError) as exc:
         raise ExportError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
 
 

@@ -6,7 +6,8 @@
   inputs. Activations and weights are symmetric int8 (zero point 0: what TensorRT's
   explicit quantisation accepts), weights per channel. Kept in float, because int8 there is
   what ruins transformer embeddings: every LayerNormalization, Softmax and GELU (``Erf``
-  pattern or ``Gelu``) with its direct neighbours, and the hash head (the last
+  pattern or ``Gelu``) with its direct neighbours and the other readers of its inputs (a
+  tensor is quantised once for all readers; this keeps residual Adds float), and the hash head (the last
   MatMul/Gemm before each output and everything after it: the tanh decides the bits).
 - **TensorRT**: engines built on this GPU from the ONNX files and cached per (model, GPU,
   TensorRT version, precision, profile) by :mod:`cmhash.backends.tensorrt_backend`.
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -76,13 +78,18 @@ def float_nodes(model) -> list[str]:
     def downs(node):
         return [c for out in node.output for c in consumers.get(out, [])]
 
+    def siblings(node):
+        # A tensor is quantised once for all its readers: when any other reader of a kept
+        # node's input were quantised, the kept node would read the int8 copy too.
+        return [c for i in node.input for c in consumers.get(i, [])]
+
     keep: set[str] = set()
     for node in nodes:
         if node.op_type in FLOAT_ANCHORS:
-            keep.update(n.name for n in [node, *ups(node), *downs(node)])
+            keep.update(n.name for n in [node, *ups(node), *downs(node), *siblings(node)])
         elif node.op_type == "Erf":  # GELU as exported at opset < 20: x * 0.5 * (1 + erf(x / sqrt 2))
             keep.add(node.name)
-            keep.update(n.name for n in ups(node))
+            keep.update(n.name for up in ups(node) for n in [up, *siblings(up)])
             frontier = downs(node)
             for _ in range(3):
                 frontier = [n for n in frontier if n.op_type in GELU_CHAIN]
@@ -96,7 +103,7 @@ def float_nodes(model) -> list[str]:
             inputs = [producer[i] for i in node.input if i in producer and producer[i].op_type != "Constant"]
             node = inputs[0] if len(inputs) == 1 else next((n for n in inputs if n.op_type in ("MatMul", "Gemm")), None)
         if node is not None and node.op_type in ("MatMul", "Gemm"):
-            keep.add(node.name)
+            keep.update(n.name for n in [node, *siblings(node)])
     return sorted(keep)
 
 
@@ -131,6 +138,9 @@ def quantize_int8(model_bytes: bytes, input_name: str, calibration: np.ndarray, 
     with tempfile.TemporaryDirectory(prefix="cmhash-int8-") as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         src.write_bytes(model_bytes)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger about every skipped node
         try:
             quantize_static(
                 str(src),
@@ -146,6 +156,8 @@ def quantize_int8(model_bytes: bytes, input_name: str, calibration: np.ndarray, 
             )
         except Exception as exc:
             raise ExportError(f"int8 quantisation of the {what} tower failed: {exc}") from exc
+        finally:
+            root.setLevel(level)
         quantized = onnx.load(str(dst))
     check_model(quantized, f"{what} (int8)")
     n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")

@@ -143,9 +143,12 @@ EXPORT_HINT = 'this needs the export extra (torch, onnx): pip install "cmhash-sd
 
 def _require_export():
     """cmhash.export, or a clear message naming the extra when torch or onnx is missing."""
-    import importlib.util
-
-    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in ("torch", "onnx"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise CmhashError(f"{' and '.join(missing)} not installed; {EXPORT_HINT}")
     import cmhash.export
