@@ -31,6 +31,7 @@ TINY_CLIP_CONFIGS = {
 }
 TORCHVISION_TINY = {"tiny-resnet"}
 TORCHVISION_IMAGE_SIZE = 224
+_TORCHVISION_PREPROCESS = preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -84,17 +85,25 @@ class ImageBackbone(nn.Module):
         return self.trunk(images)
 
 
-def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+def _clip_config(model: str) -> dict:
     import open_clip
-    from open_clip.model import _build_vision_tower  # the builder open_clip's own CLIP and CoCa use
 
     if model in TINY_CLIP_CONFIGS:
-        cfg = TINY_CLIP_CONFIGS[model]
-    elif model in open_clip.list_models():
-        cfg = open_clip.get_model_config(model)
-    else:
-        raise ConfigError(f"unknown CLIP model {model!r}; available: {sorted(TINY_CLIP_CONFIGS)} and "
-                          f"open_clip.list_models() (e.g. ViT-B-32, RN50)")
+        return TINY_CLIP_CONFIGS[model]
+    if model in open_clip.list_models():
+        return open_clip.get_model_config(model)
+    raise ConfigError(f"unknown CLIP model {model!r}; available: {sorted(TINY_CLIP_CONFIGS)} and "
+                      f"open_clip.list_models() (e.g. ViT-B-32, RN50)")
+
+
+def _clip_preprocess(cfg: dict) -> dict:
+    return preprocess_config(cfg["vision_cfg"].get("image_size", 224), CLIP_MEAN, CLIP_STD, "bicubic")
+
+
+def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+    from open_clip.model import _build_vision_tower  # the builder open_clip's own CLIP and CoCa use
+
+    cfg = _clip_config(model)
     tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
     if pretrained is not None:
         state = load_weights_file(pretrained)
@@ -103,8 +112,7 @@ def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, i
         missing, unexpected = tower.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(f"{pretrained} does not fit clip:{model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    size = cfg["vision_cfg"].get("image_size", 224)
-    return tower, cfg["embed_dim"], preprocess_config(size, CLIP_MEAN, CLIP_STD, "bicubic")
+    return tower, cfg["embed_dim"], _clip_preprocess(cfg)
 
 
 def _drop_last_linear(model: nn.Module) -> int:
@@ -137,16 +145,28 @@ def _torchvision_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Mo
     if pretrained is not None:  # the checkpoint includes the classifier, so load before removing it
         net.load_state_dict(load_weights_file(pretrained))
     width = _drop_last_linear(net)
-    return net, width, preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return net, width, _TORCHVISION_PREPROCESS
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    family, _, model = str(name).partition(":")
+    if family not in ("clip", "torchvision") or not model:
+        raise ConfigError(f"backbone name must be 'clip:<model>' or 'torchvision:<model>', got {name!r}")
+    return family, model
+
+
+def backbone_preprocess(name: str) -> dict:
+    """The preprocessing backbone ``name`` expects, without building it (the data layer
+    needs it before the method exists)."""
+    family, model = _split_name(name)
+    return _clip_preprocess(_clip_config(model)) if family == "clip" else dict(_TORCHVISION_PREPROCESS)
 
 
 def build_image_backbone(name: str, pretrained: str | Path | None = None, freeze: bool = False) -> ImageBackbone:
     """Build the image trunk ``name`` (see the module docstring), randomly initialised or
     from the local weights file ``pretrained``; ``freeze`` stops its gradients."""
-    family, _, model = name.partition(":")
+    family, model = _split_name(name)
     builders = {"clip": _clip_tower, "torchvision": _torchvision_trunk}
-    if family not in builders or not model:
-        raise ConfigError(f"backbone name must be 'clip:<model>' or 'torchvision:<model>', got {name!r}")
     trunk, width, preprocess = builders[family](model, pretrained)
     spec = {"name": name, "pretrained": str(pretrained) if pretrained is not None else None, "freeze": bool(freeze)}
     return ImageBackbone(trunk, width, preprocess, spec, freeze=freeze)
