@@ -57,6 +57,9 @@ def read_meta(checkpoint: str | Path) -> tuple[Path, dict]:
 def load_trained(checkpoint: str | Path) -> Trained:
     """The method saved in ``checkpoint`` (a directory written by the trainer), weights and
     state restored, every module in eval mode, on CPU."""
+    checkpoint = Path(checkpoint)
+    if not ckpt_io.exists(checkpoint) and ckpt_io.exists(checkpoint / "best"):
+        checkpoint = checkpoint / "best"  # a run's out_dir means its best checkpoint
     path, meta = read_meta(checkpoint)
     run_config = None
     try:
@@ -64,7 +67,10 @@ def load_trained(checkpoint: str | Path) -> Trained:
     except ImportError:
         run_load_trained = None
     if run_load_trained is not None:
-        run_config, method = run_load_trained(path)
+        try:
+            run_config, method, _ = run_load_trained(path)
+        except (ValueError, RuntimeError, KeyError) as exc:  # unknown method, weights that do not fit, old meta
+            raise ExportError(f"{path}: cannot rebuild the trained method: {exc}") from exc
     else:
         method = _load_method(path, meta)
     for module in method.modules().values():

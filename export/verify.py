@@ -142,8 +142,12 @@ def inputs_from_training_data(trained, limit: int) -> RealInputs:
             f"{trained.path}: cannot rebuild the training data from this checkpoint; pass verify_data "
             "(--verify-data: a folder of images or a manifest with images, texts and labels)"
         )
-    prepared = prepare_data(trained.run_config)
-    dataset = getattr(prepared, "database", None) or getattr(prepared, "train")
+    try:
+        prepared = prepare_data(trained.run_config, vocabulary=trained.vocabulary())
+    except (CmhashError, OSError) as exc:
+        raise ExportError(f"{trained.path}: the training data could not be rebuilt from its config ({exc}); "
+                          "pass verify_data") from exc
+    dataset = prepared.database  # the eval transform (the training set may be augmented)
     return inputs_from_dataset(dataset, limit, f"training data of {trained.path}")
 
 
