@@ -151,7 +151,7 @@ def export_checkpoint(
                 backends.append(("tensorrt", {"precision": tensorrt_precision(variant), "cache_dir": tensorrt_cache_dir}))
             for kind, options in backends:
                 device = "cuda" if kind == "tensorrt" else "cpu"
-                backend = create_backend(kind, data, spec, device=device, **options)
+                backend = create_backend(kind, data, spec, device=device, variant=variant, **options)
                 try:
                     got = run_backend(backend, inputs.of(modality))
                 finally:

@@ -1,7 +1,8 @@
 """Reduced-precision variants of an exported tower, and TensorRT engines built from them.
 
 - **fp16**: weights and arithmetic in float16 (onnxruntime's converter), input and output
-  kept float32 so a variant is a drop-in replacement (casts at both ends).
+  kept float32 so a variant is a drop-in replacement (casts at both ends); LayerNormalization
+  stays float32.
 - **int8**: static QDQ quantisation (onnxruntime ``quantize_static``), calibrated on real
   inputs. Activations and weights are symmetric int8 (zero point 0: what TensorRT's
   explicit quantisation accepts), weights per channel. Kept in float, because int8 there is
@@ -36,9 +37,12 @@ HEAD_TAIL = ("Tanh", "Add", "Identity", "Cast", "Mul", "Sign")
 
 def to_fp16(model_bytes: bytes, what: str) -> bytes:
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load_from_string(model_bytes), keep_io_types=True, disable_shape_infer=False)
+    # LayerNormalization stays float32: its variance overflows float16 easily, and an fp16
+    # LayerNormalization crashes onnxruntime's CPU graph optimiser (seen with onnxruntime 1.32).
+    model = convert_float_to_float16(onnx.load_from_string(model_bytes), keep_io_types=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LayerNormalization"])
     _topological_sort(model.graph)  # the converter appends the input casts at the end
     check_model(model, f"{what} (fp16)")
     return name_nodes(model).SerializeToString()

@@ -85,7 +85,7 @@ class Encoder:
                 )
                 backends[modality] = create_backend(
                     backend, bundle.model_bytes(modality, variant), model_spec, device=device, threads=threads,
-                    typed_model=variant != "fp32", **backend_options,
+                    variant=variant, **backend_options,
                 )
             return cls(bundle, backends, max_image_pixels, variant)
         except BaseException:
