@@ -332,3 +332,23 @@ def test_cli_export_without_torch_names_the_extra(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 2
     assert 'pip install "cmhash-sdk[export]"' in out.stderr and "torch" in out.stderr
+
+
+def test_tensorrt_precision_per_variant():
+    from cmhash.export.variants import tensorrt_precision
+
+    assert tensorrt_precision("fp32") == "fp32"
+    assert tensorrt_precision("fp16") == tensorrt_precision("int8") == "model"  # typed by the file, TRT 10 and 11
+
+
+@pytest.mark.skipif("not __import__('cmhash.backends.tensorrt_backend', fromlist=['x']).tensorrt_available()[0]",
+                    reason="needs TensorRT and a GPU")
+def test_tensorrt_engines_are_built_cached_and_verified(trained, tmp_path):
+    cache = tmp_path / "engines"
+    report = export_checkpoint(trained["checkpoint"], tmp_path / "bundle", fp16=True, int8=True, tensorrt=True,
+                               verify_data=MANIFEST, verify_items=128, tensorrt_cache_dir=cache)
+    trt_rows = [r for r in report["results"] if r["backend"] == "tensorrt"]
+    assert len(trt_rows) == 6 and all(r["passed"] for r in trt_rows)
+    assert len(list(cache.glob("*.plan"))) == 6
+    enc = Encoder.load(tmp_path / "bundle", backend="tensorrt", device="cuda", variant="fp16", cache_dir=cache)
+    assert enc.hash_images(sorted((MINI / "images").glob("*.jpg"))[:8]).shape == (8, 4)
