@@ -3,8 +3,8 @@
 - **fp16**: weights and arithmetic in float16 (onnxruntime's converter), input and output
   kept float32 so a variant is a drop-in replacement (casts at both ends); LayerNormalization
   stays float32.
-- **int8**: static QDQ quantisation (onnxruntime ``quantize_static``), calibrated on real
-  inputs. Activations and weights are symmetric int8 (zero point 0: what TensorRT's
+- **int8**: static QDQ quantisation (onnxruntime ``quantize_static``) of the MatMul, Gemm
+  and Conv nodes, calibrated on real inputs. Activations and weights are symmetric int8 (zero point 0: what TensorRT's
   explicit quantisation accepts), weights per channel. Kept in float, because int8 there is
   what ruins transformer embeddings: every LayerNormalization, Softmax and GELU (``Erf``
   pattern or ``Gelu``) with its direct neighbours and the other readers of its inputs (a
@@ -30,6 +30,9 @@ from .onnx_export import check_model, name_nodes
 FLOAT_ANCHORS = ("LayerNormalization", "Softmax", "Gelu")
 GELU_CHAIN = ("Add", "Mul", "Div")
 HEAD_TAIL = ("Tanh", "Add", "Identity", "Cast", "Mul", "Sign")
+# Only the ops with weights are quantised: int8 pays off in their GEMMs; Q/DQ around Adds,
+# Muls and pooling only adds conversions (measured: more bits agree, no slower).
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 
 # --- fp16 ----------------------------------------------------------------------------------------
@@ -99,6 +102,15 @@ def float_nodes(model) -> list[str]:
                 frontier = [n for n in frontier if n.op_type in GELU_CHAIN]
                 keep.update(n.name for n in frontier)
                 frontier = [d for n in frontier for d in downs(n)]
+    # Matrix products int8 cannot speed up: a Gemm whose bias is computed (the TorchScript export
+    # of nn.MultiheadAttention makes those) has no fused int8 kernel, and a product of two
+    # activations (attention scores) has no constant weight; quantising them only adds conversions.
+    constants = {t.name for t in model.graph.initializer} | {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    for node in nodes:
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
+            keep.add(node.name)
+        elif node.op_type in ("MatMul", "Gemm") and not any(i in constants for i in node.input[:2]):
+            keep.add(node.name)
     # The hash head: from each output back through the tail ops to the last MatMul/Gemm.
     for out in model.graph.output:
         node = producer.get(out.name)
@@ -156,6 +168,7 @@ def quantize_int8(model_bytes: bytes, input_name: str, calibration: np.ndarray, 
                 per_channel=True,
                 calibrate_method=CalibrationMethod.MinMax,
                 nodes_to_exclude=exclude,
+                op_types_to_quantize=list(QUANTIZED_OPS),
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )
         except Exception as exc:
