@@ -269,7 +269,7 @@ def cmd_bench(args) -> int:
     baseline = "no checkpoint given" if checkpoint is None else None
     if checkpoint is not None:
         try:
-            export = _require_export()
+            _require_export()
         except CmhashError as exc:
             baseline = str(exc)
         else:
