@@ -119,12 +119,18 @@ def cmd_demo(args) -> int:
     print(f"  I->T mAP@all   {result['i2t']:.4f}   (image finds captions)")
     print(f"  T->I mAP@all   {result['t2i']:.4f}   (caption finds images)")
     print(f"  random codes   {result['random']:.4f}")
+    deployed = result.get("deployed")
+    if deployed:
+        print(f"\n  through the exported bundle (onnxruntime, raw captions and PIL images, no torch):"
+              f"\n  I->T mAP@all   {deployed['i2t']:.4f}\n  T->I mAP@all   {deployed['t2i']:.4f}")
     hit = result["example"]
     print(f"\nquery caption: \"{hit['query']}\"\nits 5 nearest images (Hamming distance: their captions):")
     for d, caption in zip(hit["distances"], hit["captions"]):
         print(f"  {d:3d}: {caption}")
     if result.get("checkpoint"):
         print(f"\ncheckpoint: {result['checkpoint']}")
+    if result.get("bundle"):
+        print(f"bundle: {result['bundle']}  (cmhash.Encoder.load(...).hash(image))")
     return 0
 
 
