@@ -68,7 +68,8 @@ class AdversarialDivergenceError(CmhashError, RuntimeError):
 
 @dataclass
 class HFAHConfig(MethodConfig):
-    """HFAH hyper-parameters; defaults are the spec's (MIRFlickr, 224-pixel images)."""
+    """HFAH hyper-parameters. Defaults are the spec's (MIRFlickr, 224-pixel images) except
+    ``feature_relu`` and ``ssah_init``, both changed after measurements (docs/hfah.md)."""
 
     bits: int = 64
     # image network: 'torchvision:alexnet' (default substitute for CNN-F), another torchvision CNN
@@ -82,7 +83,7 @@ class HFAHConfig(MethodConfig):
     hidden: int = 4096  # hidden width of the label and text networks
     feature_dim: int = 512  # d_f: width of f^l, f^x, f^y and of the reconstructions
     lrn: bool = True  # SSAH's local response normalisation in the label and text networks
-    # ReLU on the 512-d features f (spec). ReLU features have inner products >= 0, so the NLL can
+    # ReLU on the 512-d features f (the spec's choice). ReLU features have inner products >= 0, so the NLL can
     # only push dissimilar pairs to theta = 0 by shrinking features; with sparse labels (few shared)
     # that kills every feature. false: linear features, theta of either sign.
     feature_relu: bool = False
