@@ -125,6 +125,18 @@ class HashingMethod(abc.ABC):
         self.config = config
         self.info = info
 
+    @classmethod
+    def image_preprocessing(cls, config: MethodConfig) -> dict[str, Any]:
+        """The image preprocessing (``data.transforms.preprocess_config``) of the image tower
+        ``config`` describes, known before the method is built: the data layer needs it to
+        make the datasets. The default reads the backbone name in ``config.backbone``."""
+        backbone = getattr(config, "backbone", None)
+        if not isinstance(backbone, str):
+            raise NotImplementedError(f"{cls.__name__} has no 'backbone' in its config; override image_preprocessing")
+        from .blocks.backbones import backbone_preprocess
+
+        return backbone_preprocess(backbone)
+
     # -- what is saved -----------------------------------------------------------------
 
     @abc.abstractmethod

@@ -197,6 +197,23 @@ class StepContext:
 # --------------------------------------------------------------------------- trainer
 
 
+@torch.inference_mode()
+def encode_dataset(method: HashingMethod, dataset: Dataset, device: torch.device, batch_size: int = 256,
+                   num_workers: int = 0, progress: bool = False, what: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed image codes, packed text codes and labels of every item of ``dataset``
+    (the towers as they are: callers put them in eval mode)."""
+    image_tower, text_tower = method.image_tower(), method.text_tower()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    image_codes, text_codes, labels = [], [], []
+    # Full precision on purpose: the exported towers run in float32, and signs near 0 must agree.
+    for image, text, label, _ in tqdm(loader, desc=f"encode {what}", unit="batch", disable=not progress, leave=False):
+        image_codes.append(cmhash.pack_codes(image_tower(image.to(device)).float().cpu().numpy(), input="sign"))
+        text_codes.append(cmhash.pack_codes(text_tower(text.to(device).float()).float().cpu().numpy(), input="sign"))
+        labels.append(label.numpy())
+    return np.concatenate(image_codes), np.concatenate(text_codes), np.concatenate(labels)
+
+
 @dataclass
 class FitResult:
     out_dir: Path
@@ -408,19 +425,9 @@ class Trainer:
         every = self.config.train.eval_every
         return epoch + 1 == self.config.train.epochs or (every > 0 and (epoch + 1) % every == 0)
 
-    @torch.inference_mode()
     def _encode(self, dataset: Dataset, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed image codes, packed text codes and labels of every item of ``dataset``."""
-        image_tower, text_tower = self.method.image_tower(), self.method.text_tower()
-        loader = DataLoader(dataset, batch_size=self.config.eval.batch_size, shuffle=False,
-                            num_workers=self.config.train.num_workers, pin_memory=self.device.type == "cuda")
-        image_codes, text_codes, labels = [], [], []
-        # Full precision on purpose: the exported towers run in float32, and signs near 0 must agree.
-        for image, text, label, _ in tqdm(loader, desc=f"encode {what}", unit="batch", disable=not self.show_progress, leave=False):
-            image_codes.append(cmhash.pack_codes(image_tower(image.to(self.device)).float().cpu().numpy(), input="sign"))
-            text_codes.append(cmhash.pack_codes(text_tower(text.to(self.device).float()).float().cpu().numpy(), input="sign"))
-            labels.append(label.numpy())
-        return np.concatenate(image_codes), np.concatenate(text_codes), np.concatenate(labels)
+        return encode_dataset(self.method, dataset, self.device, self.config.eval.batch_size,
+                              self.config.train.num_workers, progress=self.show_progress, what=what)
 
     def _evaluate(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -484,6 +491,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "bits": self.config.model.bits,
+            "n_train": info.n_train,
             "n_labels": info.n_labels,
             "label_names": list(info.label_names),
             "text_dim": info.text_dim,

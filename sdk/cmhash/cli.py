@@ -35,70 +35,96 @@ def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return np.load(p, allow_pickle=False), None
 
 
-def _demo_codes(n_items: int, n_labels: int, bits: int, noise: float, rng: np.random.Generator):
-    """Multi-label items and two 'modalities' of codes that both derive from the labels
-    through one shared random projection, each with its own noise: what a trained
-    cross-modal hasher produces, in miniature."""
-    labels = (rng.random((n_items, n_labels)) < 2.0 / n_labels).astype(np.uint8)
-    empty = labels.sum(1) == 0
-    labels[empty, rng.integers(0, n_labels, empty.sum())] = 1
-    projection = rng.standard_normal((n_labels, bits))
-    signal = labels @ projection
-    image = signal + noise * rng.standard_normal(signal.shape)
-    text = signal + noise * rng.standard_normal(signal.shape)
-    return labels, image, text
+def _training():
+    """cmhash.training.run, or a clear error when the training extra is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CmhashError("this command trains or runs PyTorch models and needs the training extra: "
+                          "pip install 'cmhash-sdk[train]'") from None
+    from cmhash.training import run
+
+    return run
 
 
-def cmd_demo(args) -> int:
-    from .codes import pack_codes
-    from .index import HashIndex
-    from .metrics import mean_average_precision
+def _data_spec(text: str) -> dict:
+    """--query / --database: a manifest (.jsonl/.csv) or a YAML file holding a data section."""
+    path = Path(text)
+    if path.suffix in (".jsonl", ".csv"):
+        return {"source": "manifest", "path": str(path)}
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
 
-    rng = np.random.default_rng(args.seed)
-    t0 = time.perf_counter()
-    labels, image, text = _demo_codes(args.items, 24, args.bits, 1.5, rng)
-    image_codes, text_codes = pack_codes(image), pack_codes(text)
-    n_query = args.items // 10
-    q, db = slice(0, n_query), slice(n_query, None)
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CmhashError(f"{text}: cannot read a data section from it ({exc})") from None
+        if not isinstance(spec, dict) or "source" not in spec:
+            raise CmhashError(f"{text}: a data file must be a mapping with a 'source' key (like a config's data section)")
+        return spec
+    raise CmhashError(f"{text}: give a manifest (.jsonl, .csv) or a YAML data section (.yaml)")
 
-    index = HashIndex(args.bits)
-    index.add(text_codes[db])
-    dist, ids = index.search(image_codes[q], 10)
-    first_hit_shares_label = float(np.mean((labels[q] & labels[db][ids[:, 0]]).any(1)))
 
-    i2t = mean_average_precision(image_codes[q], text_codes[db], labels[q], labels[db])
-    t2i = mean_average_precision(text_codes[q], image_codes[db], labels[q], labels[db])
-    random_codes = rng.integers(0, 256, size=text_codes.shape, dtype=np.uint8)
-    rand = mean_average_precision(random_codes[q], random_codes[db], labels[q], labels[db])
-    seconds = time.perf_counter() - t0
+def _setup_logging(quiet: bool) -> None:
+    import logging
 
-    result = {
-        "what": "generated label-correlated codes (no training yet): index, search, mAP",
-        "items": args.items,
-        "queries": n_query,
-        "bits": args.bits,
-        "i2t": round(float(i2t), 4),
-        "t2i": round(float(t2i), 4),
-        "random": round(float(rand), 4),
-        "top1_shares_label": round(first_hit_shares_label, 4),
-        "seconds": round(seconds, 3),
-    }
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+def cmd_train(args) -> int:
+    run = _training()
+    _setup_logging(args.json)
+    config = run.load_config(run.resolve_config(args.config), args.overrides)
+    result = run.train(config)
+    summary = {"out_dir": str(result.out_dir), "best": result.best,
+               "last": {k: v for k, v in result.last.items() if k.startswith(("epoch", "map_"))}}
+    if args.json:
+        _print_json(summary)
+    else:
+        best = result.best or {}
+        print(f"trained {config.method} for {config.train.epochs} epochs; checkpoints in {result.out_dir}/best and /last")
+        if best:
+            print(f"best epoch {best['epoch']}: I->T mAP {best['map_i2t']:.4f}, T->I mAP {best['map_t2i']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    run = _training()
+    if (args.query is None) != (args.database is None):
+        raise CmhashError("give both --query and --database, or neither (the training run's own split)")
+    query = _data_spec(args.query) if args.query else None
+    database = _data_spec(args.database) if args.database else None
+    result = run.evaluate(args.checkpoint, query=query, database=database)
     if args.json:
         _print_json(result)
         return 0
-    print(
-        f"cmhash demo: {args.items} generated items with 24 labels; 'image' and 'text' codes of "
-        f"{args.bits} bits derive from the labels through one shared projection plus noise\n"
-        f"(a stand-in for a trained model until training lands). {n_query} queries against "
-        f"{args.items - n_query} database items.\n"
-    )
-    print(f"  I->T mAP@all   {result['i2t']:.4f}")
-    print(f"  T->I mAP@all   {result['t2i']:.4f}")
+    print(f"{args.checkpoint}: {result['n_query']} queries against {result['n_database']} items, {result['bits']} bits")
+    for name, title in (("i2t", "I->T"), ("t2i", "T->I")):
+        r = result[name]
+        extra = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "map")
+        print(f"  {title} mAP {r['map']:.4f}  {extra}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    run = _training()
+    _setup_logging(True)
+    result = run.demo(args.out, progress=not args.json)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"cmhash demo: EGATH ({result['bits']} bits, tiny CLIP ResNet from scratch) trained for "
+          f"{result['epochs']} epochs on {result['n_train']} generated images of coloured shapes with captions, "
+          f"in {result['train_seconds']:.0f} s.\n{result['n_query']} queries against {result['n_database']} items:\n")
+    print(f"  I->T mAP@all   {result['i2t']:.4f}   (image finds captions)")
+    print(f"  T->I mAP@all   {result['t2i']:.4f}   (caption finds images)")
     print(f"  random codes   {result['random']:.4f}")
-    print(f"  top-1 I->T hit shares a label with its query: {first_hit_shares_label:.1%}")
-    print(f"\nfirst query's 10 nearest texts (id: Hamming distance): "
-          + ", ".join(f"{i}: {d}" for i, d in zip(ids[0], dist[0])))
-    print(f"done in {seconds:.2f} s")
+    hit = result["example"]
+    print(f"\nquery caption: \"{hit['query']}\"\nits 5 nearest images (Hamming distance: their captions):")
+    for d, caption in zip(hit["distances"], hit["captions"]):
+        print(f"  {d:3d}: {caption}")
+    if result.get("checkpoint"):
+        print(f"\ncheckpoint: {result['checkpoint']}")
     return 0
 
 
@@ -143,12 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmhash {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job end to end on an embedded dataset")
-    demo.add_argument("--items", type=int, default=20000, help="generated items (default 20000)")
-    demo.add_argument("--bits", type=int, default=64, help="code length (default 64)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="train a small EGATH on generated data, evaluate it, search with it")
+    demo.add_argument("--out", help="keep the run (checkpoints, metrics) in this folder")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="a YAML file, or a shipped config such as egath/demo or egath/mirflickr25k-64")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3 model.bits=32")
+    train.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="I->T and T->I metrics of a trained checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint folder (run/best, run/last) or a run folder")
+    evaluate.add_argument("--query", help="query data: a manifest (.jsonl/.csv) or a YAML data section")
+    evaluate.add_argument("--database", help="database data, the same forms as --query")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
 
     index = sub.add_parser("index", help="build or inspect a HashIndex file")
     isub = index.add_subparsers(dest="index_cmd", required=True)

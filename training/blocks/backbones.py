@@ -39,6 +39,7 @@ TORCHVISION_TINY = {"tiny-resnet"}
 TIMM_TINY = {"tiny-swin": {"img_size": 64, "patch_size": 4, "window_size": 4, "embed_dim": 32, "depths": (1, 1),
                            "num_heads": (2, 4)}}
 TORCHVISION_IMAGE_SIZE = 224
+_TORCHVISION_PREPROCESS = preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -92,17 +93,25 @@ class ImageBackbone(nn.Module):
         return self.trunk(images)
 
 
-def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+def _clip_config(model: str) -> dict:
     import open_clip
-    from open_clip.model import _build_vision_tower  # the builder open_clip's own CLIP and CoCa use
 
     if model in TINY_CLIP_CONFIGS:
-        cfg = TINY_CLIP_CONFIGS[model]
-    elif model in open_clip.list_models():
-        cfg = open_clip.get_model_config(model)
-    else:
-        raise ConfigError(f"unknown CLIP model {model!r}; available: {sorted(TINY_CLIP_CONFIGS)} and "
-                          f"open_clip.list_models() (e.g. ViT-B-32, RN50)")
+        return TINY_CLIP_CONFIGS[model]
+    if model in open_clip.list_models():
+        return open_clip.get_model_config(model)
+    raise ConfigError(f"unknown CLIP model {model!r}; available: {sorted(TINY_CLIP_CONFIGS)} and "
+                      f"open_clip.list_models() (e.g. ViT-B-32, RN50)")
+
+
+def _clip_preprocess(cfg: dict) -> dict:
+    return preprocess_config(cfg["vision_cfg"].get("image_size", 224), CLIP_MEAN, CLIP_STD, "bicubic")
+
+
+def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+    from open_clip.model import _build_vision_tower  # the builder open_clip's own CLIP and CoCa use
+
+    cfg = _clip_config(model)
     tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
     if pretrained is not None:
         state = load_weights_file(pretrained)
@@ -111,8 +120,7 @@ def _clip_tower(model: str, pretrained: str | Path | None) -> tuple[nn.Module, i
         missing, unexpected = tower.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(f"{pretrained} does not fit clip:{model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    size = cfg["vision_cfg"].get("image_size", 224)
-    return tower, cfg["embed_dim"], preprocess_config(size, CLIP_MEAN, CLIP_STD, "bicubic")
+    return tower, cfg["embed_dim"], _clip_preprocess(cfg)
 
 
 def _drop_last_linear(model: nn.Module) -> int:
@@ -145,7 +153,37 @@ def _torchvision_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Mo
     if pretrained is not None:  # the checkpoint includes the classifier, so load before removing it
         net.load_state_dict(load_weights_file(pretrained))
     width = _drop_last_linear(net)
-    return net, width, preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return net, width, _TORCHVISION_PREPROCESS
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    family, _, model = str(name).partition(":")
+    if family not in ("clip", "torchvision", "timm") or not model:
+        raise ConfigError(f"backbone name must be 'clip:<model>', 'torchvision:<model>' or 'timm:<model>', got {name!r}")
+    return family, model
+
+
+def backbone_preprocess(name: str) -> dict:
+    """The preprocessing backbone ``name`` expects, without building it (the data layer
+    needs it before the method exists)."""
+    family, model = _split_name(name)
+    if family == "timm":
+        return _timm_preprocess(model)
+    return _clip_preprocess(_clip_config(model)) if family == "clip" else dict(_TORCHVISION_PREPROCESS)
+
+
+def _timm_preprocess(model: str) -> dict:
+    # TEGAH's code squashes images to the input size (bilinear) and normalises with ImageNet's statistics
+    if model in TIMM_TINY:
+        size = TIMM_TINY[model]["img_size"]
+    else:
+        import timm
+
+        if model not in timm.list_models():
+            raise ConfigError(f"unknown timm model {model!r}; available: {sorted(TIMM_TINY)} and timm.list_models() "
+                              f"(e.g. swin_small_patch4_window7_224)")
+        size = timm.get_pretrained_cfg(model).input_size[-1]
+    return preprocess_config(size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", resize_mode="squash")
 
 
 def _timm_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
@@ -163,17 +201,14 @@ def _timm_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Module, i
     if pretrained is not None:  # the checkpoint includes the classifier, so load before removing it
         net.load_state_dict(load_weights_file(pretrained))
     net.reset_classifier(0)  # pooled features out
-    size = net.patch_embed.img_size[0] if hasattr(net, "patch_embed") else net.pretrained_cfg["input_size"][-1]
-    return net, net.num_features, preprocess_config(size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", resize_mode="squash")
+    return net, net.num_features, _timm_preprocess(model)
 
 
 def build_image_backbone(name: str, pretrained: str | Path | None = None, freeze: bool = False) -> ImageBackbone:
     """Build the image trunk ``name`` (see the module docstring), randomly initialised or
     from the local weights file ``pretrained``; ``freeze`` stops its gradients."""
-    family, _, model = name.partition(":")
+    family, model = _split_name(name)
     builders = {"clip": _clip_tower, "torchvision": _torchvision_trunk, "timm": _timm_trunk}
-    if family not in builders or not model:
-        raise ConfigError(f"backbone name must be 'clip:<model>', 'torchvision:<model>' or 'timm:<model>', got {name!r}")
     trunk, width, preprocess = builders[family](model, pretrained)
     spec = {"name": name, "pretrained": str(pretrained) if pretrained is not None else None, "freeze": bool(freeze)}
     return ImageBackbone(trunk, width, preprocess, spec, freeze=freeze)

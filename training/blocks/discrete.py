@@ -34,7 +34,7 @@ class DiscreteCodes:
         codes of every training sample (n x k each, detached). Returns R (C x k)."""
         L = labels.float()
         # 1. ridge map from labels to codes: R = (L^T L + ridge I)^-1 L^T B
-        gram = L.T @ L + self.ridge * torch.eye(L.shape[1])
+        gram = L.T @ L + self.ridge * torch.eye(L.shape[1], device=L.device)
         R = torch.linalg.solve(gram, L.T @ self.B)
         # 2. codes: sign(L R + gamma P - Q + mu (H_I + H_T)), 0 -> +1
         self.B = binarize(L @ R + self.gamma * self.P - self.Q + self.mu * (image_codes + text_codes))

@@ -17,10 +17,12 @@ class CrossModalDataset(Dataset):
 
     Item k is ``(image (3,S,S) float, text bag of words (V,) float, labels (C,) float, k)``:
     ``k`` is the position inside this dataset (0..len-1), the row of the per-sample
-    code buffers; ``indices[k]`` is the sample's row in ``data``.
+    code buffers; ``indices[k]`` is the sample's row in ``data``. Images are decoded and
+    transformed per item, or taken from ``images`` (preprocessed once, by data row).
     """
 
-    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable):
+    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable | None,
+                 images: Callable[[int], torch.Tensor] | None = None):
         if data.bow is None:
             raise DataError(f"{data.name}: build the vocabulary before making datasets (data.with_vocabulary)")
         self.data = data
@@ -29,7 +31,10 @@ class CrossModalDataset(Dataset):
             raise DataError(f"{data.name}: a dataset needs at least one sample")
         if self.indices.min() < 0 or self.indices.max() >= len(data):
             raise DataError(f"{data.name}: sample indices outside [0, {len(data)})")
+        if (transform is None) == (images is None):
+            raise ValueError("give either a transform (images decoded per item) or preprocessed images")
         self.transform = transform
+        self.images = images  # e.g. run.PreprocessedImages: data row -> preprocessed tensor
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,7 +46,7 @@ class CrossModalDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = int(self.indices[k])
-        image = self.transform(self.data.images.load(i))
+        image = self.images(i) if self.images is not None else self.transform(self.data.images.load(i))
         text = torch.from_numpy(self.data.text(i))
         labels = torch.from_numpy(self.data.labels[i])
         return image, text, labels, k

@@ -1,0 +1,312 @@
+"""From a run config to a trained model and back: the one path every method and the CLI use.
+
+``train(config)`` prepares the data the config's ``data`` section describes, builds the method
+and runs the :class:`~cmhash.training.trainer.Trainer`. ``load_trained(checkpoint)`` rebuilds
+a trained method from a checkpoint directory alone (for evaluation and export), and
+``evaluate`` scores it on any data.
+
+The ``data`` section holds a source's loader options (see :func:`cmhash.training.data.load_data`)
+plus these keys of its own::
+
+    split:      a preset name (mirflickr25k, nuswide10, mscoco) or {query, train, database, seed}
+    vocabulary: {min_count, max_size} for vocabularies built from the training texts
+    augment:    light random crops for training images (default false)
+    cache:      decode and preprocess every image once and keep the tensors in memory
+                (default false; needs augment false, as the cached pixels are fixed)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cmhash.metrics import retrieval_metrics
+from cmhash.text import Vocabulary
+
+from . import checkpoint as ckpt_io
+from .config import RunConfig, build_config, load_config
+from .data import CrossModalData, CrossModalDataset, Split, build_transform, load_data, make_split
+from .errors import ConfigError
+from .method import DatasetInfo, HashingMethod, get_method
+from .trainer import FitResult, Trainer, build_method, encode_dataset
+
+log = logging.getLogger("cmhash.training")
+
+__all__ = ["Prepared", "PreprocessedImages", "prepare_data", "train", "load_trained", "evaluate", "demo",
+           "resolve_config", "load_config", "CONFIG_DIR", "DATA_KEYS"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: <method>/<name>.yaml
+
+DATA_KEYS = ("split", "vocabulary", "augment", "cache")  # data-section keys that are not loader options
+DEFAULT_SPLIT = {"query": 0.1, "train": 0.5}  # fractions of the data when no split is given
+
+
+@dataclass
+class Prepared:
+    """Everything training needs from the data: the samples, the split, the torch datasets
+    and what the method may know about them."""
+
+    data: CrossModalData  # text already encoded over the (training) vocabulary
+    split: Split
+    info: DatasetInfo
+    train: Dataset
+    query: Dataset
+    database: Dataset
+
+
+class PreprocessedImages:
+    """The images of ``data`` at ``indices``, decoded and preprocessed once and held as one
+    float tensor; indexed by the sample's row in ``data``. The demo and tests train many
+    epochs on small data, where decoding would dominate."""
+
+    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable):
+        rows = np.unique(np.asarray(indices, dtype=np.int64))
+        self.position = {int(i): k for k, i in enumerate(rows)}
+        first = transform(data.images.load(int(rows[0])))
+        self.pixels = torch.empty((len(rows), *first.shape), dtype=first.dtype)
+        self.pixels[0] = first
+        for k in range(1, len(rows)):
+            self.pixels[k] = transform(data.images.load(int(rows[k])))
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.pixels[self.position[i]]
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A config file path, or a shipped config named like ``egath/demo`` (see ``CONFIG_DIR``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (str(name).removesuffix(".yaml") + ".yaml")
+    if shipped.is_file():
+        return shipped
+    available = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.glob("*/*.yaml"))
+    raise ConfigError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {', '.join(available)}")
+
+
+def _split_sizes(spec: Any, n: int) -> Any:
+    """A split given as fractions (0 < x < 1) of the data becomes counts."""
+    if isinstance(spec, Mapping):
+        spec = {k: (max(1, int(round(v * n))) if k in ("query", "train", "database") and isinstance(v, float)
+                    and 0 < v < 1 else v) for k, v in spec.items()}
+    return spec
+
+
+def prepare_data(config: RunConfig, vocabulary: Vocabulary | None = None) -> Prepared:
+    """Load the configured data, split it, build the vocabulary from the training texts only
+    (or encode them over ``vocabulary``, a trained model's), and make the training (augmented
+    if asked), query and database datasets with the preprocessing of the method's image tower."""
+    options = dict(config.data)
+    if "source" not in options:
+        raise ConfigError("the config's data section needs a 'source' (e.g. shapes, manifest, mirflickr-mini)")
+    split_spec = options.pop("split", DEFAULT_SPLIT)
+    vocab_options = options.pop("vocabulary", None) or {}
+    augment = bool(options.pop("augment", False))
+    cache = bool(options.pop("cache", False))
+    if cache and augment:
+        raise ConfigError("data.cache keeps one preprocessed copy of each image, so it needs data.augment: false")
+    unknown_vocab = sorted(set(vocab_options) - {"min_count", "max_size"})
+    if unknown_vocab:
+        raise ConfigError(f"data.vocabulary has unknown key(s) {unknown_vocab}; valid: min_count, max_size")
+
+    data = load_data(options)
+    split = make_split(len(data), _split_sizes(split_spec, len(data)))
+    if data.texts is not None:
+        data = data.with_vocabulary(vocabulary or data.build_vocabulary(split.train, **vocab_options))
+    elif vocabulary is not None and data.vocabulary != vocabulary:
+        raise ConfigError(f"{data.name} comes with a fixed vocabulary of {len(data.vocabulary)} terms that is not "
+                          f"the model's ({len(vocabulary)} terms); evaluate on data with the model's vocabulary")
+    preprocess = get_method(config.method).image_preprocessing(config.model)
+
+    eval_transform = build_transform(preprocess)
+    train_transform = build_transform(preprocess, train=True, augment=augment)
+    if cache:
+        images = PreprocessedImages(data, np.concatenate([split.query, split.database]), eval_transform)
+        eval_transform = train_transform = None
+    datasets = {}
+    for name, indices, transform in (("train", split.train, train_transform), ("query", split.query, eval_transform),
+                                     ("database", split.database, eval_transform)):
+        datasets[name] = CrossModalDataset(data, indices, transform, images=images if cache else None)
+    info = DatasetInfo(
+        n_train=len(split.train),
+        n_labels=data.num_labels,
+        text_dim=len(data.vocabulary),
+        train_labels=datasets["train"].labels.clone(),
+        label_names=list(data.label_names),
+        image_size=preprocess["image_size"],
+        preprocessing=preprocess,
+        vocabulary=data.vocabulary.to_dict(),
+    )
+    return Prepared(data=data, split=split, info=info, **datasets)
+
+
+def train(config: RunConfig | str | Path, overrides: Sequence[str] = ()) -> FitResult:
+    """Train as ``config`` (a RunConfig, or a YAML path plus ``key=value`` overrides) says."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a config file; change the RunConfig directly instead")
+    prepared = prepare_data(config)
+    log.info("data %s: %d train, %d query, %d database, %d labels, %d text terms", prepared.data.name,
+             len(prepared.train), len(prepared.query), len(prepared.database), prepared.info.n_labels,
+             prepared.info.text_dim)
+    method = build_method(config, prepared.info)
+    return Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
+
+
+def load_trained(checkpoint: str | Path) -> tuple[RunConfig, HashingMethod, ckpt_io.Checkpoint]:
+    """Rebuild the trained method from a checkpoint directory (``out_dir/best`` or ``/last``,
+    or the run's out_dir, which means its ``best``), on CPU, in eval mode.
+
+    Everything comes from the checkpoint: the config, the data facts the method was built
+    with, and every module's weights (a backbone weights file named in the config is not
+    needed any more). Training-only state (code matrix, banks) is not restored.
+    """
+    path = Path(checkpoint)
+    if not ckpt_io.exists(path) and ckpt_io.exists(path / "best"):
+        path = path / "best"
+    ckpt = ckpt_io.read_checkpoint(path)
+    meta = ckpt.meta
+    raw = dict(meta["config"])
+    model = dict(raw.get("model") or {})
+    if model.get("backbone_weights") is not None:
+        model["backbone_weights"] = None  # the trained weights are in the checkpoint
+    config = build_config({**raw, "model": model})
+    n_train = int(meta.get("n_train", 1))
+    info = DatasetInfo(
+        n_train=n_train,
+        n_labels=int(meta["n_labels"]),
+        text_dim=int(meta["text_dim"]),
+        # the label graph is a buffer of the checkpoint; these labels only have to be well-formed
+        train_labels=torch.zeros(n_train, int(meta["n_labels"])),
+        label_names=list(meta.get("label_names") or []),
+        image_size=int(meta.get("image_size", 224)),
+        preprocessing=dict(meta.get("preprocessing") or {}),
+        vocabulary=meta.get("vocabulary"),
+    )
+    torch.manual_seed(0)
+    method = get_method(config.method)(config.model, info)
+    modules = method.modules()
+    if sorted(modules) != meta["modules"]:
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt.path} holds modules {meta['modules']}, "
+                                      f"but method {config.method!r} has {sorted(modules)}")
+    for name, module in modules.items():
+        module.load_state_dict(ckpt.module_state(name), strict=True)
+        module.eval()
+    return config, method, ckpt
+
+
+def _whole_dataset(spec: Mapping[str, Any], method: HashingMethod, vocabulary: Vocabulary | None) -> CrossModalDataset:
+    """Every sample of the data section ``spec`` as one dataset, texts over the model's vocabulary."""
+    options = {k: v for k, v in spec.items() if k not in DATA_KEYS}
+    if options.get("source") == "manifest" and options.get("label_names") is None and method.info.label_names:
+        options["label_names"] = list(method.info.label_names)  # the model's label columns, in its order
+    data = load_data(options)
+    if data.texts is not None:
+        if vocabulary is None:
+            raise ConfigError(f"{data.name} has raw texts, but the model has no vocabulary to encode them with")
+        data = data.with_vocabulary(vocabulary)
+    elif data.vocabulary.dim != method.info.text_dim:
+        raise ConfigError(f"{data.name} has {data.vocabulary.dim} text terms; the model takes {method.info.text_dim}")
+    if method.info.label_names and data.label_names != method.info.label_names:
+        log.warning("%s: its label names differ from the model's; relevance uses the data's own labels", data.name)
+    return CrossModalDataset(data, np.arange(len(data)), build_transform(method.info.preprocessing))
+
+
+def evaluate(checkpoint: str | Path, query: Mapping[str, Any] | None = None, database: Mapping[str, Any] | None = None,
+             precision_k: Sequence[int] = (100,), map_k: int | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """I->T and T->I retrieval metrics of a trained model.
+
+    By default on the query and database sets of the run's own data and split; with ``query``
+    and ``database`` (data sections, e.g. ``{"source": "manifest", "path": ...}``) every item
+    of the one is a query against every item of the other. Texts are always encoded over the
+    model's own vocabulary. Returns {"i2t": {...}, "t2i": {...}, "n_query", "n_database",
+    "bits"}; each direction has "map", "tie_aware_map" and "precision@k" for each k.
+    """
+    if (query is None) != (database is None):
+        raise ConfigError("give both query and database data, or neither")
+    config, method, _ = load_trained(checkpoint)
+    vocabulary = Vocabulary.from_dict(method.info.vocabulary) if method.info.vocabulary else None
+    if query is None:
+        prepared = prepare_data(config, vocabulary)
+        query_set, database_set = prepared.query, prepared.database
+    else:
+        query_set = _whole_dataset(query, method, vocabulary)
+        database_set = _whole_dataset(database, method, vocabulary)
+        if query_set.data.num_labels != database_set.data.num_labels:
+            raise ConfigError(f"query data has {query_set.data.num_labels} labels, database data "
+                              f"{database_set.data.num_labels}: relevance needs the same label set")
+    codes = _encode_both(method, query_set, database_set, batch_size)
+    return {"bits": config.model.bits, **retrieval_summary(*codes, precision_k=precision_k, map_k=map_k)}
+
+
+def _encode_both(method: HashingMethod, query_set: Dataset, database_set: Dataset, batch_size: int):
+    device = next(method.image_tower().parameters()).device
+    q_img, q_txt, q_lab = encode_dataset(method, query_set, device, batch_size, what="query")
+    d_img, d_txt, d_lab = encode_dataset(method, database_set, device, batch_size, what="database")
+    return q_img, q_txt, q_lab, d_img, d_txt, d_lab
+
+
+def retrieval_summary(q_img, q_txt, q_lab, d_img, d_txt, d_lab, precision_k: Sequence[int] = (100,),
+                      map_k: int | None = None) -> dict[str, Any]:
+    """Both directions' mAP, tie-aware mAP and precision@k from packed codes and labels."""
+    out: dict[str, Any] = {"n_query": int(len(q_lab)), "n_database": int(len(d_lab))}
+    for name, (q, d) in {"i2t": (q_img, d_txt), "t2i": (q_txt, d_img)}.items():
+        result = retrieval_metrics(q, d, q_lab, d_lab, map_k=(map_k,), precision_k=tuple(precision_k), tie_aware=True)
+        out[name] = {"map": float(result["map"][map_k]), "tie_aware_map": float(result["tie_aware_map"]),
+                     **{f"precision@{k}": float(v) for k, v in result["precision"].items()}}
+    return out
+
+
+DEMO_CONFIG = "egath/demo"
+
+
+def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``cmhash demo``: train the shipped EGATH demo config on the generated shapes, then
+    score and search with the trained towers. Returns mAPs, random-code mAP and an example."""
+    import tempfile
+    import time
+
+    from cmhash import HashIndex
+    from cmhash.metrics import mean_average_precision
+
+    from .data import captions
+
+    with tempfile.TemporaryDirectory(prefix="cmhash-demo-") as tmp:
+        out = Path(out_dir) if out_dir is not None else Path(tmp)
+        config = load_config(resolve_config(DEMO_CONFIG), [f"train.out_dir={out}", f"train.progress={progress}", *overrides])
+        prepared = prepare_data(config)
+        method = build_method(config, prepared.info)
+        started = time.perf_counter()
+        Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
+        train_seconds = time.perf_counter() - started
+        for module in method.modules().values():
+            module.eval()
+        q_img, q_txt, q_lab, d_img, d_txt, d_lab = _encode_both(method, prepared.query, prepared.database, 500)
+
+    i2t = mean_average_precision(q_img, d_txt, q_lab, d_lab)
+    t2i = mean_average_precision(q_txt, d_img, q_lab, d_lab)
+    rng = np.random.default_rng(0)
+    random_q = rng.integers(0, 256, q_img.shape, dtype=np.uint8)
+    random_d = rng.integers(0, 256, d_img.shape, dtype=np.uint8)
+    random_map = mean_average_precision(random_q, random_d, q_lab, d_lab)
+
+    # a text query against an index of the database images, as an application would search
+    index = HashIndex(config.model.bits)
+    index.add(d_img)
+    distances, ids = index.search(q_txt[:1], 5)
+    texts = captions(prepared.data)
+    example = {"query": texts[int(prepared.split.query[0])],
+               "captions": [texts[int(prepared.split.database[i])] for i in ids[0]],
+               "distances": [int(d) for d in distances[0]]}
+    return {"method": config.method, "bits": config.model.bits, "epochs": config.train.epochs,
+            "n_train": len(prepared.train), "n_query": len(q_lab), "n_database": len(d_lab),
+            "i2t": round(float(i2t), 4), "t2i": round(float(t2i), 4), "random": round(float(random_map), 4),
+            "train_seconds": round(train_seconds, 1), "example": example,
+            "checkpoint": str(out / "best") if out_dir is not None else None}
