@@ -84,7 +84,8 @@ class TegahConfig(MethodConfig):
     # published code vs paper (module docstring)
     reference_code: bool = False
     label_graph: str | None = None  # 'cosine' (paper), 'code' (the code's recipe), 'cooccurrence' (ML-GCN); None: by mode
-    graph_threshold: float | None = None  # edge threshold; None: 0.3 (cosine 0.5)
+    graph_threshold: float = 0.5  # edge threshold of the 'cosine' and 'cooccurrence' graphs
+    code_threshold: float = 0.3  # threshold of the code's recipe (0.01 on NUS-WIDE, spec §6)
     lr_schedule: str | None = None  # 'constant', 'cosine', 'code'; None: 'code' with reference_code, else 'constant'
     lr_cosine_epochs: int = 300  # period of the 'cosine' schedule
     # losses (spec §3)
@@ -123,6 +124,9 @@ class TegahConfig(MethodConfig):
         if self.attention_dim % self.attention_groups:
             raise ConfigError(f"model.attention_dim ({self.attention_dim}) must be a multiple of "
                               f"model.attention_groups ({self.attention_groups})")
+        if not (0 < self.graph_threshold <= 1 and 0 < self.code_threshold <= 1):
+            raise ConfigError(f"model.graph_threshold and model.code_threshold must be in (0, 1], got "
+                              f"{self.graph_threshold} and {self.code_threshold}")
         if not 0 <= self.gat_dropout < 1:
             raise ConfigError(f"model.gat_dropout must be in [0, 1), got {self.gat_dropout}")
 
@@ -145,9 +149,7 @@ class TegahConfig(MethodConfig):
 
     @property
     def threshold(self) -> float:
-        if self.graph_threshold is not None:
-            return self.graph_threshold
-        return 0.5 if self.graph == "cosine" else 0.3
+        return self.code_threshold if self.graph == "code" else self.graph_threshold
 
     @property
     def schedule(self) -> str:
