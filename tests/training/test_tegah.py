@@ -414,3 +414,41 @@ def test_learns_the_generated_dataset(tmp_path):
     last = result.history[-1]
     print(f"shapes: I->T {last['map_i2t']:.4f}, T->I {last['map_t2i']:.4f} after {len(result.history)} epochs")
     assert last["map_i2t"] >= 0.85 and last["map_t2i"] >= 0.85, last
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_towers_export_to_onnx_and_match(tmp_path, prepared):
+    ort = pytest.importorskip("onnxruntime")
+    method = build(tmp_path, prepared)
+    batch = first_batch(prepared, 5)
+    for tower, x in ((method.image_tower(), batch.image), (method.text_tower(), batch.text)):
+        tower.eval()
+        path = tmp_path / "tower.onnx"
+        torch.onnx.export(tower, (x[:2],), str(path), input_names=["x"], output_names=["codes"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            ref = tower(x).numpy()
+        assert out.shape == (5, 16) and np.abs(out - ref).max() < 1e-5
+
+
+def test_round_trip_through_the_export_bundle(tmp_path, prepared):
+    export = pytest.importorskip("cmhash.export")
+    if not hasattr(export, "export_checkpoint"):
+        pytest.skip("cmhash.export.export_checkpoint is not on this branch yet")
+    from cmhash.encoder import Encoder
+
+    result = train(tiny_config(tmp_path))
+    report = export.export_checkpoint(result.out_dir, tmp_path / "bundle", verify_items=64)
+    assert report["method"] == "tegah" and report["passed"]
+    _, method, _ = load_trained(result.out_dir)
+    batch = first_batch(prepared, 24)
+    with torch.no_grad():
+        ref = method.text_tower()(batch.text).numpy()
+    codes = Encoder.load(tmp_path / "bundle", threads=1).hash_texts(batch.text.numpy())
+    bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
+    assert (bits == (ref >= 0)).mean() >= 0.999
+    for r in report["results"]:
+        assert r["bit_agreement"] >= 0.999
