@@ -14,8 +14,9 @@ import torch
 from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
 from cmhash.training.method import Batch, get_method
-from cmhash.training.models.tegah import (DTFEN, KL_WEIGHTS, VARIANTS, GAFM, MLAH, TegahConfig, lr_factor,
-                                          quantization_term, tegah_adjacency, tegah_wasserstein, triplet_term)
+from cmhash.training.models.tegah import (DTFEN, GAFM, KL_WEIGHTS, MLAH, VARIANTS, ImageNet, TegahConfig,
+                                          lr_factor, quantization_term, tegah_adjacency, tegah_wasserstein,
+                                          triplet_term)
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
 from cmhash.training.trainer import build_method
 
@@ -97,13 +98,16 @@ def test_code_defaults_and_switches():
 
 
 def test_full_size_parameter_counts_match_the_code():
-    # spec §2: image net 84.1 M at 64 bits, DTFEN 54.8 M (T = 1386), GAFM 167.9 M without the GAT
+    # spec §2: image net 84.1 M at 64 bits, DTFEN 54.8 M (T = 1386), GAFM 167.9 M without the GAT (meta
+    # tensors: shapes without memory)
     c = TegahConfig(bits=64, backbone="timm:tiny-swin")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert round(count(DTFEN(1386, c)) / 1e6, 1) == 54.8
     with torch.device("meta"):
         gafm = GAFM(c, torch.eye(24), gru_over_batch=False, gat_trainable=True)
         mlah = MLAH(80, c)
+        image = ImageNet(TegahConfig(bits=64))  # Swin-S with its new 2048-d head, the MLP, the hash head
+    assert round(count(image) / 1e6, 1) == 84.1
     assert round((count(gafm) - count(gafm.gat)) / 1e6, 1) == 167.9
     # 143.2 M in the code, of which 12.6 M are its never-used second stem Conv1d(2048, 2048, 3)
     assert round((count(mlah) + 2048 * 2048 * 3 + 2048) / 1e6, 1) == 143.2

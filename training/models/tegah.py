@@ -83,7 +83,7 @@ class TegahConfig(MethodConfig):
     plain_text_net: str = "autoencoder"  # text net without DTFEN: the autoencoder MLP or GCDH's T-8192-4096-2048
     # published code vs paper (module docstring)
     reference_code: bool = False
-    label_graph: str | None = None  # 'cosine' (paper), 'code' (the code's recipe), 'cooccurrence' (ML-GCN); None: by mode
+    label_graph: str | None = None  # 'cosine' (paper), 'code' (code's recipe), 'cooccurrence' (ML-GCN); None: by mode
     graph_threshold: float = 0.5  # edge threshold of the 'cosine' and 'cooccurrence' graphs
     code_threshold: float = 0.3  # threshold of the code's recipe (0.01 on NUS-WIDE, spec §6)
     lr_schedule: str | None = None  # 'constant', 'cosine', 'code'; None: 'code' with reference_code, else 'constant'
@@ -110,11 +110,14 @@ class TegahConfig(MethodConfig):
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.label_graph is not None and self.label_graph not in LABEL_GRAPHS:
-            raise ConfigError(f"model.label_graph must be one of {', '.join(LABEL_GRAPHS)} or null, got {self.label_graph!r}")
+            raise ConfigError(f"model.label_graph must be one of {', '.join(LABEL_GRAPHS)} or null, "
+                              f"got {self.label_graph!r}")
         if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"model.lr_schedule must be one of {', '.join(LR_SCHEDULES)} or null, got {self.lr_schedule!r}")
+            raise ConfigError(f"model.lr_schedule must be one of {', '.join(LR_SCHEDULES)} or null, "
+                              f"got {self.lr_schedule!r}")
         if self.plain_text_net not in PLAIN_TEXT_NETS:
-            raise ConfigError(f"model.plain_text_net must be one of {', '.join(PLAIN_TEXT_NETS)}, got {self.plain_text_net!r}")
+            raise ConfigError(f"model.plain_text_net must be one of {', '.join(PLAIN_TEXT_NETS)}, "
+                              f"got {self.plain_text_net!r}")
         if self.bank_init not in ("randn", "zeros"):
             raise ConfigError(f"model.bank_init must be 'randn' or 'zeros', got {self.bank_init!r}")
         for name in ("feature_dim", "mlp_dim", "attention_dim", "attention_groups", "gat_hidden", "gat_heads",
@@ -598,13 +601,15 @@ class Tegah(HashingMethod):
 
         w = KL_WEIGHTS
         distill = torch.zeros((), device=h_i.device)
-        if h_l is not None:
+        if h_l is not None:  # against F and G as they were before this batch
             distill = distill + w["l_l"] * kl(h_l, self.L_bank) + w["l_f"] * kl(h_l, self.F_bank) \
                 + w["l_g"] * kl(h_l, self.G_bank)
+        # without MLAH there is no label bank: the other modality's bank stands in for it
+        image_second, text_second = (self.L_bank, self.L_bank) if h_l is not None else (self.G_bank, self.F_bank)
         self.F_bank[ind] = h_i.detach()
-        distill = distill + w["i_f"] * kl(h_i, self.F_bank) + w["i_l"] * kl(h_i, self.L_bank if h_l is not None else self.G_bank)
+        distill = distill + w["i_f"] * kl(h_i, self.F_bank) + w["i_l"] * kl(h_i, image_second)
         self.G_bank[ind] = h_t.detach()
-        distill = distill + w["t_g"] * kl(h_t, self.G_bank) + w["t_l"] * kl(h_t, self.L_bank if h_l is not None else self.F_bank)
+        distill = distill + w["t_g"] * kl(h_t, self.G_bank) + w["t_l"] * kl(h_t, text_second)
         terms["distillation"] = distill
 
         terms["triplet"] = triplet_term(h_i, h_t, labels, c.margin)
