@@ -66,7 +66,7 @@ def test_config_checks_before_any_training(tmp_path):
     for override, message in (("model.variant=V7", "V1, V2"), ("model.label_graph=knn", "cosine, code"),
                               ("model.lr_schedule=step", "constant, cosine, code"), ("model.bits=12", "multiple of 8"),
                               ("model.attention_dim=9", "multiple of"), ("model.graph_threshold=0", "graph_threshold"),
-                              ("model.no_such_key=1", "no_such_key")):
+                              ("model.image_std=[0.2, 0.2]", "three values"), ("model.no_such_key=1", "no_such_key")):
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, override)
 
@@ -82,6 +82,10 @@ def test_every_shipped_config_is_valid():
             assert config.model.backbone == "timm:swin_small_patch4_window7_224"
             assert config.model.bits == int(name.rsplit("-", 1)[1]) and config.train.batch_size == 80
             assert config.model.code_threshold == (0.01 if "nuswide" in name else 0.3)  # spec §6
+            preprocess = get_method("tegah").image_preprocessing(config.model)
+            assert preprocess["image_size"] == 224 and preprocess["resize_mode"] == "squash"
+            if "mirflickr" in name:  # the dataset's own statistics, as the code normalises
+                assert preprocess["mean"] == [0.372, 0.409, 0.439] and preprocess["std"] == [0.230, 0.232, 0.242]
 
 
 def test_code_defaults_and_switches():

@@ -69,6 +69,9 @@ class TegahConfig(MethodConfig):
     backbone: str = "timm:swin_small_patch4_window7_224"  # see blocks.backbones; 'clip:ViT-B-32', ...
     backbone_weights: str | None = None  # local weights file; None: random init (nothing is downloaded)
     freeze_backbone: bool = False
+    # per-channel normalisation of the images; None: the backbone's (the code used each dataset's own, spec §6)
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
     # widths (paper: H = 2048, MLP 8192, attention 128 in 2 groups, GAT 8 heads of 1024)
     feature_dim: int = 2048  # H: f_i, f_t, f_l; the fusion works on 2H
     mlp_dim: int = 8192  # hidden width of the image MLP and the text / label "autoencoders"
@@ -127,6 +130,10 @@ class TegahConfig(MethodConfig):
         if self.attention_dim % self.attention_groups:
             raise ConfigError(f"model.attention_dim ({self.attention_dim}) must be a multiple of "
                               f"model.attention_groups ({self.attention_groups})")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "image_std" and min(value) <= 0)):
+                raise ConfigError(f"model.{name} needs three values (R, G, B; std positive), got {value}")
         if not (0 < self.graph_threshold <= 1 and 0 < self.code_threshold <= 1):
             raise ConfigError(f"model.graph_threshold and model.code_threshold must be in (0, 1], got "
                               f"{self.graph_threshold} and {self.code_threshold}")
@@ -541,6 +548,15 @@ class Tegah(HashingMethod):
         if self.label_net is not None:
             self._optimizers["label"] = adamw(self.label_net, c.lr_label, c.weight_decay_label)
         self._base_lr = {name: opt.param_groups[0]["lr"] for name, opt in self._optimizers.items()}
+
+    @classmethod
+    def image_preprocessing(cls, config: TegahConfig) -> dict:
+        preprocess = super().image_preprocessing(config)
+        if config.image_mean is not None:
+            preprocess["mean"] = [float(v) for v in config.image_mean]
+        if config.image_std is not None:
+            preprocess["std"] = [float(v) for v in config.image_std]
+        return preprocess
 
     # -- saved state ---------------------------------------------------------------------
 
