@@ -390,6 +390,19 @@ def test_checkpoint_rebuilds_the_same_towers(tmp_path, prepared):
         assert torch.equal(method.text_tower()(batch.text), again.text_tower()(batch.text))
 
 
+def test_resume_continues_bit_for_bit(tmp_path):
+    # banks, the shared code matrix and the GAT dropout's random stream all come back from the checkpoint
+    from safetensors.torch import load_file
+
+    straight = train(tiny_config(tmp_path / "a", "train.epochs=2", "train.eval_every=0"))
+    train(tiny_config(tmp_path / "b", "train.epochs=1", "train.eval_every=0"))
+    resumed = train(tiny_config(tmp_path / "b", "train.epochs=2", "train.eval_every=0", "train.resume=true"))
+    a = load_file(str(straight.out_dir / "last" / "model.safetensors"))
+    b = load_file(str(resumed.out_dir / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.history[-1]["loss/total"] == resumed.history[-1]["loss/total"]
+
+
 def _random_map(prepared) -> float:
     from cmhash.metrics import mean_average_precision
 
