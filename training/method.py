@@ -197,6 +197,11 @@ class HashingMethod(abc.ABC):
     def text_tower(self) -> nn.Module:
         """Bag-of-words (N, text_dim) -> tanh codes (N, bits). No labels, no training-only parts."""
 
+    def image_backbone(self) -> nn.Module | None:
+        """The image tower's backbone (an ``ImageBackbone``), if it has one: with a frozen
+        backbone, ``data.feature_cache`` feeds its precomputed features instead of images."""
+        return None
+
     # -- placement ---------------------------------------------------------------------
 
     def to(self, device: torch.device | str) -> HashingMethod:

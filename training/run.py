@@ -13,10 +13,14 @@ plus these keys of its own::
     augment:    light random crops for training images (default false)
     cache:      decode and preprocess every image once and keep the tensors in memory
                 (default false; needs augment false, as the cached pixels are fixed)
+    feature_cache: a folder; with a frozen image backbone, its features of every image are
+                computed once into a memory-mapped file there (reused by later runs on the
+                same data and backbone) and epochs run only the heads (needs augment false)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +47,7 @@ __all__ = ["Prepared", "PreprocessedImages", "prepare_data", "train", "load_trai
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: <method>/<name>.yaml
 
-DATA_KEYS = ("split", "vocabulary", "augment", "cache")  # data-section keys that are not loader options
+DATA_KEYS = ("split", "vocabulary", "augment", "cache", "feature_cache")  # data-section keys that are not loader options
 DEFAULT_SPLIT = {"query": 0.1, "train": 0.5}  # fractions of the data when no split is given
 
 
@@ -109,8 +113,10 @@ def prepare_data(config: RunConfig, vocabulary: Vocabulary | None = None) -> Pre
     vocab_options = options.pop("vocabulary", None) or {}
     augment = bool(options.pop("augment", False))
     cache = bool(options.pop("cache", False))
-    if cache and augment:
-        raise ConfigError("data.cache keeps one preprocessed copy of each image, so it needs data.augment: false")
+    feature_cache = options.pop("feature_cache", None)
+    if (cache or feature_cache) and augment:
+        raise ConfigError("data.cache and data.feature_cache keep one preprocessed copy of each image, so they "
+                          "need data.augment: false")
     unknown_vocab = sorted(set(vocab_options) - {"min_count", "max_size"})
     if unknown_vocab:
         raise ConfigError(f"data.vocabulary has unknown key(s) {unknown_vocab}; valid: min_count, max_size")
@@ -157,7 +163,68 @@ def train(config: RunConfig | str | Path, overrides: Sequence[str] = ()) -> FitR
              len(prepared.train), len(prepared.query), len(prepared.database), prepared.info.n_labels,
              prepared.info.text_dim)
     method = build_method(config, prepared.info)
+    if config.data.get("feature_cache"):
+        prepared = with_cached_features(prepared, method, config.data["feature_cache"])
     return Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
+
+
+class CachedFeatures:
+    """Backbone features of data rows, read from a memory-mapped float32 file."""
+
+    def __init__(self, features: np.ndarray, rows: np.ndarray):
+        self.features = features
+        self.position = {int(i): k for k, i in enumerate(rows)}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.features[self.position[i]]))
+
+
+def with_cached_features(prepared: Prepared, method: HashingMethod, directory: str | Path,
+                         batch_size: int = 128) -> Prepared:
+    """Replace the images of every dataset by the frozen backbone's features, computed once.
+
+    The file is keyed by a digest of the backbone's weights, its preprocessing and the rows'
+    identity, so a changed backbone or dataset never reads stale features. Written to a
+    temporary name and renamed, so a killed run leaves no half-written cache behind.
+    """
+    import hashlib
+    import json
+    import os
+
+    backbone = method.image_backbone()
+    if backbone is None or not getattr(backbone, "frozen", False):
+        raise ConfigError(f"data.feature_cache needs a frozen image backbone (model.freeze_backbone: true); "
+                          f"{method.name} trains its backbone here")
+    rows = np.unique(np.concatenate([prepared.split.query, prepared.split.database]))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps([prepared.info.preprocessing, prepared.data.name, prepared.data.info],
+                             sort_keys=True, default=str).encode())
+    digest.update(rows.tobytes())
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"features-{digest.hexdigest()[:24]}-{len(rows)}x{backbone.output_dim}.f32"
+    shape = (len(rows), backbone.output_dim)
+    if not path.is_file():
+        transform = build_transform(prepared.info.preprocessing)
+        source = CrossModalDataset(prepared.data, rows, transform)
+        tmp = path.with_suffix(".tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        backbone.eval()
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                images = torch.stack([source[k][0] for k in range(start, min(start + batch_size, len(rows)))])
+                out[start:start + len(images)] = backbone(images).float().numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        log.info("cached %d backbone features in %s", len(rows), path)
+    features = CachedFeatures(np.load(path, mmap_mode="r"), rows)
+    datasets = {name: CrossModalDataset(prepared.data, getattr(prepared, name).indices, None, images=features)
+                for name in ("train", "query", "database")}
+    return dataclasses.replace(prepared, **datasets)
 
 
 def load_trained(checkpoint: str | Path) -> tuple[RunConfig, HashingMethod, ckpt_io.Checkpoint]:

@@ -282,3 +282,21 @@ def test_demo_learns_the_generated_dataset(tmp_path, capsys):
     assert out["random"] < 0.6
     assert len(out["example"]["captions"]) == 5
     assert (tmp_path / "demo" / "best" / "checkpoint.json").is_file()
+
+
+def test_feature_cache_gives_the_same_training(tmp_path):
+    frozen = ["model.freeze_backbone=true", "train.epochs=1", "train.eval_every=0"]
+    plain = train(tiny_config(tmp_path / "plain", *frozen))
+    cached = train(tiny_config(tmp_path / "cached", *frozen, f"data.feature_cache={tmp_path / 'features'}"))
+    files = list((tmp_path / "features").glob("features-*.f32"))
+    assert len(files) == 1 and not list((tmp_path / "features").glob("*.tmp"))
+    assert cached.last["map_i2t"] == pytest.approx(plain.last["map_i2t"], abs=0.02)
+    a = load_trained(plain.out_dir / "last")[1].text.state_dict()
+    b = load_trained(cached.out_dir / "last")[1].text.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
+    # a second run reuses the file; a trainable backbone refuses the cache
+    train(tiny_config(tmp_path / "again", *frozen, f"data.feature_cache={tmp_path / 'features'}"))
+    assert list((tmp_path / "features").glob("features-*.f32")) == files
+    with pytest.raises(ConfigError, match="frozen image backbone"):
+        train(tiny_config(tmp_path / "x", "train.epochs=1", f"data.feature_cache={tmp_path / 'features'}"))

@@ -90,6 +90,11 @@ class ImageBackbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 2:  # precomputed features (data.feature_cache): a frozen trunk is a fixed function
+            if not self.frozen or images.shape[1] != self.output_dim:
+                raise ValueError(f"got (N, {images.shape[1]}) features for a {'frozen' if self.frozen else 'trainable'} "
+                                 f"backbone of {self.output_dim} features; only a frozen backbone takes its own features")
+            return images
         return self.trunk(images)
 
 

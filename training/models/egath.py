@@ -250,6 +250,9 @@ class EGATH(HashingMethod):
         agreement = (self.codes.B == torch.where(self.image_codes >= 0, 1.0, -1.0)).float().mean()
         return {"gamma": self.codes.gamma, "code_agreement_image": float(agreement)}
 
+    def image_backbone(self) -> nn.Module:
+        return self.image.backbone
+
     # -- inference -----------------------------------------------------------------------
 
     def image_tower(self) -> nn.Module:
