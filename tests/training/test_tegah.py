@@ -403,6 +403,14 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert straight.history[-1]["loss/total"] == resumed.history[-1]["loss/total"]
 
 
+def test_frozen_backbone_trains_from_the_feature_cache(tmp_path, prepared):
+    config = tiny_config(tmp_path, "model.freeze_backbone=true", f"data.feature_cache={tmp_path / 'features'}")
+    result = train(config)
+    assert len(list((tmp_path / "features").glob("features-*.f32"))) == 1
+    # the checkpoint's image tower (with its trunk) gives the codes the cached run was scored with
+    assert evaluate(result.out_dir / "best")["i2t"]["map"] == pytest.approx(result.best["map_i2t"], abs=1e-9)
+
+
 def _random_map(prepared) -> float:
     from cmhash.metrics import mean_average_precision
 

@@ -658,5 +658,8 @@ class Tegah(HashingMethod):
     def image_tower(self) -> nn.Module:
         return self.image_net
 
+    def image_backbone(self) -> nn.Module:
+        return self.image_net.backbone
+
     def text_tower(self) -> nn.Module:
         return self.text_net
