@@ -265,6 +265,19 @@ def test_shapes_of_attention_fusion_and_classifier(tmp_path, prepared):
     assert method.fusion(f_i, f_t).shape == (6, prepared.info.n_labels)
 
 
+def test_timm_backbones():
+    from cmhash.training.blocks.backbones import backbone_preprocess, build_image_backbone
+
+    swin = build_image_backbone("timm:tiny-swin")  # timm's SwinTransformer class, tiny
+    assert type(swin.trunk).__name__ == "SwinTransformer"
+    assert swin(torch.randn(2, 3, 64, 64)).shape == (2, swin.output_dim)
+    assert swin.preprocess == backbone_preprocess("timm:tiny-swin")
+    full = backbone_preprocess("timm:swin_small_patch4_window7_224")  # without building the 50 M weights
+    assert (full["image_size"], full["resize_mode"], full["interpolation"]) == (224, "squash", "bilinear")
+    with pytest.raises(ConfigError, match="swin_small_patch4_window7_224"):
+        build_image_backbone("timm:no-such-net")
+
+
 def test_dtfen_stages_are_centre_tap_linear_layers():
     c = TegahConfig(bits=16, feature_dim=32, mlp_dim=64, backbone="timm:tiny-swin")
     net = DTFEN(50, c)
