@@ -371,6 +371,16 @@ def test_ablation_variants(tmp_path, prepared, variant):
     assert all(p.grad is not None for m in method.modules().values() for p in m.parameters() if p.requires_grad)
 
 
+def test_losses_under_mixed_precision(tmp_path, prepared):
+    # train.amp runs the networks in bf16 on CUDA; banks and losses stay float32 (CPU autocast stands in)
+    method = build(tmp_path, prepared)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.losses(first_batch(prepared))
+    terms["total"].backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values() if v.dim() == 0)
+    assert method.F_bank.dtype == method.L_bank.dtype == torch.float32
+
+
 def test_code_learning_rate_formula():
     # spec §4: for n_b = 125 the factors of epochs 2..13 are 0, .5, .75, .146, 0, .067, .95, .691, .97, .5, .292, .629
     factors = [lr_factor("code", e, 125, 300) for e in range(12)]

@@ -598,19 +598,27 @@ class Tegah(HashingMethod):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """Forward every network and return the loss terms (and 'total'), writing the bank
         rows of the batch in the code's order (spec §3, "per-batch order")."""
-        c, ind, labels = self.config, batch.index, batch.labels
+        labels = batch.labels
         h_l = self.label_net(labels) if self.label_net is not None else None
         h_t, f_t = self.text_net.encode(batch.text)
         h_i, f_i = self.image_net.encode(batch.image)
-        terms: dict[str, Tensor] = {}
+        logits = self.fusion(f_i, f_t) if self.fusion is not None else None
+        # the losses and the float32 banks in full precision, also under train.amp's autocast
+        with torch.autocast(h_i.device.type, enabled=False):
+            return self._loss_terms(batch, h_i.float(), h_t.float(), None if h_l is None else h_l.float(),
+                                    None if logits is None else logits.float())
 
+    def _loss_terms(self, batch: Batch, h_i: Tensor, h_t: Tensor, h_l: Tensor | None,
+                    logits: Tensor | None) -> dict[str, Tensor]:
+        c, ind, labels = self.config, batch.index, batch.labels
+        terms: dict[str, Tensor] = {}
         if h_l is not None:
             self.L_bank[ind] = h_l.detach()
             teacher, teacher_bank = (h_l.detach() if c.detach_teacher else h_l), self.L_bank
-        else:  # spec §7: the ground-truth labels teach; the other modality's bank stands in for L
+        else:  # spec §7: the ground-truth labels teach
             teacher, teacher_bank = labels, self.train_labels
-        if self.fusion is not None:
-            terms["classification"] = classification_loss(self.fusion(f_i, f_t), labels)
+        if logits is not None:
+            terms["classification"] = classification_loss(logits, labels)
 
         def kl(student, student_bank):
             return label_distillation_loss(teacher, teacher_bank, student, student_bank)
@@ -640,7 +648,7 @@ class Tegah(HashingMethod):
 
     def train_step(self, batch: Batch, ctx) -> dict[str, float]:
         with ctx.autocast():
-            terms = self.losses(batch)
+            terms = self.losses(batch)  # the networks in mixed precision with train.amp
         total = terms.pop("total")
         ctx.backward_step(total, list(self._optimizers.values()), name="total", terms=terms)
         return {"total": total.item(), **{k: v.item() for k, v in terms.items()}}
