@@ -253,7 +253,7 @@ def test_shapes_of_attention_fusion_and_classifier(tmp_path, prepared):
     assert lengths == [1, 1, 1, 3]  # spec A17: only layer4 (kernel 1, padding 1) gives length 3
     x1, x2, x3, x4 = (branch(x0) for branch in mlah.branches)
     assert x1.shape == x4.shape == (6, h, 1)
-    weights = mlah.attention.attention(torch.cat([x3, x4], 1), x1, x2)
+    weights = mlah.attention.attention(torch.cat([x3, x4], 1), x1)
     assert weights.shape == (6, 2, 4, 4)  # 2 groups of 8 / 2 scalar tokens
     torch.testing.assert_close(weights.sum(-1), torch.ones(6, 2, 4))
     assert mlah(batch.labels).shape == (6, 16)

@@ -188,16 +188,16 @@ def _mlp(in_dim: int, widths: list[int], norm: str = "batch") -> nn.Sequential:
 
 
 class ConvStage(nn.Module):
-    """Conv1d(k, stride, pad 1) -> ReLU -> global pool, on (N, C, L) inputs; (N, out) out.
+    """Conv1d(kernel 3, padding 1) -> ReLU -> global average pool; (N, C) or (N, C, L) in, (N, out) out.
 
     TEGAH feeds its vectors as sequences of length 1 (C channels): then only the centre
     tap of the kernel sees data and the stage is a linear layer + ReLU (spec §2.2).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel: int = 3, stride: int = 1, pool: str = "avg"):
+    def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.conv = nn.Conv1d(in_dim, out_dim, kernel, stride=stride, padding=1)
-        self.pool = nn.AdaptiveAvgPool1d(1) if pool == "avg" else nn.AdaptiveMaxPool1d(1)
+        self.conv = nn.Conv1d(in_dim, out_dim, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool1d(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.unsqueeze(-1) if x.dim() == 2 else x
@@ -322,7 +322,7 @@ class MultiScaleAttention(nn.Module):
         self.v = nn.Conv1d(dim, inner, 3, padding=1, bias=False)
         self.proj = nn.Conv1d(inner, dim, 3, padding=1)
 
-    def attention(self, q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+    def attention(self, q_in: Tensor, k_in: Tensor) -> Tensor:
         """(N, groups, D/groups, D/groups) attention weights."""
         n = q_in.shape[0]
         q = self.q(q_in).reshape(n, self.groups, -1)
@@ -331,7 +331,7 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
         n = q_in.shape[0]
-        weights = self.attention(q_in, k_in, v_in)
+        weights = self.attention(q_in, k_in)
         v = self.v(v_in).reshape(n, self.groups, -1)
         out = (weights @ v[..., None]).squeeze(-1)  # (N, groups, D/groups)
         out = out.transpose(1, 2).reshape(n, -1, 1)  # channel 2i + g, as the code re-flattens
