@@ -64,7 +64,7 @@ def rewrite_manifest(directory, change):
 
 def test_write_then_load_round_trip(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
-    assert bundle.format_version == FORMAT_VERSION == "1.0"
+    assert bundle.format_version == FORMAT_VERSION == "1.1"
     assert (bundle.method, bundle.bits, bundle.modalities) == ("egath", 16, ("image", "text"))
     assert bundle.label_names == ["animals", "sea"]
     assert dict(bundle.files) == FILES
@@ -119,6 +119,9 @@ def test_write_validates_before_writing_anything(tmp_path):
         (lambda m: m["modalities"]["text"].update(file="other.onnx"), "not listed"),
         (lambda m: m.update(label_names="animals"), "label_names"),
         (lambda m: m["files"].update({"image.onnx": "abc"}), "sha256"),
+        (lambda m: m["modalities"]["image"].update(variants=[]), "variants must be an object"),
+        (lambda m: m["modalities"]["image"].update(variants={"int4": {"file": "image.onnx"}}), "unknown variant"),
+        (lambda m: m["modalities"]["text"].update(variants={"int8": {"file": "text.int8.onnx"}}), "not listed"),
     ],
 )
 def test_manifest_schema_errors_name_the_key(bundle_dir, change, message):
@@ -279,3 +282,16 @@ def test_bundle_without_vocabulary_and_single_modality(tmp_path):
 def test_every_bundle_error_is_a_cmhash_value_error():
     for cls in (BundleError, BundleChecksumError, BundleVersionError, BundleNotFoundError):
         assert issubclass(cls, CmhashError) and issubclass(cls, ValueError)
+
+
+def test_variants_are_listed_and_picked_by_name(tmp_path):
+    m = manifest()
+    m["modalities"]["image"]["variants"] = {"int8": {"file": "image.int8.onnx"}, "fp16": {"file": "image.fp16.onnx"}}
+    bundle = load_bundle(write_bundle(tmp_path / "b", m, {**FILES, "image.int8.onnx": b"q", "image.fp16.onnx": b"h"}))
+    assert bundle.variants("image") == ("fp32", "fp16", "int8")
+    assert bundle.variants("text") == ("fp32",)
+    assert bundle.model_bytes("image", "int8") == b"q" and bundle.model_bytes("image") == b"image model bytes"
+    with pytest.raises(BundleError, match="no fp16 text model"):
+        bundle.model_file("text", "fp16")
+    with pytest.raises(ValueError, match="unknown variant"):
+        bundle.model_file("image", "int4")

@@ -357,23 +357,52 @@ def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Se
             module.eval()
         q_img, q_txt, q_lab, d_img, d_txt, d_lab = _encode_both(method, prepared.query, prepared.database, 500)
 
-    i2t = mean_average_precision(q_img, d_txt, q_lab, d_lab)
-    t2i = mean_average_precision(q_txt, d_img, q_lab, d_lab)
-    rng = np.random.default_rng(0)
-    random_q = rng.integers(0, 256, q_img.shape, dtype=np.uint8)
-    random_d = rng.integers(0, 256, d_img.shape, dtype=np.uint8)
-    random_map = mean_average_precision(random_q, random_d, q_lab, d_lab)
+        i2t = mean_average_precision(q_img, d_txt, q_lab, d_lab)
+        t2i = mean_average_precision(q_txt, d_img, q_lab, d_lab)
+        rng = np.random.default_rng(0)
+        random_map = mean_average_precision(rng.integers(0, 256, q_img.shape, dtype=np.uint8),
+                                            rng.integers(0, 256, d_img.shape, dtype=np.uint8), q_lab, d_lab)
+        texts = captions(prepared.data)
+        deployed = _demo_deployed(out, prepared, texts) if _export_available() else None
+        if deployed is not None:  # search as an application would: the SDK's codes of raw inputs
+            d_img, q_txt = deployed.pop("database_image_codes"), deployed.pop("query_text_codes")
 
-    # a text query against an index of the database images, as an application would search
     index = HashIndex(config.model.bits)
     index.add(d_img)
     distances, ids = index.search(q_txt[:1], 5)
-    texts = captions(prepared.data)
     example = {"query": texts[int(prepared.split.query[0])],
                "captions": [texts[int(prepared.split.database[i])] for i in ids[0]],
                "distances": [int(d) for d in distances[0]]}
     return {"method": config.method, "bits": config.model.bits, "epochs": config.train.epochs,
             "n_train": len(prepared.train), "n_query": len(q_lab), "n_database": len(d_lab),
             "i2t": round(float(i2t), 4), "t2i": round(float(t2i), 4), "random": round(float(random_map), 4),
-            "train_seconds": round(train_seconds, 1), "example": example,
-            "checkpoint": str(out / "best") if out_dir is not None else None}
+            "train_seconds": round(train_seconds, 1), "example": example, "deployed": deployed,
+            "checkpoint": str(out / "best") if out_dir is not None else None,
+            "bundle": str(out / "bundle") if out_dir is not None and deployed is not None else None}
+
+
+def _export_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def _demo_deployed(out: Path, prepared: Prepared, texts: list[str]) -> dict[str, Any]:
+    """Export the best checkpoint to a bundle, then hash the raw query captions and the
+    database images with the SDK's Encoder (numpy + onnxruntime, no torch) and score them."""
+    from cmhash import Encoder
+    from cmhash.export import export_checkpoint
+    from cmhash.metrics import mean_average_precision
+
+    report = export_checkpoint(out / "best", out / "bundle", overwrite=True)
+    encoder = Encoder.load(out / "bundle")
+    data, split = prepared.data, prepared.split
+    query_texts = encoder.hash_texts([texts[i] for i in split.query])
+    query_images = encoder.hash_images(data.images.load(int(i)) for i in split.query)
+    database_images = encoder.hash_images(data.images.load(int(i)) for i in split.database)
+    database_texts = encoder.hash_texts([texts[i] for i in split.database])
+    q_lab, d_lab = data.labels[split.query], data.labels[split.database]
+    return {"i2t": round(float(mean_average_precision(query_images, database_texts, q_lab, d_lab)), 4),
+            "t2i": round(float(mean_average_precision(query_texts, database_images, q_lab, d_lab)), 4),
+            "bits_equal_to_pytorch": {r["modality"]: round(float(r["bit_agreement"]), 6) for r in report["results"]},
+            "database_image_codes": database_images, "query_text_codes": query_texts}

@@ -30,6 +30,14 @@ Layout::
       "files": {"image.onnx": "<sha256>", "text.onnx": "<sha256>", "vocab.json": "<sha256>"}
     }
 
+Optional reduced-precision variants of a tower (format 1.1; readers of 1.0 ignore them)::
+
+        "image": {..., "variants": {"fp16": {"file": "image.fp16.onnx"},
+                                    "int8": {"file": "image.int8.onnx"}}}
+
+A variant takes and gives exactly what the main file does (float32 input and output); only
+the arithmetic inside differs. ``Encoder.load(path, variant="int8")`` picks one.
+
 ``output.values`` is ``"tanh"`` (continuous values in [-1, 1], signed at hashing) or
 ``"sign"`` (already ±1; no continuous output). A text modality without a vocabulary
 takes bag-of-words vectors only (e.g. MIRFlickr, whose tag words are not published).
@@ -59,11 +67,12 @@ from .errors import BundleChecksumError, BundleError, BundleNotFoundError, Bundl
 from .preprocess import ImagePreprocessor
 from .text import Vocabulary
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1 added optional per-modality "variants"
 SUPPORTED_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text")
 OUTPUT_VALUES = ("tanh", "sign")
+VARIANTS = ("fp32", "fp16", "int8")  # fp32 is the modality's own "file"
 # Guards against zip bombs: a bundle holds a few models, not terabytes.
 MAX_BUNDLE_BYTES = 16 * 2**30
 MAX_BUNDLE_FILES = 1000
@@ -111,8 +120,26 @@ class Bundle:
                 f"bundle {self.source} has no {name} model (it has: {', '.join(self.modalities)})"
             ) from None
 
-    def model_bytes(self, name: str) -> bytes:
-        return self.files[self.modality(name)["file"]]
+    def variants(self, name: str) -> tuple[str, ...]:
+        """The precisions modality ``name`` is available in, ``"fp32"`` first."""
+        return ("fp32", *(v for v in VARIANTS if v in self.modality(name).get("variants", {})))
+
+    def model_file(self, name: str, variant: str = "fp32") -> str:
+        spec = self.modality(name)
+        if variant == "fp32":
+            return spec["file"]
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        try:
+            return spec["variants"][variant]["file"]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.source} has no {variant} {name} model (it has: {', '.join(self.variants(name))}); "
+                f"export it with --{variant}"
+            ) from None
+
+    def model_bytes(self, name: str, variant: str = "fp32") -> bytes:
+        return self.files[self.model_file(name, variant)]
 
     def image_preprocessor(self, **overrides) -> ImagePreprocessor:
         return ImagePreprocessor.from_dict(self.modality("image")["preprocess"], **overrides)
@@ -288,7 +315,15 @@ def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:
             fail(f"{where}.preprocess is invalid: {exc}")
         if list(preprocess.output_size) != shape[2:]:
             fail(f"{where}.preprocess makes {preprocess.output_size} images but the input is {shape[2:]}")
-    else:
+    variants = spec.get("variants", {})
+    if not isinstance(variants, dict):
+        fail(f"{where}.variants must be an object")
+    for variant, entry in variants.items():
+        if variant not in VARIANTS[1:]:
+            fail(f"{where}.variants: unknown variant {variant!r}; known: {list(VARIANTS[1:])}")
+        if not isinstance(entry, dict) or entry.get("file") not in files:
+            fail(f"{where}.variants.{variant}.file is not listed in 'files'")
+    if name != "image":
         vocab = spec.get("vocabulary")
         if vocab is not None:
             if vocab not in files:

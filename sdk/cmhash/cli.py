@@ -119,12 +119,18 @@ def cmd_demo(args) -> int:
     print(f"  I->T mAP@all   {result['i2t']:.4f}   (image finds captions)")
     print(f"  T->I mAP@all   {result['t2i']:.4f}   (caption finds images)")
     print(f"  random codes   {result['random']:.4f}")
+    deployed = result.get("deployed")
+    if deployed:
+        print(f"\n  through the exported bundle (onnxruntime, raw captions and PIL images, no torch):"
+              f"\n  I->T mAP@all   {deployed['i2t']:.4f}\n  T->I mAP@all   {deployed['t2i']:.4f}")
     hit = result["example"]
     print(f"\nquery caption: \"{hit['query']}\"\nits 5 nearest images (Hamming distance: their captions):")
     for d, caption in zip(hit["distances"], hit["captions"]):
         print(f"  {d:3d}: {caption}")
     if result.get("checkpoint"):
         print(f"\ncheckpoint: {result['checkpoint']}")
+    if result.get("bundle"):
+        print(f"bundle: {result['bundle']}  (cmhash.Encoder.load(...).hash(image))")
     return 0
 
 
@@ -161,6 +167,140 @@ def cmd_search(args) -> int:
     for qi in range(len(ids)):
         print(f"query {qi}: " + ", ".join(f"{i} ({d})" for i, d in zip(ids[qi], dist[qi]) if i >= 0))
     print(f"{len(ids)} queries, k={args.k}, {seconds * 1e3:.2f} ms", file=sys.stderr)
+    return 0
+
+
+EXPORT_HINT = 'this needs the export extra (torch, onnx): pip install "cmhash-sdk[export]"'
+
+
+def _require_export():
+    """cmhash.export, or a clear message naming the extra when torch or onnx is missing."""
+    missing = []
+    for name in ("torch", "onnx"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise CmhashError(f"{' and '.join(missing)} not installed; {EXPORT_HINT}")
+    import cmhash.export
+
+    return cmhash.export
+
+
+def cmd_export(args) -> int:
+    export = _require_export()
+    try:
+        report = export.export_checkpoint(
+            args.checkpoint,
+            args.out,
+            fp16=args.fp16,
+            int8=args.int8,
+            tensorrt=args.tensorrt,
+            verify_data=args.verify_data,
+            calibration_data=args.calibration_data,
+            verify_items=args.verify_items,
+            bit_floor=args.bit_floor,
+            overwrite=args.overwrite,
+            archive=args.archive,
+        )
+        failed = False
+    except export.VerificationError as exc:
+        report, failed = exc.report, True
+        print(f"cmhash export: error: {exc}", file=sys.stderr)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{'FAILED' if failed else 'exported'} {report['method']} ({report['bits']} bits) from {report['checkpoint']}")
+        inputs = report["inputs"]
+        print(f"verified on {inputs['image_items']} images and {inputs['text_items']} texts of {inputs['source']}"
+              + (f" ({inputs['skipped']} unreadable, skipped)" if inputs["skipped"] else ""))
+        for r in report["results"]:
+            print(f"  {r['modality']:5} {r['variant']:4} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
+                  f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
+        for variant, m in report.get("map", {}).items():
+            print(f"  mAP {variant:8} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
+        if not failed:
+            print(f"bundle: {report['bundle']} ({sum(report['files'].values()) / 1e6:.1f} MB) in {report['seconds']:.1f} s")
+    return 1 if failed else 0
+
+
+def cmd_encode(args) -> int:
+    from .offline import Progress, encode_collection
+
+    summary = encode_collection(
+        args.bundle,
+        args.input,
+        args.out,
+        modality=args.modality,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        shard=args.shard,
+        resume=args.resume,
+        chunk_size=args.chunk_size,
+        variant=args.variant,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        progress=None if args.json else Progress(),
+    )
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{summary['encoded']} of {summary['items']} items encoded into {summary['codes']}; "
+              f"{summary['errors']} unreadable (listed in {summary['errors_file']}); "
+              f"{summary['items_per_second']:,.1f} items/s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import add_speedups, bench_bundle, format_table
+    from .bundle import load_bundle
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    backends = ["onnxruntime"]
+    if args.tensorrt:
+        backends.append("tensorrt")
+    else:
+        from .backends.tensorrt_backend import tensorrt_available
+
+        if tensorrt_available()[0]:
+            backends.append("tensorrt")
+    common = dict(batch_sizes=batch_sizes, warmup=args.warmup, repeats=args.repeats)
+    rows = []
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        saved = load_bundle(args.bundle).manifest.get("provenance", {}).get("checkpoint", {}).get("path")
+        checkpoint = saved if saved and Path(saved).exists() else None
+    baseline = "no checkpoint given" if checkpoint is None else None
+    if checkpoint is not None:
+        try:
+            _require_export()
+        except CmhashError as exc:
+            baseline = str(exc)
+        else:
+            from cmhash.export.bench import bench_checkpoint
+
+            try:
+                rows += bench_checkpoint(checkpoint, threads=args.threads, **common)
+            except CmhashError as exc:
+                baseline = str(exc)
+    rows += bench_bundle(args.bundle, backends=backends, threads=args.threads, **common)
+    add_speedups(rows)
+    import platform
+
+    record = {"bundle": args.bundle, "checkpoint": checkpoint, "machine": platform.processor() or platform.machine(),
+              "threads": args.threads, "rows": rows}
+    if baseline:
+        record["pytorch_baseline"] = f"skipped: {baseline}"
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        _print_json(record)
+    else:
+        print(format_table(rows))
+        if baseline:
+            print(f"(PyTorch eager baseline skipped: {baseline})")
     return 0
 
 
@@ -204,6 +344,50 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
+
+    export = sub.add_parser("export", help="export a checkpoint to a verified bundle (needs cmhash-sdk[export])")
+    export.add_argument("checkpoint", help="a checkpoint directory written by training (e.g. runs/x/best)")
+    export.add_argument("--out", required=True, help="the bundle directory to write")
+    export.add_argument("--fp16", action="store_true", help="also export float16 towers")
+    export.add_argument("--int8", action="store_true", help="also export int8 (QDQ) towers, calibrated on real inputs")
+    export.add_argument("--tensorrt", action="store_true", help="build and verify TensorRT engines on this GPU")
+    export.add_argument("--verify-data", help="folder of images, image list or manifest to verify on (default: the training data)")
+    export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
+    export.add_argument("--verify-items", type=int, default=256, help="items to verify on (default 256)")
+    export.add_argument("--bit-floor", type=float, default=0.97, help="fp16/int8 fail below this bit agreement (0.97)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    export.add_argument("--archive", action="store_true", help="also write BUNDLE.zip")
+    export.add_argument("--json", action="store_true", help="print the report as JSON")
+    export.set_defaults(func=cmd_export)
+
+    encode = sub.add_parser("encode", help="hash a folder, file list or manifest into codes + ids (resumable)")
+    encode.add_argument("bundle")
+    encode.add_argument("input", help="folder, file list (one path or text per line) or manifest (.jsonl/.csv)")
+    encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json)")
+    encode.add_argument("--modality", choices=["image", "text"], help="default: image when the bundle has it")
+    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    encode.add_argument("--shard", default="0/1", help="i/N: encode every N-th item from the i-th (default 0/1)")
+    encode.add_argument("--resume", action="store_true", help="continue a killed or finished job in --out")
+    encode.add_argument("--chunk-size", type=int, default=1024, help="items per resumable part (default 1024)")
+    encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"])
+    encode.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    encode.add_argument("--device", default="cpu")
+    encode.add_argument("--threads", type=int, help="onnxruntime threads")
+    encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
+    encode.set_defaults(func=cmd_encode)
+
+    bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")
+    bench.add_argument("bundle")
+    bench.add_argument("--checkpoint", help="PyTorch eager baseline from this checkpoint (default: the bundle's own, if present)")
+    bench.add_argument("--batch-sizes", default="1,8,32,128")
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--threads", type=int, help="CPU threads for onnxruntime and torch")
+    bench.add_argument("--tensorrt", action="store_true", help="require TensorRT rows (default: when available)")
+    bench.add_argument("--out", help="also write the JSON record here")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -211,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CmhashError as exc:  # expected failures: a message, not a traceback
+    except (CmhashError, FileExistsError, FileNotFoundError) as exc:  # expected failures: a message, not a traceback
         print(f"cmhash {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -30,8 +30,9 @@ from .text import check_bow
 class Encoder:
     """Hash images and texts with the towers of one bundle. Make it with :meth:`load`."""
 
-    def __init__(self, bundle: Bundle, backends: dict[str, Backend], max_image_pixels: int | None):
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend], max_image_pixels: int | None, variant: str = "fp32"):
         self.bundle = bundle
+        self.variant = variant
         self.backends = backends
         self.bits: int = bundle.bits
         self.method: str = bundle.method
@@ -50,6 +51,7 @@ class Encoder:
         device: str = "cpu",
         threads: int | None = None,
         *,
+        variant: str = "fp32",
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         **backend_options,
     ) -> "Encoder":
@@ -61,6 +63,10 @@ class Encoder:
                 ``"onnxruntime"`` or ``"tensorrt"``.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"``.
             threads: CPU threads per model for onnxruntime; ``None`` for its default.
+            variant: which export of the towers to run: ``"fp32"`` (always there),
+                ``"fp16"`` or ``"int8"`` when the bundle was exported with them. On TensorRT a
+                reduced-precision variant is built as a strongly typed network
+                (``precision="model"``) unless ``precision`` is given.
             max_image_pixels: refuse larger images (decompression-bomb guard).
             backend_options: TensorRT's ``precision``, ``cache_dir``, ``max_batch``.
         """
@@ -69,17 +75,19 @@ class Encoder:
         try:
             for modality in bundle.modalities:
                 spec = bundle.modality(modality)
+                file = bundle.model_file(modality, variant)
                 model_spec = ModelSpec(
-                    what=f"the {modality} model {spec['file']} of {bundle.source}",
+                    what=f"the {modality} model {file} of {bundle.source}",
                     input_name=spec["input"]["name"],
                     input_shape=tuple(spec["input"]["shape"]),
                     output_name=spec["output"]["name"],
                     bits=bundle.bits,
                 )
                 backends[modality] = create_backend(
-                    backend, bundle.model_bytes(modality), model_spec, device=device, threads=threads, **backend_options
+                    backend, bundle.model_bytes(modality, variant), model_spec, device=device, threads=threads,
+                    variant=variant, **backend_options,
                 )
-            return cls(bundle, backends, max_image_pixels)
+            return cls(bundle, backends, max_image_pixels, variant)
         except BaseException:
             for made in backends.values():
                 made.close()
@@ -105,7 +113,8 @@ class Encoder:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Encoder({self.method}, {self.bits} bits, {'+'.join(self.modalities)}, {self.backend})"
+        variant = "" if self.variant == "fp32" else f", {self.variant}"
+        return f"Encoder({self.method}, {self.bits} bits, {'+'.join(self.modalities)}, {self.backend}{variant})"
 
     # --- images ------------------------------------------------------------------------------
 
@@ -178,7 +187,22 @@ class Encoder:
                 rows.append(self.vocabulary.encode(item))
         return np.stack(rows)
 
+    def encode_text_input(self, text: Any) -> np.ndarray:
+        """One text, tag list or BoW vector -> the float32 (d,) vector the text model takes."""
+        self._require("text")
+        return self._encode_texts([text])[0]
+
     # --- shared ------------------------------------------------------------------------------
+
+    def hash_preprocessed(self, modality: str, batch: np.ndarray, *, return_continuous: bool = False) -> np.ndarray:
+        """Model inputs already prepared (float32 (N, 3, H, W) pixels from :attr:`preprocessor`,
+        or (N, d) BoW rows) -> (N, bits/8) codes: for pipelines that decode in parallel."""
+        self._require(modality)
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = tuple(self.bundle.modality(modality)["input"]["shape"][1:])
+        if batch.ndim != len(expected) + 1 or batch.shape[1:] != expected:
+            raise UnsupportedInputError(f"{modality} inputs must have shape (N, {', '.join(map(str, expected))}), got {batch.shape}")
+        return self._run(modality, batch, return_continuous)
 
     def _require(self, modality: str) -> None:
         if modality not in self.backends:

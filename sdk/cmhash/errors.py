@@ -64,3 +64,24 @@ class ModelSignatureError(BundleError):
 
 class BackendUnavailableError(CmhashError, RuntimeError):
     """An inference backend or device that is not installed or not present on this machine."""
+
+
+class ExportError(CmhashError, RuntimeError):
+    """An export that cannot be done: an unreadable checkpoint, a tower that does not export
+    to a valid ONNX graph, no real inputs to verify or calibrate with, a missing extra."""
+
+
+class VerificationError(ExportError):
+    """An exported model that disagrees with PyTorch beyond the allowed tolerance.
+
+    ``report`` holds the figures of every modality and variant checked (the failing ones
+    have ``"passed": false``)."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
+class EncodeJobError(CmhashError, ValueError):
+    """An offline encoding job that cannot start or resume: an unreadable input list, an
+    output folder holding another job, a bad shard."""

@@ -300,3 +300,19 @@ def test_feature_cache_gives_the_same_training(tmp_path):
     assert list((tmp_path / "features").glob("features-*.f32")) == files
     with pytest.raises(ConfigError, match="frozen image backbone"):
         train(tiny_config(tmp_path / "x", "train.epochs=1", f"data.feature_cache={tmp_path / 'features'}"))
+
+
+def test_demo_exports_a_bundle_and_searches_with_the_sdk(tmp_path):
+    pytest.importorskip("onnx")
+    from cmhash.training.run import demo
+
+    small = ["data.n=300", "data.split={query: 50, train: 200, seed: 0}", "train.epochs=1", "model.decay_epochs=1"]
+    result = demo(tmp_path / "demo", progress=False, overrides=small)
+    deployed = result["deployed"]
+    # raw captions and PIL images through the bundle give PyTorch's codes, hence its mAP
+    assert min(deployed["bits_equal_to_pytorch"].values()) >= 0.999
+    assert deployed["i2t"] == pytest.approx(result["i2t"], abs=0.01)
+    assert deployed["t2i"] == pytest.approx(result["t2i"], abs=0.01)
+    assert result["bundle"] == str(tmp_path / "demo" / "bundle")
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert len(result["example"]["distances"]) == 5

@@ -75,6 +75,7 @@ def create_backend(
     *,
     device: str = "cpu",
     threads: int | None = None,
+    variant: str = "fp32",
     **options,
 ) -> Backend:
     """Make a backend for one model.
@@ -85,6 +86,9 @@ def create_backend(
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
         threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
+        variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``). A reduced
+            precision file carries its own types (fp16 casts, Q/DQ), so TensorRT builds it
+            strongly typed (``precision="model"``) unless told otherwise.
         options: backend-specific (TensorRT: ``precision``, ``cache_dir``, ``max_batch``).
     """
     if kind not in BACKENDS:
@@ -101,9 +105,15 @@ def create_backend(
             raise BackendUnavailableError("the TensorRT backend runs on a GPU; pass device='cuda'")
         from .tensorrt_backend import TensorRTBackend
 
+        if variant != "fp32":
+            options.setdefault("precision", "model")
         return TensorRTBackend(model, spec, device_index=device_index, **options)
     if options:
         raise TypeError(f"onnxruntime takes no options {sorted(options)}")
     from .onnxruntime_backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(model, spec, device=device_kind, device_index=device_index, threads=threads)
+    # onnxruntime 1.32's NCHWc layout pass crashes (SIGSEGV) on some float16 graphs with convolutions;
+    # float16 on a CPU gains nothing from it anyway.
+    disabled = ["NchwcTransformer"] if variant == "fp16" else []
+    return OnnxRuntimeBackend(model, spec, device=device_kind, device_index=device_index, threads=threads,
+                              disabled_optimizers=disabled)

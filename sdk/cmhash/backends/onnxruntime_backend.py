@@ -38,6 +38,7 @@ class OnnxRuntimeBackend(Backend):
         device: str = "cpu",
         device_index: int = 0,
         threads: int | None = None,
+        disabled_optimizers: list[str] | None = None,
     ):
         ort = _onnxruntime()
         self.spec = spec
@@ -59,7 +60,8 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+            extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers, **extra)
         except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented...: all mean a bad model file
             raise BundleError(f"{spec.what} is not a model onnxruntime can load: {exc}") from exc
         self.device = device

@@ -1,0 +1,190 @@
+"""Collections to encode: a folder, a file list or a manifest, read into numbered records.
+
+Used by ``cmhash encode`` and by the export's verification (``--verify-data``), so both read
+a collection the same way.
+
+- **folder**: for images, every image file under it (by suffix, recursively, sorted by
+  relative path); for texts, every ``.txt`` file, whose whole content is one text.
+- **manifest** (``.jsonl`` / ``.ndjson`` / ``.json`` lines, or ``.csv`` with a header): one
+  record per line with ``image`` (a path, relative to the manifest's folder), ``text``
+  and/or ``tags`` (words, or column indices of the vocabulary), ``labels`` (names) and an
+  optional ``id``. CSV cells separate several tags or labels with ``|`` (as in training).
+- **file list** (any other file): one entry per line, blank lines skipped; for images a path
+  (relative to the list's folder), for texts the line itself.
+
+Record ``number`` is the position in the whole collection (0, 1, ...): the id the codes
+get, stable across shards and resumes. ``name`` is what the user knows the item by (its
+path, the manifest's ``id`` or the line number).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import EncodeJobError, TextInputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
+LIST_SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class Record:
+    number: int  # position in the collection: the code's id
+    name: str  # path, manifest id or line number, for the user
+    image: Path | None = None
+    text: str | None = None
+    tags: tuple = ()
+    labels: tuple[str, ...] | None = None
+    problem: str | None = None  # why this record cannot be encoded (listed, not raised)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None or bool(self.tags)
+
+
+def collection_kind(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    if not path.exists():
+        raise EncodeJobError(f"input not found: {path}")
+    return "manifest" if path.suffix.lower() in MANIFEST_SUFFIXES else "list"
+
+
+def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Record]:
+    """The records of a folder, file list or manifest (see the module docstring)."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    path = Path(path)
+    kind = collection_kind(path)
+    if kind == "folder":
+        records = _read_folder(path, modality)
+    elif kind == "manifest":
+        records = _read_manifest(path)
+    else:
+        records = _read_list(path, modality)
+    if not records:
+        raise EncodeJobError(f"{path} holds no {'images' if modality == 'image' else 'texts'} to encode")
+    return records
+
+
+def _read_folder(root: Path, modality: str) -> list[Record]:
+    suffixes = IMAGE_SUFFIXES if modality == "image" else (".txt",)
+    paths = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    records = []
+    for number, p in enumerate(paths):
+        name = p.relative_to(root).as_posix()
+        if modality == "image":
+            records.append(Record(number, name, image=p))
+        else:
+            try:
+                text = p.read_bytes().decode("utf-8")
+                records.append(Record(number, name, text=text))
+            except UnicodeDecodeError as exc:
+                records.append(Record(number, name, problem=f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            except OSError as exc:
+                records.append(Record(number, name, problem=f"cannot be read: {exc.strerror or exc}"))
+    return records
+
+
+def _read_list(path: Path, modality: str) -> list[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EncodeJobError(f"{path}: the file list is not UTF-8 text ({exc})") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry:
+            continue
+        if modality == "image":
+            records.append(Record(len(records), entry, image=_resolve(path.parent, entry)))
+        else:
+            records.append(Record(len(records), f"line {lineno}", text=line))
+    return records
+
+
+def _resolve(root: Path, entry: str) -> Path:
+    p = Path(entry).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _read_manifest(path: Path) -> list[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EncodeJobError(f"{path}: the manifest is not UTF-8 text ({exc})") from None
+    rows: list[tuple[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        for lineno, row in enumerate(csv.DictReader(text.splitlines()), 2):
+            rec: dict = {k.strip(): v for k, v in row.items() if k is not None}
+            for key in ("tags", "labels"):
+                if key in rec:
+                    rec[key] = [s.strip() for s in (rec[key] or "").split(LIST_SEPARATOR) if s.strip()]
+            rows.append((f"{path.name}:{lineno}", rec))
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rec = f"not valid JSON ({exc.msg})"
+            rows.append((f"{path.name}:{lineno}", rec))
+    return [_manifest_record(number, where, rec, path.parent) for number, (where, rec) in enumerate(rows)]
+
+
+def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:
+    if not isinstance(rec, dict):
+        return Record(number, where, problem=rec if isinstance(rec, str) else "each line must be a JSON object")
+    name = str(rec["id"]) if rec.get("id") not in (None, "") else (str(rec.get("image")) if rec.get("image") else where)
+    problems = []
+    image = _resolve(root, str(rec["image"])) if rec.get("image") else None
+    text = rec.get("text")
+    if text is not None and not isinstance(text, str):
+        problems.append("'text' must be a string")
+        text = None
+    tags = rec.get("tags") or []
+    if not isinstance(tags, list):
+        problems.append("'tags' must be a list")
+        tags = []
+    labels = rec.get("labels")
+    if labels is not None:
+        labels = tuple(str(x) for x in (labels if isinstance(labels, list) else [labels]))
+    return Record(number, name, image=image, text=text, tags=tuple(tags), labels=labels,
+                  problem="; ".join(problems) or None, raw=rec)
+
+
+def _is_index(x: Any) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, str) and x.strip().isdigit())
+
+
+def text_input(record: Record, vocabulary, dim: int):
+    """What :meth:`Encoder.hash_texts` takes for a record, built as training builds it: the
+    text and the tags as one tag list (``[text, *tags]``), or a BoW vector when the tags are
+    column indices. Raises :class:`TextInputError` when there is no text to take."""
+    if not record.has_text:
+        raise TextInputError("the record has no 'text' or 'tags'")
+    tags: Sequence = record.tags
+    if tags and all(_is_index(t) for t in tags):
+        if record.text:
+            raise TextInputError("a record cannot mix a raw text with tag column indices")
+        idx = sorted({int(t) for t in tags})
+        if idx[-1] >= dim:
+            raise TextInputError(f"tag index {idx[-1]} is outside the model's {dim} text columns")
+        bow = np.zeros(dim, dtype=np.float32)
+        bow[idx] = 1.0
+        return bow
+    return ([record.text] if record.text else []) + [str(t) for t in tags]

@@ -1,0 +1,331 @@
+"""Offline encoding of a whole collection: ``cmhash encode`` as a library call.
+
+    summary = encode_collection("bundle/", "photos/", "out/", batch_size=64, workers=4)
+
+Output folder::
+
+    job.json        what is being encoded (input, modality, shard, chunking, bundle); a resume
+                    must match it
+    parts/          one part-NNNNNN.npz per finished chunk (codes, ids, errors), written
+                    atomically; removed once merged
+    codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,): ``HashIndex.add(codes,
+                    ids)`` and ``cmhash index build out/codes.npz`` take it directly
+    errors.jsonl    one line per item that could not be encoded: id, item, reason
+    summary.json    counts and timing
+
+Ids are the items' positions in the whole input (see :mod:`cmhash.inputs`), so the shards of
+``--shard i/N`` (every N-th item, from the i-th) never collide and their codes can be added
+to one index. A job killed at any point resumes with ``resume=True``: finished chunks are
+kept, the rest is encoded again; every item ends up exactly once in the codes or in the
+errors (checked before ``codes.npz`` is written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CmhashError, EncodeJobError
+from .inputs import Record, read_collection, text_input
+from .preprocess import load_image
+
+JOB_FORMAT = "cmhash.encode"
+JOB_VERSION = 1
+DEFAULT_CHUNK = 1024
+_KILL_HOOK = "_CMHASH_TEST_KILL_AFTER_PARTS"  # tests: SIGKILL this process mid-write of the next part
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise EncodeJobError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise EncodeJobError(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def encode_collection(
+    bundle: str | os.PathLike,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    batch_size: int = 32,
+    workers: int = 4,
+    shard: tuple[int, int] | str = (0, 1),
+    resume: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    variant: str = "fp32",
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    encoder: Any = None,
+) -> dict:
+    """Encode every item of ``source`` into ``out_dir`` (see the module docstring).
+
+    Args:
+        bundle: the bundle to hash with (ignored when ``encoder`` is given).
+        source: a folder, a file list or a manifest (:mod:`cmhash.inputs`).
+        modality: ``"image"`` or ``"text"``; default: image when the bundle has it.
+        batch_size: items per model call. workers: decoding threads.
+        shard: ``(i, N)`` or ``"i/N"``: encode every N-th item starting at the i-th.
+        resume: continue a job in ``out_dir`` (else the folder must be new or empty).
+        chunk_size: items per part file (the unit of resumption); fixed for a job.
+        progress: called as ``progress(done, total, seconds)`` after each chunk.
+
+    Returns:
+        The summary (also written to ``summary.json``).
+    """
+    from .encoder import Encoder
+
+    if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"batch_size and workers must be positive ints, got {batch_size!r}, {workers!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
+    parse_shard(f"{shard[0]}/{shard[1]}")
+    out = Path(out_dir)
+    if encoder is None:
+        encoder = Encoder.load(bundle, backend=backend, device=device, threads=threads, variant=variant)
+    if modality is None:
+        modality = "image" if "image" in encoder.modalities else "text"
+    encoder._require(modality)
+    records = read_collection(source, modality)
+    mine = records[shard[0] :: shard[1]]
+    job = {
+        "format": JOB_FORMAT,
+        "version": JOB_VERSION,
+        "input": str(Path(source).resolve()),
+        "input_fingerprint": _fingerprint(records),
+        "modality": modality,
+        "shard": list(shard),
+        "chunk_size": chunk_size,
+        "items": len(mine),
+        "bits": encoder.bits,
+        "variant": encoder.variant,
+        "bundle": hashlib.sha256(json.dumps(encoder.bundle.manifest, sort_keys=True).encode()).hexdigest(),
+    }
+    done_parts = _prepare(out, job, resume)
+    if (out / "codes.npz").exists():  # a finished job, resumed: nothing to do
+        return json.loads((out / "summary.json").read_text())
+
+    started = time.perf_counter()
+    chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
+    total = len(mine)
+    done = sum(len(chunks[k]) for k in done_parts if k < len(chunks))
+    kill_after = int(os.environ.get(_KILL_HOOK, "-1"))
+    written = items_now = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmhash-decode") as pool:
+        for k, chunk in enumerate(chunks):
+            if k in done_parts:
+                continue
+            codes, ids, errors = _encode_chunk(encoder, modality, chunk, batch_size, pool)
+            _write_part(out / "parts" / f"part-{k:06d}.npz", codes, ids, errors, kill=written == kill_after)
+            written += 1
+            items_now += len(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total, time.perf_counter() - started)
+    return _merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now)
+
+
+# --- job folder ------------------------------------------------------------------------------------
+
+
+def _fingerprint(records: list[Record]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.number}\t{r.name}\t{r.image}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _prepare(out: Path, job: dict, resume: bool) -> set[int]:
+    """Check or create the job folder; the chunk numbers already done."""
+    job_file = out / "job.json"
+    if job_file.exists():
+        if not resume:
+            raise EncodeJobError(f"{out} already holds an encoding job; pass --resume to continue it, or use a new folder")
+        try:
+            old = json.loads(job_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EncodeJobError(f"{job_file} is unreadable ({exc}); remove the folder and start again") from exc
+        changed = sorted(k for k in job if old.get(k) != job[k])
+        if changed:
+            raise EncodeJobError(
+                f"cannot resume {out}: the job differs in " + ", ".join(f"{k} ({old.get(k)!r} -> {job[k]!r})" for k in changed)
+            )
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise EncodeJobError(f"{out} is not empty and holds no encoding job; choose a new or empty folder")
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        _atomic_write(job_file, (json.dumps(job, indent=2) + "\n").encode())
+    done = set()
+    for part in (out / "parts").glob("part-*.npz") if (out / "parts").exists() else []:
+        done.add(int(part.stem.split("-")[1]))
+    return done
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_part(path: Path, codes, ids, errors, kill: bool = False) -> None:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        codes=codes,
+        ids=np.asarray(ids, dtype=np.int64),
+        error_ids=np.asarray([e["id"] for e in errors], dtype=np.int64),
+        error_items=np.asarray([e["item"] for e in errors], dtype=str),
+        error_reasons=np.asarray([e["reason"] for e in errors], dtype=str),
+    )
+    if kill:  # fault injection for the resume test: die with the part half written
+        fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.write(fd, buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    _atomic_write(path, buffer.getvalue())
+
+
+# --- encoding ----------------------------------------------------------------------------------------
+
+
+def _encode_chunk(encoder, modality: str, chunk: list[Record], batch_size: int, pool: ThreadPoolExecutor):
+    prepare = _image_input if modality == "image" else _text_input
+    prepared = list(pool.map(lambda r: prepare(encoder, r), chunk))
+    errors = [{"id": r.number, "item": r.name, "reason": reason} for r, (_, reason) in zip(chunk, prepared) if reason]
+    good = [(r, x) for r, (x, reason) in zip(chunk, prepared) if not reason]
+    codes = np.zeros((0, encoder.bits // 8), dtype=np.uint8)
+    if good:
+        outs = []
+        for start in range(0, len(good), batch_size):
+            batch = np.stack([x for _, x in good[start : start + batch_size]])
+            outs.append(encoder.hash_preprocessed(modality, batch))
+        codes = np.concatenate(outs)
+    return codes, [r.number for r, _ in good], errors
+
+
+def _image_input(encoder, record: Record):
+    try:
+        if record.problem:
+            return None, record.problem
+        if record.image is None:
+            return None, "the record has no 'image'"
+        pre = encoder.preprocessor
+        return pre.transform(load_image(record.image, max_pixels=pre.max_pixels)), None
+    except CmhashError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _text_input(encoder, record: Record):
+    try:
+        if record.problem:
+            return None, record.problem
+        item = text_input(record, encoder.vocabulary, encoder.text_dim)
+        if isinstance(item, np.ndarray):
+            return item, None
+        return encoder.encode_text_input(item), None
+    except CmhashError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+# --- merging ------------------------------------------------------------------------------------------
+
+
+def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: float, items_now: int) -> dict:
+    codes, ids, names, errors = [], [], [], []
+    for k in range(n_chunks):
+        path = out / "parts" / f"part-{k:06d}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                codes.append(z["codes"])
+                ids.append(z["ids"])
+                errors.extend({"id": int(i), "item": str(n), "reason": str(r)}
+                              for i, n, r in zip(z["error_ids"], z["error_items"], z["error_reasons"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncodeJobError(f"{path} is missing or damaged ({exc}); delete it and resume to redo its items") from exc
+    codes = np.concatenate(codes) if codes else np.zeros((0, job["bits"] // 8), np.uint8)
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    seen = np.concatenate([ids, np.asarray([e["id"] for e in errors], dtype=np.int64)])
+    expected = np.asarray([r.number for r in mine], dtype=np.int64)
+    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), np.sort(expected)):
+        raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
+    by_number = {r.number: r.name for r in mine}
+    names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
+    buffer = io.BytesIO()
+    np.savez(buffer, codes=codes, ids=ids, names=names)
+    _atomic_write(out / "codes.npz", buffer.getvalue())
+    _atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+    summary = {
+        "input": job["input"],
+        "modality": job["modality"],
+        "shard": f"{job['shard'][0]}/{job['shard'][1]}",
+        "items": len(mine),
+        "encoded": int(len(ids)),
+        "errors": len(errors),
+        "bits": job["bits"],
+        "variant": job["variant"],
+        "items_this_run": items_now,  # less than items after a resume
+        "seconds": round(seconds, 3),
+        "items_per_second": round(items_now / seconds, 1) if seconds > 0 else 0.0,
+        "codes": str(out / "codes.npz"),
+        "errors_file": str(out / "errors.jsonl"),
+    }
+    _atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    shutil.rmtree(out / "parts", ignore_errors=True)
+    return summary
+
+
+class Progress:
+    """A one-line progress display on stderr: items, items/s and ETA."""
+
+    def __init__(self, stream=None, every: float = 0.5):
+        self.stream = stream or sys.stderr
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = every
+        self._last = -1.0
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        if self.live and seconds - self._last < self.every and done < total:
+            return
+        self._last = seconds
+        rate = done / seconds if seconds > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        line = f"{done}/{total} items  {rate:,.1f} items/s  ETA {_clock(eta)}"
+        if self.live:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,231 @@
+"""``cmhash encode`` and ``cmhash bench`` on bundles of tiny towers (no torch needed): every
+input form, unreadable items listed, shards, resume after a real SIGKILL, and the output
+going straight into ``HashIndex`` / ``cmhash index build``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmhash.cli import main
+from cmhash.encoder import Encoder
+from cmhash.errors import EncodeJobError
+from cmhash.index import HashIndex
+from cmhash.offline import encode_collection, parse_shard
+
+pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
+pytest.importorskip("onnxruntime")
+
+from fixtures.towers import make_bundle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = sorted((ROOT.parent / "shared" / "data" / "mirflickr-mini" / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("b") / "bundle", bits=32, image_size=32)[0]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """40 images (real photos where present) of several formats, plus 4 unreadable files."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        if PHOTOS:
+            image = Image.open(PHOTOS[i]).convert("RGB")
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (30 + i, 50, 3), dtype=np.uint8))
+        image.save(sub / f"img{i:02d}.{['jpg', 'png', 'webp'][i % 3]}")
+    good = (root / "b" / "img00.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[:200])
+    (root / "empty.png").write_bytes(b"")
+    (root / "text_pretending.jpg").write_bytes(b"hello, I am not an image")
+    big = io.BytesIO()
+    Image.new("L", (12000, 10000)).save(big, "PNG")  # a decompression bomb for the default limit
+    (root / "bomb.png").write_bytes(big.getvalue())
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def load_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_folder_codes_ids_errors_and_index(bundle, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["encode", str(bundle), str(folder), "--out", str(out), "--batch-size", "8", "--workers", "3",
+                 "--chunk-size", "16"]) == 0
+    assert "40 of 44 items encoded" in capsys.readouterr().out
+    result = load_npz(out / "codes.npz")
+    assert result["codes"].dtype == np.uint8 and result["codes"].shape == (40, 4)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["item"] for e in errors) == ["bomb.png", "empty.png", "text_pretending.jpg", "truncated.jpg"]
+    reasons = {e["item"]: e["reason"] for e in errors}
+    assert "0 bytes" in reasons["empty.png"] and "ImageTooLargeError" in reasons["bomb.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["items"], summary["encoded"], summary["errors"]) == (44, 40, 4)
+    assert not (out / "parts").exists()
+
+    # ids are positions in the sorted collection; codes equal Encoder's own, item by item
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix != ".txt" and p.is_file())
+    assert [names[i] for i in result["ids"]] == list(result["names"])
+    enc = Encoder.load(bundle, threads=1)
+    assert np.array_equal(result["codes"], enc.hash_images([folder / n for n in result["names"]]))
+
+    index = HashIndex(32)
+    index.add(result["codes"], result["ids"])
+    dist, ids = index.search(result["codes"][:3], 1)
+    assert np.array_equal(ids[:, 0], result["ids"][:3]) and (dist[:, 0] == 0).all()
+    assert main(["index", "build", str(out / "codes.npz"), "--out", str(tmp_path / "idx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 40
+
+
+def test_file_list_and_manifest_inputs(bundle, folder, tmp_path):
+    paths = sorted((folder / "a").glob("*"))[:5]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(p) for p in paths] + ["", "missing.jpg"]) + "\n")
+    summary = encode_collection(bundle, listing, tmp_path / "l", workers=2)
+    assert (summary["items"], summary["encoded"], summary["errors"]) == (6, 5, 1)
+    assert "not found" in (tmp_path / "l" / "errors.jsonl").read_text()
+
+    manifest = tmp_path / "m.jsonl"
+    records = [{"id": f"doc{i}", "image": str(p), "text": "a cat on the beach" if i % 2 else "snow at night"}
+               for i, p in enumerate(paths)]
+    manifest.write_text("\n".join(json.dumps(r) for r in records) + "\n{broken json\n"
+                        + json.dumps({"id": "no-text", "image": str(paths[0])}) + "\n")
+    images = encode_collection(bundle, manifest, tmp_path / "mi")
+    texts = encode_collection(bundle, manifest, tmp_path / "mt", modality="text")
+    assert (images["encoded"], images["errors"]) == (6, 1)
+    assert (texts["encoded"], texts["errors"]) == (5, 2)
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "mt" / "errors.jsonl").read_text().splitlines()]
+    assert any("not valid JSON" in r for r in reasons) and any("no 'text' or 'tags'" in r for r in reasons)
+    got = load_npz(tmp_path / "mt" / "codes.npz")
+    assert list(got["names"]) == [f"doc{i}" for i in range(5)]
+    enc = Encoder.load(bundle)
+    assert np.array_equal(got["codes"], enc.hash_texts([r["text"] for r in records]))
+
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("id,text,tags\nx,a cat,sky|sea\ny,,dog\n")
+    assert encode_collection(bundle, csv_file, tmp_path / "csv", modality="text")["encoded"] == 2
+    assert np.array_equal(load_npz(tmp_path / "csv" / "codes.npz")["codes"],
+                          enc.hash_texts([["a cat", "sky", "sea"], ["dog"]]))
+
+
+def test_text_folder_and_list_with_bad_bytes(bundle, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "1.txt").write_text("a dog in the snow")
+    (docs / "2.txt").write_text("")  # the empty text is legal: the code of the empty bag of words
+    (docs / "3.txt").write_bytes(b"caf\xe9 latin-1")
+    (docs / "4.txt").write_text("word " * 200_000 + "cat")
+    summary = encode_collection(bundle, docs, tmp_path / "o", modality="text")
+    assert (summary["encoded"], summary["errors"]) == (3, 1)
+    assert "UTF-8" in (tmp_path / "o" / "errors.jsonl").read_text()
+    enc = Encoder.load(bundle)
+    codes = load_npz(tmp_path / "o" / "codes.npz")["codes"]
+    assert np.array_equal(codes, enc.hash_texts(["a dog in the snow", "", "cat"]))
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("sunset over the sea\n\nstreet at night\n")
+    summary = encode_collection(bundle, lines, tmp_path / "p", modality="text")
+    assert summary["encoded"] == 2
+
+
+def test_shards_partition_the_collection(bundle, folder, tmp_path):
+    whole = encode_collection(bundle, folder, tmp_path / "all", chunk_size=7)
+    full = load_npz(tmp_path / "all" / "codes.npz")
+    parts = [load_npz(tmp_path / f"s{i}" / "codes.npz") for i in range(3)
+             if encode_collection(bundle, folder, tmp_path / f"s{i}", shard=f"{i}/3", chunk_size=7)]
+    ids = np.concatenate([p["ids"] for p in parts])
+    assert len(ids) == len(set(ids.tolist())) == whole["encoded"]
+    order = np.argsort(ids)
+    assert np.array_equal(ids[order], full["ids"])
+    assert np.array_equal(np.concatenate([p["codes"] for p in parts])[order], full["codes"])
+    index = HashIndex(32)
+    for p in parts:  # shards go into one index without id clashes
+        index.add(p["codes"], p["ids"])
+    assert len(index) == 40
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(EncodeJobError, match="shard"):
+            parse_shard(bad)
+
+
+KILLED_RUN = """
+import sys
+from cmhash.cli import main
+sys.exit(main(["encode", sys.argv[1], sys.argv[2], "--out", sys.argv[3], "--chunk-size", "6", "--batch-size", "4",
+               "--workers", "2", "--json"]))
+"""
+
+
+def test_resume_after_a_kill_loses_and_repeats_nothing(bundle, folder, tmp_path):
+    reference = tmp_path / "ref"
+    encode_collection(bundle, folder, reference, chunk_size=6)
+    out = tmp_path / "job"
+    env = dict(os.environ, _CMHASH_TEST_KILL_AFTER_PARTS="3")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(bundle), str(folder), str(out)],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(list((out / "parts").glob("part-*.npz"))) == 3
+    assert list((out / "parts").glob(".part-*.tmp"))  # the fourth part was half written
+    assert not (out / "codes.npz").exists()
+
+    with pytest.raises(EncodeJobError, match="--resume"):
+        encode_collection(bundle, folder, out, chunk_size=6)
+    with pytest.raises(EncodeJobError, match="chunk_size"):
+        encode_collection(bundle, folder, out, chunk_size=5, resume=True)
+    summary = encode_collection(bundle, folder, out, chunk_size=6, resume=True, batch_size=3)
+    assert summary["items_this_run"] == 44 - 18 and summary["encoded"] == 40 and summary["errors"] == 4
+    got, ref = load_npz(out / "codes.npz"), load_npz(reference / "codes.npz")
+    assert np.array_equal(got["ids"], ref["ids"]) and np.array_equal(got["codes"], ref["codes"])
+    assert (out / "errors.jsonl").read_text() == (reference / "errors.jsonl").read_text()
+    assert encode_collection(bundle, folder, out, chunk_size=6, resume=True)["encoded"] == 40  # finished: a no-op
+
+
+def test_output_folder_that_is_not_a_job_is_refused(bundle, folder, tmp_path, capsys):
+    (tmp_path / "stuff.txt").write_text("mine")
+    assert main(["encode", str(bundle), str(folder), "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["encode", str(bundle), str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_bench_json_quick(bundle, tmp_path, capsys):
+    assert main(["bench", str(bundle), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {(r["modality"], r["batch"]) for r in record["rows"]} == {(m, b) for m in ("image", "text") for b in (1, 8)}
+    assert all(r["backend"] == "onnxruntime" and r["variant"] == "fp32" for r in record["rows"])
+    assert all(0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in record["rows"])
+    assert "skipped" in record["pytorch_baseline"]
+    assert main(["bench", str(bundle), "--batch-sizes", "2", "--repeats", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "p50 ms" in table and "onnxruntime" in table
+
+
+def test_examples_encode_folder_then_edge_search_without_torch(bundle, folder, tmp_path):
+    out = tmp_path / "enc"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "encode_folder.py"), str(bundle), str(folder), str(out),
+                          "--workers", "2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert '"encoded": 40' in run.stdout and "nearest to" in run.stdout
+    photo = next(folder.rglob("img00.jpg"))
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "edge_search.py"), str(bundle), str(out / "index.chi"),
+                          str(out / "codes.npz"), "a cat on the beach", str(photo), "-k", "3"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr  # the script asserts torch never loaded
+    lines = run.stdout.splitlines()
+    assert lines[1].startswith("[text] 'a cat on the beach' -> ")
+    assert lines[2].startswith(f"[image] {str(photo)!r} -> b/img00.jpg (0)")  # an indexed image finds itself

@@ -1,0 +1,81 @@
+"""EGATH round trip: train the shipped demo config for one epoch on a small generated shapes
+set, export with fp16 and int8 (verified and calibrated on the run's own data, rebuilt from
+the checkpoint), then hash the rendered images and captions through ``Encoder`` and compare
+with the PyTorch towers fed by the training pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("open_clip")
+
+from cmhash import pack_codes  # noqa: E402
+from cmhash.encoder import Encoder  # noqa: E402
+from cmhash.export import export_checkpoint  # noqa: E402
+from cmhash.metrics import mean_average_precision  # noqa: E402
+from cmhash.training.data import build_transform, captions  # noqa: E402
+
+run = pytest.importorskip("cmhash.training.run")
+
+
+@pytest.fixture(scope="module")
+def egath(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("egath")
+    overrides = [f"train.out_dir={out}", "train.epochs=1", "data.n=300", "data.split={query: 50, train: 150, seed: 0}",
+                 "train.progress=false", "model.bits=16"]
+    config = run.load_config(run.resolve_config("egath/demo"), overrides)
+    run.train(config)
+    bundle = tmp_path_factory.mktemp("bundle") / "egath"
+    report = export_checkpoint(out, bundle, fp16=True, int8=True, verify_items=128)
+    return config, out, bundle, report
+
+
+def test_egath_exports_and_verifies_on_its_training_data(egath):
+    _, _, bundle, report = egath
+    assert report["method"] == "egath" and report["passed"]
+    assert report["inputs"]["source"].startswith("training data of")
+    assert len(report["results"]) == 6
+    for r in report["results"]:
+        assert r["bit_agreement"] >= (0.999 if r["variant"] == "fp32" else 0.97)
+    assert abs(report["map"]["fp32"]["delta_i2t"]) <= 0.005 and abs(report["map"]["fp32"]["delta_t2i"]) <= 0.005
+
+
+def test_egath_encoder_codes_and_map_equal_pytorch(egath):
+    config, out, bundle, _ = egath
+    _, method, _ = run.load_trained(out)
+    prepared = run.prepare_data(config, vocabulary=None)
+    data, split = prepared.data, prepared.split
+    items = np.concatenate([split.query, split.database[:150]])
+    images = [data.images.load(int(i)) for i in items]  # rendered PIL images, as a user would pass them
+    texts = [captions(data)[int(i)] for i in items]
+    bows = np.stack([data.text(int(i)) for i in items])
+    transform = build_transform(prepared.info.preprocessing)  # the training pipeline's eval transform
+    with torch.no_grad():
+        pixels = torch.stack([transform(im) for im in images])
+        ref_image = method.image_tower()(pixels).numpy()
+        ref_text = method.text_tower()(torch.from_numpy(bows)).numpy()
+
+    enc = Encoder.load(bundle, threads=1)
+    image_codes, text_codes = enc.hash_images(images), enc.hash_texts(bows)
+    for codes, ref in ((image_codes, ref_image), (text_codes, ref_text)):
+        bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
+        assert (bits == (ref >= 0)).mean() >= 0.999
+    assert np.array_equal(enc.hash_texts(texts), text_codes)  # raw captions, tokenised by the bundle
+
+    labels = data.labels[items]
+    q, db = slice(0, 50), slice(50, None)
+    ti, tt = pack_codes(ref_image, input="sign"), pack_codes(ref_text, input="sign")
+    assert abs(mean_average_precision(image_codes[q], text_codes[db], labels[q], labels[db])
+               - mean_average_precision(ti[q], tt[db], labels[q], labels[db])) <= 0.005
+    assert abs(mean_average_precision(text_codes[q], image_codes[db], labels[q], labels[db])
+               - mean_average_precision(tt[q], ti[db], labels[q], labels[db])) <= 0.005
+
+    for variant in ("fp16", "int8"):
+        reduced = Encoder.load(bundle, threads=1, variant=variant).hash_images(images)
+        agree = np.unpackbits(reduced, axis=1, bitorder="little") == np.unpackbits(image_codes, axis=1, bitorder="little")
+        assert agree.mean() >= 0.97
