@@ -487,20 +487,23 @@ def test_towers_export_to_onnx_and_match(tmp_path, prepared):
 
 
 def test_round_trip_through_the_export_bundle(tmp_path, prepared):
-    export = pytest.importorskip("cmhash.export")
-    if not hasattr(export, "export_checkpoint"):
-        pytest.skip("cmhash.export.export_checkpoint is not on this branch yet")
     from cmhash.encoder import Encoder
+    from cmhash.export import export_checkpoint
+    from cmhash.training.data import build_transform
 
     result = train(tiny_config(tmp_path))
-    report = export.export_checkpoint(result.out_dir, tmp_path / "bundle", verify_items=64)
+    report = export_checkpoint(result.out_dir, tmp_path / "bundle", verify_items=64)
     assert report["method"] == "tegah" and report["passed"]
+    assert all(r["bit_agreement"] >= 0.999 for r in report["results"])
     _, method, _ = load_trained(result.out_dir)
-    batch = first_batch(prepared, 24)
+    rows = prepared.split.query[:24]
+    images = [prepared.data.images.load(int(i)) for i in rows]  # rendered PIL images, as a user passes them
+    bows = np.stack([prepared.data.text(int(i)) for i in rows])
+    transform = build_transform(prepared.info.preprocessing)  # the training pipeline's evaluation transform
     with torch.no_grad():
-        ref = method.text_tower()(batch.text).numpy()
-    codes = Encoder.load(tmp_path / "bundle", threads=1).hash_texts(batch.text.numpy())
-    bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
-    assert (bits == (ref >= 0)).mean() >= 0.999
-    for r in report["results"]:
-        assert r["bit_agreement"] >= 0.999
+        ref_image = method.image_tower()(torch.stack([transform(im) for im in images])).numpy()
+        ref_text = method.text_tower()(torch.from_numpy(bows)).numpy()
+    encoder = Encoder.load(tmp_path / "bundle", threads=1)
+    for codes, ref in ((encoder.hash_images(images), ref_image), (encoder.hash_texts(bows), ref_text)):
+        bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
+        assert (bits == (ref >= 0)).mean() >= 0.999
