@@ -239,8 +239,10 @@ def test_save_killed_midway_leaves_old_file_intact(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, env=env)
         try:
             assert proc.stdout.readline().strip() == b"begun"
-            time.sleep(0.05 + 0.1 * attempt)
-            temps = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+            deadline, temps = time.monotonic() + 20, []
+            while not temps and time.monotonic() < deadline:  # wait until a save is under way
+                temps = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+            time.sleep(0.003 * attempt)  # then kill at a slightly different moment each try
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
