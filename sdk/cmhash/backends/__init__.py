@@ -86,7 +86,8 @@ def create_backend(
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
         threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
-        variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``). A reduced
+        variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``,
+            ``"int8-dynamic"``: onnxruntime only). A reduced
             precision file carries its own types (fp16 casts, Q/DQ), so TensorRT builds it
             strongly typed (``precision="model"``) unless told otherwise.
         options: backend-specific (TensorRT: ``precision``, ``cache_dir``, ``max_batch``).
@@ -105,6 +106,10 @@ def create_backend(
             raise BackendUnavailableError("the TensorRT backend runs on a GPU; pass device='cuda'")
         from .tensorrt_backend import TensorRTBackend
 
+        if variant == "int8-dynamic":
+            raise BackendUnavailableError(
+                "the int8-dynamic variant runs on onnxruntime only (onnxruntime operators, dynamic "
+                "quantisation); TensorRT takes the QDQ 'int8' variant")
         if variant != "fp32":
             options.setdefault("precision", "model")
         return TensorRTBackend(model, spec, device_index=device_index, **options)
