@@ -227,6 +227,8 @@ def fuse_transformer(model_bytes: bytes, what: str):
         root.setLevel(level)
     model = fused.model
     _topological_sort(model.graph)
+    domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"} - {o.domain for o in model.opset_import}
+    model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains))  # the optimiser leaves them out
     onnx.checker.check_model(model)  # com.microsoft ops: the full check knows no schemas for them
     return model, fused.get_fused_operator_statistics()
 
