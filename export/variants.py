@@ -241,7 +241,11 @@ def quantize_int8_dynamic(model_bytes: bytes, what: str) -> tuple[bytes, dict]:
 
     model, fused = fuse_transformer(model_bytes, what)
     name_nodes(model)
-    exclude = sorted(head_nodes(model))
+    head = head_nodes(model)
+    # Dynamic quantisation first splits each Gemm into "<name>_MatMul" + Add and then matches
+    # the exclusions against the new names (onnxruntime 1.32): exclude both.
+    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+    exclude = sorted(head | {f"{name}_MatMul" for name in head & gemms})
     with tempfile.TemporaryDirectory(prefix="cmhash-int8d-") as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8d.onnx"
         onnx.save(model, str(src))
@@ -263,7 +267,7 @@ def quantize_int8_dynamic(model_bytes: bytes, what: str) -> tuple[bytes, dict]:
               for op in ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul")}
     info = {"format": "dynamic (onnxruntime CPU only)", "weights": "int8 symmetric per channel",
             "activations": "uint8, quantised per call", "fused": {k: v for k, v in fused.items() if v},
-            "quantized": {k: v for k, v in counts.items() if v}, "float_nodes": len(exclude)}
+            "quantized": {k: v for k, v in counts.items() if v}, "float_nodes": len(head)}
     return name_nodes(quantized).SerializeToString(), info
 
 
