@@ -56,7 +56,8 @@ class ExportAttention(nn.Module):
     is fixed by the input size), k transposed once, scores scaled after the product.
 
     It shares ``mha``'s parameters and takes its call signature. Cross-attention, key
-    padding masks and causal flags go to ``mha`` itself (exported as before).
+    padding masks, causal flags and calls that want the attention weights go to ``mha``
+    itself (exported as before).
     """
 
     def __init__(self, mha: nn.MultiheadAttention):
@@ -74,7 +75,7 @@ class ExportAttention(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         mha = self.mha
-        plain = (key is query and value is query and key_padding_mask is None and not is_causal
+        plain = (key is query and value is query and key_padding_mask is None and not is_causal and not need_weights
                  and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
                  and (mha.dropout == 0.0 or not mha.training) and (attn_mask is None or attn_mask.dim() == 2))
         if not plain:
@@ -94,8 +95,9 @@ class ExportAttention(nn.Module):
         v = project(2).permute(0, 2, 1, 3)
         scores = torch.matmul(q, k) * (1.0 / math.sqrt(d))
         if attn_mask is not None:
-            mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=x.dtype).masked_fill(attn_mask, float("-inf"))
-            scores = scores + mask
+            if attn_mask.dtype == torch.bool:  # True: not allowed to attend
+                attn_mask = torch.zeros_like(attn_mask, dtype=x.dtype).masked_fill(attn_mask, float("-inf"))
+            scores = scores + attn_mask
         out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).reshape(x.shape[0], n, e)
         out = mha.out_proj(out)
         return (out if self.batch_first else out.transpose(0, 1)), None

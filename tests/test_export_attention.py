@@ -84,7 +84,7 @@ def test_export_copy_computes_the_same_and_leaves_the_tower_alone(vit):
         torch.backends.mha.set_fastpath_enabled(True)
 
 
-@pytest.mark.parametrize("case", ["batch_second_float_mask", "bool_mask", "cross_attention", "encoder_layer"])
+@pytest.mark.parametrize("case", ["batch_second_float_mask", "bool_mask", "cross_attention", "weights", "encoder_layer"])
 def test_export_attention_equals_multihead_attention(case):
     torch.manual_seed(1)
     x = torch.randn(5, 3, 32)  # (seq, batch, embed) when batch_first is False
@@ -100,6 +100,8 @@ def test_export_attention_equals_multihead_attention(case):
         elif case == "bool_mask":
             mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
             call = lambda m: m(x, x, x, need_weights=False, attn_mask=mask)[0]  # noqa: E731
+        elif case == "weights":  # the caller wants the attention weights: handed to nn.MultiheadAttention
+            call = lambda m: m(x, x, x)[1]  # noqa: E731
         else:  # not self-attention: handed to nn.MultiheadAttention itself
             memory = torch.randn(7, 3, 32)
             call = lambda m: m(x, memory, memory, need_weights=False)[0]  # noqa: E731
