@@ -22,3 +22,22 @@ def plain_wheel_python(tmp_path_factory) -> Path:
     python = tmp / "env" / "bin" / "python"
     subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, cwd=tmp)
     return python
+
+
+def pytest_configure(config):
+    try:
+        import torch
+    except ImportError:
+        return
+    config.cmhash_torch_threads = torch.get_num_threads()  # torch's default for this machine
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored(request):
+    """Tests and fixtures may run torch on one thread; later tests get the default back
+    (CPU results are bitwise reproducible only at a fixed thread count)."""
+    yield
+    threads = getattr(request.config, "cmhash_torch_threads", None)
+    torch = sys.modules.get("torch")
+    if threads is not None and torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -9,6 +9,11 @@ Names:
 - ``torchvision:<model>``, e.g. ``torchvision:alexnet``, ``torchvision:resnet18``: the
   network without its last linear layer (AlexNet gives fc7, 4096-d).
 - ``torchvision:tiny-resnet``: torchvision's ``ResNet`` with one basic block per stage.
+- ``timm:<model>``, e.g. ``timm:swin_small_patch4_window7_224`` (TEGAH's Swin-S): the
+  network without its classifier (pooled features, 768-d for Swin-S); images squashed to
+  the model's input size (bilinear), ImageNet normalisation, as TEGAH's code feeds Swin.
+- ``timm:tiny-swin``: timm's ``SwinTransformer`` on 64-pixel images, two stages of one
+  block each, for tests.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ TINY_CLIP_CONFIGS = {
                                                   "patch_size": 8}},
 }
 TORCHVISION_TINY = {"tiny-resnet"}
+# timm SwinTransformer: 4x4 patches of a 64-pixel image, windows of 4, widths 32 and 64.
+TIMM_TINY = {"tiny-swin": {"img_size": 64, "patch_size": 4, "window_size": 4, "embed_dim": 32, "depths": (1, 1),
+                           "num_heads": (2, 4)}}
 TORCHVISION_IMAGE_SIZE = 224
 _TORCHVISION_PREPROCESS = preprocess_config(TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
@@ -155,8 +163,8 @@ def _torchvision_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Mo
 
 def _split_name(name: str) -> tuple[str, str]:
     family, _, model = str(name).partition(":")
-    if family not in ("clip", "torchvision") or not model:
-        raise ConfigError(f"backbone name must be 'clip:<model>' or 'torchvision:<model>', got {name!r}")
+    if family not in ("clip", "torchvision", "timm") or not model:
+        raise ConfigError(f"backbone name must be 'clip:<model>', 'torchvision:<model>' or 'timm:<model>', got {name!r}")
     return family, model
 
 
@@ -164,14 +172,48 @@ def backbone_preprocess(name: str) -> dict:
     """The preprocessing backbone ``name`` expects, without building it (the data layer
     needs it before the method exists)."""
     family, model = _split_name(name)
+    if family == "timm":
+        return _timm_preprocess(model)
     return _clip_preprocess(_clip_config(model)) if family == "clip" else dict(_TORCHVISION_PREPROCESS)
+
+
+def _timm_preprocess(model: str) -> dict:
+    # TEGAH's code squashes images to the input size (bilinear) and normalises with ImageNet's statistics
+    if model in TIMM_TINY:
+        size = TIMM_TINY[model]["img_size"]
+    else:
+        import timm
+
+        if model not in timm.list_models():
+            raise ConfigError(f"unknown timm model {model!r}; available: {sorted(TIMM_TINY)} and timm.list_models() "
+                              f"(e.g. swin_small_patch4_window7_224)")
+        size = timm.get_pretrained_cfg(model).input_size[-1]
+    return preprocess_config(size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", resize_mode="squash")
+
+
+def _timm_trunk(model: str, pretrained: str | Path | None) -> tuple[nn.Module, int, dict]:
+    import timm
+
+    if model in TIMM_TINY:
+        from timm.models.swin_transformer import SwinTransformer
+
+        net = SwinTransformer(**TIMM_TINY[model])
+    elif model in timm.list_models():
+        net = timm.create_model(model, pretrained=False)
+    else:
+        raise ConfigError(f"unknown timm model {model!r}; available: {sorted(TIMM_TINY)} and timm.list_models() "
+                          f"(e.g. swin_small_patch4_window7_224)")
+    if pretrained is not None:  # the checkpoint includes the classifier, so load before removing it
+        net.load_state_dict(load_weights_file(pretrained))
+    net.reset_classifier(0)  # pooled features out
+    return net, net.num_features, _timm_preprocess(model)
 
 
 def build_image_backbone(name: str, pretrained: str | Path | None = None, freeze: bool = False) -> ImageBackbone:
     """Build the image trunk ``name`` (see the module docstring), randomly initialised or
     from the local weights file ``pretrained``; ``freeze`` stops its gradients."""
     family, model = _split_name(name)
-    builders = {"clip": _clip_tower, "torchvision": _torchvision_trunk}
+    builders = {"clip": _clip_tower, "torchvision": _torchvision_trunk, "timm": _timm_trunk}
     trunk, width, preprocess = builders[family](model, pretrained)
     spec = {"name": name, "pretrained": str(pretrained) if pretrained is not None else None, "freeze": bool(freeze)}
     return ImageBackbone(trunk, width, preprocess, spec, freeze=freeze)
