@@ -10,7 +10,7 @@ from cmhash.errors import ExportError, VerificationError
 from .api import DEFAULT_BIT_FLOOR, export_checkpoint
 from .loading import Trained, load_trained
 from .onnx_export import OPSET, export_tower
-from .variants import float_nodes, quantize_int8, to_fp16
+from .variants import float_nodes, quantize_int8, quantize_int8_dynamic, to_fp16
 
 __all__ = [
     "export_checkpoint",
@@ -19,6 +19,7 @@ __all__ = [
     "export_tower",
     "to_fp16",
     "quantize_int8",
+    "quantize_int8_dynamic",
     "float_nodes",
     "ExportError",
     "VerificationError",

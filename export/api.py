@@ -12,12 +12,12 @@ import torch
 
 from cmhash import __version__
 from cmhash.backends import ModelSpec, create_backend
-from cmhash.bundle import image_modality, load_bundle, pack_archive, text_modality, write_bundle
+from cmhash.bundle import ONNXRUNTIME_ONLY_VARIANTS, image_modality, load_bundle, pack_archive, text_modality, write_bundle
 from cmhash.errors import BackendUnavailableError, ExportError, VerificationError
 
 from .loading import Trained, load_trained
 from .onnx_export import IMAGE_INPUT, OPSET, OUTPUT_NAME, TEXT_INPUT, export_tower
-from .variants import quantize_int8, tensorrt_precision, to_fp16
+from .variants import quantize_int8, quantize_int8_dynamic, tensorrt_precision, to_fp16
 from .verify import (
     RealInputs,
     agreement,
@@ -43,6 +43,7 @@ def export_checkpoint(
     *,
     fp16: bool = False,
     int8: bool = False,
+    int8_dynamic: bool = False,
     tensorrt: bool = False,
     verify_data: Any = None,
     calibration_data: Any = None,
@@ -62,6 +63,8 @@ def export_checkpoint(
         out: the bundle directory to write.
         fp16, int8: also export these variants of each tower (int8 is calibrated on real
             inputs: ``calibration_data``, else the training data, else ``verify_data``).
+        int8_dynamic: also export the fused, dynamically quantised int8 towers
+            (onnxruntime on CPU only; no calibration; TensorRT skips them).
         tensorrt: build TensorRT engines of every variant on this GPU (cached, see
             :mod:`cmhash.backends.tensorrt_backend`) and verify them too.
         verify_data: real inputs to verify on: a folder of images, an image list or a
@@ -136,6 +139,10 @@ def export_checkpoint(
             q, info = quantize_int8(models[modality]["fp32"], input_names[modality], data[:calibration_items], modality)
             models[modality]["int8"] = q
             notes["int8_" + modality] = info
+        if int8_dynamic:
+            q, info = quantize_int8_dynamic(models[modality]["fp32"], modality)
+            models[modality]["int8-dynamic"] = q
+            notes["int8-dynamic_" + modality] = info
 
     # Verification against PyTorch on the real inputs.
     results, outputs = [], {}
@@ -146,7 +153,7 @@ def export_checkpoint(
         spec = _spec(modality, input_names[modality], pre, trained)
         for variant, data in variants.items():
             backends = [("onnxruntime", {})]
-            if tensorrt:
+            if tensorrt and variant not in ONNXRUNTIME_ONLY_VARIANTS:
                 backends.append(("tensorrt", {"precision": tensorrt_precision(variant), "cache_dir": tensorrt_cache_dir}))
             for kind, options in backends:
                 device = "cuda" if kind == "tensorrt" else "cpu"

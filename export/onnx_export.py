@@ -4,17 +4,27 @@ The TorchScript exporter (``dynamo=False``) is used on purpose: it handles the a
 blocks of open_clip towers with a dynamic batch axis, where torch.export still
 specialises or fails (nn.MultiheadAttention has no fake-tensor kernel for its fused path).
 The fused MHA fast path is switched off while exporting: it is one opaque kernel
-(``aten::_native_multi_head_attention``) the exporter cannot translate; the plain ops it
-replaces compute the same values.
+(``aten::_native_multi_head_attention``) the exporter cannot translate.
+
+What is traced is a copy of the tower whose ``nn.MultiheadAttention`` modules are replaced by
+:class:`ExportAttention`: the same weights and arithmetic, written with static head reshapes.
+The TorchScript export of ``nn.MultiheadAttention`` computes every head reshape from the
+input's shape at run time (~700 shape nodes in a ViT-B/32 graph) and splits the input
+projection in a way onnxruntime's attention fusion does not recognise; the copy's graph has
+separate q/k/v MatMuls, constant head counts and the pattern onnxruntime fuses into one
+``Attention`` node (``int8-dynamic``). The copy must give the tower's outputs (checked).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cmhash.errors import ExportError
@@ -34,6 +44,74 @@ class _Float32Out(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tower(x).float()
+
+
+# The export copy must compute what the tower computes; float reassociation stays far below this.
+COPY_TOLERANCE = 1e-5
+
+
+class ExportAttention(nn.Module):
+    """Self-attention of an ``nn.MultiheadAttention``, written for export: q, k and v as
+    three MatMul+Add, heads split by reshapes with constant head counts (the sequence length
+    is fixed by the input size), k transposed once, scores scaled after the product.
+
+    It shares ``mha``'s parameters and takes its call signature. Cross-attention, key
+    padding masks, causal flags and calls that want the attention weights go to ``mha``
+    itself (exported as before).
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.mha = mha
+        # Attributes TransformerEncoder(Layer) reads in its fast-path checks.
+        self.batch_first = mha.batch_first
+        self._qkv_same_embed_dim = mha._qkv_same_embed_dim
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+        self.num_heads, self.embed_dim, self.head_dim = mha.num_heads, mha.embed_dim, mha.head_dim
+
+    def merge_masks(self, *args, **kwargs):
+        return self.mha.merge_masks(*args, **kwargs)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        mha = self.mha
+        plain = (key is query and value is query and key_padding_mask is None and not is_causal and not need_weights
+                 and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+                 and (mha.dropout == 0.0 or not mha.training) and (attn_mask is None or attn_mask.dim() == 2))
+        if not plain:
+            return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                       attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        x = query if self.batch_first else query.transpose(0, 1)
+        # int(): a constant in the graph; the batch axis stays dynamic (read from the shape).
+        n, heads, d, e = int(x.shape[1]), self.num_heads, self.head_dim, self.embed_dim
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        shape = (x.shape[0], n, heads, d)
+
+        def project(i: int) -> torch.Tensor:
+            return F.linear(x, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e]).reshape(shape)
+
+        q = project(0).permute(0, 2, 1, 3)  # (B, heads, n, d)
+        k = project(1).permute(0, 2, 3, 1)  # (B, heads, d, n)
+        v = project(2).permute(0, 2, 1, 3)
+        scores = torch.matmul(q, k) * (1.0 / math.sqrt(d))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # True: not allowed to attend
+                attn_mask = torch.zeros_like(attn_mask, dtype=x.dtype).masked_fill(attn_mask, float("-inf"))
+            scores = scores + attn_mask
+        out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).reshape(x.shape[0], n, e)
+        out = mha.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def export_copy(tower: nn.Module) -> nn.Module:
+    """A deep copy of ``tower`` with every ``nn.MultiheadAttention`` replaced by
+    :class:`ExportAttention` (the tower itself is left as it is)."""
+    twin = copy.deepcopy(tower)
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, name, ExportAttention(child))
+    return twin
 
 
 @contextlib.contextmanager
@@ -64,13 +142,17 @@ def export_tower(tower: nn.Module, example: torch.Tensor, input_name: str, bits:
 
     if example.shape[0] < 2:
         example = torch.cat([example, example])
-    wrapped = _Float32Out(tower)
+    original, wrapped = _Float32Out(tower), _Float32Out(export_copy(tower))
     buffer = io.BytesIO()
-    with _export_mode(wrapped), torch.no_grad(), warnings.catch_warnings():
+    with _export_mode(original), _export_mode(wrapped), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        out = wrapped(example)
+        expected, out = original(example), wrapped(example)
         if out.shape != (example.shape[0], bits):
             raise ExportError(f"the {what} tower returns shape {tuple(out.shape)} for {example.shape[0]} items, not (N, {bits})")
+        delta = float((out - expected).abs().max())
+        if not delta <= COPY_TOLERANCE:
+            raise ExportError(f"the export copy of the {what} tower (static-shape attention) differs from it by "
+                              f"{delta:.2e} > {COPY_TOLERANCE:g}; its attention modules are not plain self-attention")
         try:
             torch.onnx.export(
                 wrapped,

@@ -10,6 +10,12 @@
   pattern or ``Gelu``) with its direct neighbours and the other readers of its inputs (a
   tensor is quantised once for all readers; this keeps residual Adds float), and the hash head (the last
   MatMul/Gemm before each output and everything after it: the tanh decides the bits).
+- **int8-dynamic** (onnxruntime on CPU only): the graph fused by onnxruntime's transformer
+  optimiser (``Attention``, ``SkipLayerNormalization``, ``BiasGelu``: com.microsoft ops),
+  then dynamic quantisation (``quantize_dynamic``: int8 per-channel weights, activations
+  quantised per call by ``DynamicQuantizeLinear``, ``MatMulInteger``/``QAttention``). No
+  calibration. The hash head stays float. TensorRT reads neither the com.microsoft ops nor
+  dynamic quantisation; the QDQ ``int8`` is the one for TensorRT.
 - **TensorRT**: engines built on this GPU from the ONNX files and cached per (model, GPU,
   TensorRT version, precision, profile) by :mod:`cmhash.backends.tensorrt_backend`.
 """
@@ -111,7 +117,20 @@ def float_nodes(model) -> list[str]:
             keep.add(node.name)
         elif node.op_type in ("MatMul", "Gemm") and not any(i in constants for i in node.input[:2]):
             keep.add(node.name)
-    # The hash head: from each output back through the tail ops to the last MatMul/Gemm.
+    keep.update(head_nodes(model))
+    return sorted(keep)
+
+
+def head_nodes(model) -> set[str]:
+    """The hash head: from each output back through the tail ops to the last MatMul/Gemm
+    (and the other readers of its input)."""
+    nodes = list(model.graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    keep: set[str] = set()
     for out in model.graph.output:
         node = producer.get(out.name)
         while node is not None and node.op_type in HEAD_TAIL:
@@ -119,8 +138,8 @@ def float_nodes(model) -> list[str]:
             inputs = [producer[i] for i in node.input if i in producer and producer[i].op_type != "Constant"]
             node = inputs[0] if len(inputs) == 1 else next((n for n in inputs if n.op_type in ("MatMul", "Gemm")), None)
         if node is not None and node.op_type in ("MatMul", "Gemm"):
-            keep.update(n.name for n in [node, *siblings(node)])
-    return sorted(keep)
+            keep.update(n.name for n in [node, *(c for i in node.input for c in consumers.get(i, []))])
+    return keep
 
 
 class _ArrayReader:
@@ -180,6 +199,75 @@ def quantize_int8(model_bytes: bytes, input_name: str, calibration: np.ndarray, 
     n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
     info = {"calibration_items": int(len(calibration)), "float_nodes": len(exclude), "quantize_nodes": n_q,
             "format": "QDQ", "activations": "int8 symmetric", "weights": "int8 symmetric per channel"}
+    return name_nodes(quantized).SerializeToString(), info
+
+
+# --- int8-dynamic (onnxruntime CPU) --------------------------------------------------------------
+
+
+def fuse_transformer(model_bytes: bytes, what: str):
+    """onnxruntime's transformer fusions (attention, skip LayerNorm, bias GELU) applied
+    offline; head counts are read from the graph's reshapes. A graph without attention
+    (a CNN, an MLP) comes back with whatever else fused."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the optimiser logs every pattern it does not find
+    try:
+        with tempfile.TemporaryDirectory(prefix="cmhash-fuse-") as tmp:
+            src = Path(tmp) / "model.onnx"
+            src.write_bytes(model_bytes)
+            # opt_level 0: the Python fusions only; onnxruntime's own passes run at load time.
+            fused = optimize_model(str(src), model_type="clip", num_heads=0, hidden_size=0, opt_level=0)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime's transformer optimiser failed on the {what} tower: {exc}") from exc
+    finally:
+        root.setLevel(level)
+    model = fused.model
+    _topological_sort(model.graph)
+    domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"} - {o.domain for o in model.opset_import}
+    model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains))  # the optimiser leaves them out
+    onnx.checker.check_model(model)  # com.microsoft ops: the full check knows no schemas for them
+    return model, fused.get_fused_operator_statistics()
+
+
+def quantize_int8_dynamic(model_bytes: bytes, what: str) -> tuple[bytes, dict]:
+    """The fused graph with int8 per-channel weights and per-call activation quantisation,
+    for onnxruntime on CPU (see the module docstring). Returns the bytes and what was done."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, fused = fuse_transformer(model_bytes, what)
+    name_nodes(model)
+    head = head_nodes(model)
+    # Dynamic quantisation first splits each Gemm into "<name>_MatMul" + Add and then matches
+    # the exclusions against the new names (onnxruntime 1.32): exclude both.
+    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+    exclude = sorted(head | {f"{name}_MatMul" for name in head & gemms})
+    with tempfile.TemporaryDirectory(prefix="cmhash-int8d-") as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8d.onnx"
+        onnx.save(model, str(src))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=exclude,
+                             # com.microsoft ops have no shape inference in onnx: their outputs are float
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        except Exception as exc:
+            raise ExportError(f"dynamic int8 quantisation of the {what} tower failed: {exc}") from exc
+        finally:
+            root.setLevel(level)
+        quantized = onnx.load(str(dst))
+    onnx.checker.check_model(quantized)
+    counts = {op: sum(1 for n in quantized.graph.node if n.op_type == op)
+              for op in ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul")}
+    info = {"format": "dynamic (onnxruntime CPU only)", "weights": "int8 symmetric per channel",
+            "activations": "uint8, quantised per call", "fused": {k: v for k, v in fused.items() if v},
+            "quantized": {k: v for k, v in counts.items() if v}, "float_nodes": len(head)}
     return name_nodes(quantized).SerializeToString(), info
 
 

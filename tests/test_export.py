@@ -304,10 +304,11 @@ def test_variant_not_in_the_bundle(exported, tmp_path):
 
 def test_cli_export_json_and_bench_with_the_pytorch_baseline(trained, tmp_path, capsys):
     out = tmp_path / "bundle"
-    assert main(["export", str(trained["checkpoint"]), "--out", str(out), "--fp16", "--verify-data", str(MANIFEST),
-                 "--verify-items", "64", "--json"]) == 0
+    assert main(["export", str(trained["checkpoint"]), "--out", str(out), "--fp16", "--int8-dynamic", "--verify-data",
+                 str(MANIFEST), "--verify-items", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["passed"] and len(report["results"]) == 4
+    assert report["passed"] and len(report["results"]) == 6
+    assert load_bundle(out).variants("image") == ("fp32", "fp16", "int8-dynamic")
     assert main(["export", str(trained["checkpoint"]), "--out", str(out), "--verify-data", str(MANIFEST)]) == 2
     assert "exists" in capsys.readouterr().err
 
@@ -321,6 +322,7 @@ def test_cli_export_json_and_bench_with_the_pytorch_baseline(trained, tmp_path, 
         for batch in (1, 4):
             assert (modality, "pytorch-eager", "fp32", batch) in rows
             assert (modality, "onnxruntime", "fp16", batch) in rows
+            assert (modality, "onnxruntime", "int8-dynamic", batch) in rows
     for r in record["rows"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["items_per_s"] > 0
         assert r["speedup"] > 0

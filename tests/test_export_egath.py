@@ -1,5 +1,5 @@
 """EGATH round trip: train the shipped demo config for one epoch on a small generated shapes
-set, export with fp16 and int8 (verified and calibrated on the run's own data, rebuilt from
+set, export with fp16, int8 and int8-dynamic (verified and calibrated on the run's own data, rebuilt from
 the checkpoint), then hash the rendered images and captions through ``Encoder`` and compare
 with the PyTorch towers fed by the training pipeline."""
 
@@ -31,7 +31,7 @@ def egath(tmp_path_factory):
     config = run.load_config(run.resolve_config("egath/demo"), overrides)
     run.train(config)
     bundle = tmp_path_factory.mktemp("bundle") / "egath"
-    report = export_checkpoint(out, bundle, fp16=True, int8=True, verify_items=128)
+    report = export_checkpoint(out, bundle, fp16=True, int8=True, int8_dynamic=True, verify_items=128)
     return config, out, bundle, report
 
 
@@ -39,7 +39,7 @@ def test_egath_exports_and_verifies_on_its_training_data(egath):
     _, _, bundle, report = egath
     assert report["method"] == "egath" and report["passed"]
     assert report["inputs"]["source"].startswith("training data of")
-    assert len(report["results"]) == 6
+    assert len(report["results"]) == 8
     for r in report["results"]:
         assert r["bit_agreement"] >= (0.999 if r["variant"] == "fp32" else 0.97)
     assert abs(report["map"]["fp32"]["delta_i2t"]) <= 0.005 and abs(report["map"]["fp32"]["delta_t2i"]) <= 0.005
@@ -75,7 +75,7 @@ def test_egath_encoder_codes_and_map_equal_pytorch(egath):
     assert abs(mean_average_precision(text_codes[q], image_codes[db], labels[q], labels[db])
                - mean_average_precision(tt[q], ti[db], labels[q], labels[db])) <= 0.005
 
-    for variant in ("fp16", "int8"):
+    for variant in ("fp16", "int8", "int8-dynamic"):
         reduced = Encoder.load(bundle, threads=1, variant=variant).hash_images(images)
         agree = np.unpackbits(reduced, axis=1, bitorder="little") == np.unpackbits(image_codes, axis=1, bitorder="little")
         assert agree.mean() >= 0.97

@@ -54,7 +54,7 @@ def bench_bundle(
     threads: int | None = None,
 ) -> list[dict]:
     """One row per (modality, backend, variant, batch size); see the module docstring."""
-    from .bundle import load_bundle
+    from .bundle import ONNXRUNTIME_ONLY_VARIANTS, load_bundle
     from .encoder import Encoder
 
     bundle = load_bundle(path)
@@ -64,6 +64,8 @@ def bench_bundle(
         for modality in modalities or bundle.modalities:
             for variant in variants or bundle.variants(modality):
                 if variant not in bundle.variants(modality):
+                    continue
+                if backend == "tensorrt" and variant in ONNXRUNTIME_ONLY_VARIANTS:
                     continue
                 options = {"threads": threads} if backend == "onnxruntime" else {}
                 with Encoder.load(path, backend=backend, device=dev, variant=variant, **options) as enc:

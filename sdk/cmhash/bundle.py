@@ -33,10 +33,12 @@ Layout::
 Optional reduced-precision variants of a tower (format 1.1; readers of 1.0 ignore them)::
 
         "image": {..., "variants": {"fp16": {"file": "image.fp16.onnx"},
-                                    "int8": {"file": "image.int8.onnx"}}}
+                                    "int8": {"file": "image.int8.onnx"},
+                                    "int8-dynamic": {"file": "image.int8-dynamic.onnx"}}}
 
 A variant takes and gives exactly what the main file does (float32 input and output); only
 the arithmetic inside differs. ``Encoder.load(path, variant="int8")`` picks one.
+``int8-dynamic`` holds onnxruntime-only (com.microsoft) operators: CPU onnxruntime, not TensorRT.
 
 ``output.values`` is ``"tanh"`` (continuous values in [-1, 1], signed at hashing) or
 ``"sign"`` (already ±1; no continuous output). A text modality without a vocabulary
@@ -72,7 +74,8 @@ SUPPORTED_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text")
 OUTPUT_VALUES = ("tanh", "sign")
-VARIANTS = ("fp32", "fp16", "int8")  # fp32 is the modality's own "file"
+VARIANTS = ("fp32", "fp16", "int8", "int8-dynamic")  # fp32 is the modality's own "file"
+ONNXRUNTIME_ONLY_VARIANTS = ("int8-dynamic",)  # com.microsoft ops, dynamic quantisation
 # Guards against zip bombs: a bundle holds a few models, not terabytes.
 MAX_BUNDLE_BYTES = 16 * 2**30
 MAX_BUNDLE_FILES = 1000

@@ -196,6 +196,7 @@ def cmd_export(args) -> int:
             args.out,
             fp16=args.fp16,
             int8=args.int8,
+            int8_dynamic=args.int8_dynamic,
             tensorrt=args.tensorrt,
             verify_data=args.verify_data,
             calibration_data=args.calibration_data,
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the bundle directory to write")
     export.add_argument("--fp16", action="store_true", help="also export float16 towers")
     export.add_argument("--int8", action="store_true", help="also export int8 (QDQ) towers, calibrated on real inputs")
+    export.add_argument("--int8-dynamic", action="store_true",
+                        help="also export fused, dynamically quantised int8 towers (onnxruntime on CPU only)")
     export.add_argument("--tensorrt", action="store_true", help="build and verify TensorRT engines on this GPU")
     export.add_argument("--verify-data", help="folder of images, image list or manifest to verify on (default: the training data)")
     export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
@@ -370,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--shard", default="0/1", help="i/N: encode every N-th item from the i-th (default 0/1)")
     encode.add_argument("--resume", action="store_true", help="continue a killed or finished job in --out")
     encode.add_argument("--chunk-size", type=int, default=1024, help="items per resumable part (default 1024)")
-    encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"])
+    encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8", "int8-dynamic"])
     encode.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     encode.add_argument("--device", default="cpu")
     encode.add_argument("--threads", type=int, help="onnxruntime threads")

@@ -64,7 +64,8 @@ class Encoder:
             device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"``.
             threads: CPU threads per model for onnxruntime; ``None`` for its default.
             variant: which export of the towers to run: ``"fp32"`` (always there),
-                ``"fp16"`` or ``"int8"`` when the bundle was exported with them. On TensorRT a
+                ``"fp16"``, ``"int8"`` or ``"int8-dynamic"`` (onnxruntime on CPU only) when the
+                bundle was exported with them. On TensorRT a
                 reduced-precision variant is built as a strongly typed network
                 (``precision="model"``) unless ``precision`` is given.
             max_image_pixels: refuse larger images (decompression-bomb guard).

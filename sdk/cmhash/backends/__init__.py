@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bundle import ONNXRUNTIME_ONLY_VARIANTS
 from ..errors import BackendUnavailableError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -86,7 +87,8 @@ def create_backend(
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
         threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
-        variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``). A reduced
+        variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``,
+            ``"int8-dynamic"``: onnxruntime only, also with ``kind="auto"``). A reduced
             precision file carries its own types (fp16 casts, Q/DQ), so TensorRT builds it
             strongly typed (``precision="model"``) unless told otherwise.
         options: backend-specific (TensorRT: ``precision``, ``cache_dir``, ``max_batch``).
@@ -99,12 +101,17 @@ def create_backend(
     if kind == "auto":
         from .tensorrt_backend import tensorrt_available
 
-        kind = "tensorrt" if device_kind == "cuda" and tensorrt_available()[0] else "onnxruntime"
+        usable = device_kind == "cuda" and variant not in ONNXRUNTIME_ONLY_VARIANTS
+        kind = "tensorrt" if usable and tensorrt_available()[0] else "onnxruntime"
     if kind == "tensorrt":
         if device_kind != "cuda":
             raise BackendUnavailableError("the TensorRT backend runs on a GPU; pass device='cuda'")
         from .tensorrt_backend import TensorRTBackend
 
+        if variant in ONNXRUNTIME_ONLY_VARIANTS:
+            raise BackendUnavailableError(
+                "the int8-dynamic variant runs on onnxruntime only (onnxruntime operators, dynamic "
+                "quantisation); TensorRT takes the QDQ 'int8' variant")
         if variant != "fp32":
             options.setdefault("precision", "model")
         return TensorRTBackend(model, spec, device_index=device_index, **options)

@@ -1,0 +1,153 @@
+"""The export copy of a tower (static-shape attention) and the int8-dynamic variant: the copy
+computes what the tower computes, its graph loses the run-time shape arithmetic and fuses
+into onnxruntime's Attention, and int8-dynamic quantises everything but the hash head."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("open_clip")
+
+from torch import nn  # noqa: E402
+
+from cmhash.backends import ModelSpec, create_backend  # noqa: E402
+from cmhash.errors import BackendUnavailableError  # noqa: E402
+from cmhash.export import export_tower, quantize_int8_dynamic  # noqa: E402
+from cmhash.export.onnx_export import ExportAttention, export_copy  # noqa: E402
+from cmhash.export.variants import fuse_transformer  # noqa: E402
+from cmhash.training.blocks.backbones import build_image_backbone  # noqa: E402
+
+
+class Tower(nn.Module):
+    """A tiny CLIP ViT (the same open_clip classes as ViT-B/32) and a hash head."""
+
+    def __init__(self, bits: int = 16):
+        super().__init__()
+        self.backbone = build_image_backbone("clip:tiny-vit")
+        self.head = nn.Linear(self.backbone.output_dim, bits)
+
+    def forward(self, x):
+        return torch.tanh(self.head(self.backbone(x)))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    tower = Tower().eval()
+    with torch.no_grad():  # a scale that puts the tanh outputs away from 0, like a trained head
+        tower.head.weight.mul_(20)
+    return tower, torch.randn(6, 3, 64, 64)
+
+
+def plain_export(tower, example) -> onnx.ModelProto:
+    """The tower exported as is (nn.MultiheadAttention traced directly), for comparison."""
+    buffer = io.BytesIO()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(tower, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["codes"], dynamic_axes={"x": {0: "batch"}, "codes": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def ops(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_export_copy_computes_the_same_and_leaves_the_tower_alone(vit):
+    tower, x = vit
+    copy = export_copy(tower)
+    originals = [m for m in tower.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(originals) == 2  # two layers
+    assert not any(isinstance(m, ExportAttention) for m in tower.modules())
+    replaced = [m for m in copy.modules() if isinstance(m, ExportAttention)]
+    assert len(replaced) == 2 and all(m.mha is not o for m, o in zip(replaced, originals))  # a real copy
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            assert float((copy(x) - tower(x)).abs().max()) <= 1e-5
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize("case", ["batch_second_float_mask", "bool_mask", "cross_attention", "weights", "encoder_layer"])
+def test_export_attention_equals_multihead_attention(case):
+    torch.manual_seed(1)
+    x = torch.randn(5, 3, 32)  # (seq, batch, embed) when batch_first is False
+    if case == "encoder_layer":  # EGATH's token towers: post-norm TransformerEncoderLayer, batch_first
+        module = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, 0.0, batch_first=True), 2,
+                                       enable_nested_tensor=False).eval()
+        call = lambda m: m(x.transpose(0, 1))  # noqa: E731
+    else:
+        module = nn.MultiheadAttention(32, 4).eval()
+        if case == "batch_second_float_mask":
+            mask = torch.full((5, 5), float("-inf")).triu(1)  # causal, as open_clip's text tower
+            call = lambda m: m(x, x, x, need_weights=False, attn_mask=mask)[0]  # noqa: E731
+        elif case == "bool_mask":
+            mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+            call = lambda m: m(x, x, x, need_weights=False, attn_mask=mask)[0]  # noqa: E731
+        elif case == "weights":  # the caller wants the attention weights: handed to nn.MultiheadAttention
+            call = lambda m: m(x, x, x)[1]  # noqa: E731
+        else:  # not self-attention: handed to nn.MultiheadAttention itself
+            memory = torch.randn(7, 3, 32)
+            call = lambda m: m(x, memory, memory, need_weights=False)[0]  # noqa: E731
+    twin = export_copy(nn.Sequential(module))[0]
+    assert any(isinstance(m, ExportAttention) for m in twin.modules())
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            assert float((call(twin) - call(module)).abs().max()) <= 1e-5
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_exported_graph_has_static_heads_and_fuses_into_attention(vit):
+    tower, x = vit
+    model_bytes = export_tower(tower, x[:2], "pixel_values", 16, "image")
+    model, plain = onnx.load_from_string(model_bytes), plain_export(tower, x[:2])
+    new, old = ops(model), ops(plain)
+    assert new.get("Shape", 0) * 3 < old["Shape"] and len(model.graph.node) * 2 < len(plain.graph.node)
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = tower(x).numpy()
+    for n in (1, 6):  # the batch axis stays dynamic
+        got = session.run(None, {"pixel_values": x[:n].numpy()})[0]
+        assert np.abs(got - ref[:n]).max() <= 1e-4
+
+    fused, stats = fuse_transformer(model_bytes, "image")
+    assert stats["Attention"] == 2 and ops(fused)["Attention"] == 2
+
+
+def test_int8_dynamic_quantises_all_but_the_hash_head(vit):
+    tower, x = vit
+    model_bytes = export_tower(tower, x[:2], "pixel_values", 16, "image")
+    q_bytes, info = quantize_int8_dynamic(model_bytes, "image")
+    assert info["quantized"]["QAttention"] == 2 and info["quantized"]["MatMulInteger"] >= 4
+    q = onnx.load_from_string(q_bytes)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    node = producer[q.graph.output[0].name]
+    while node.op_type not in ("MatMul", "Gemm", "MatMulInteger"):
+        node = producer[node.input[0]]
+    assert node.op_type in ("MatMul", "Gemm")  # the head reads float: the tanh decides the bits
+    spec = ModelSpec("image", "pixel_values", ("batch", 3, 64, 64), "codes", 16)
+    backend = create_backend("onnxruntime", q_bytes, spec, threads=1, variant="int8-dynamic")
+    with torch.no_grad():
+        ref = tower(x).numpy()
+    got = backend.run(x.numpy())
+    assert got.shape == ref.shape and ((got >= 0) == (ref >= 0)).mean() >= 0.9
+    with pytest.raises(BackendUnavailableError, match="onnxruntime only"):
+        create_backend("tensorrt", q_bytes, spec, device="cuda", variant="int8-dynamic")
