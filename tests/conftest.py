@@ -24,20 +24,13 @@ def plain_wheel_python(tmp_path_factory) -> Path:
     return python
 
 
-def pytest_configure(config):
-    try:
-        import torch
-    except ImportError:
-        return
-    config.cmhash_torch_threads = torch.get_num_threads()  # torch's default for this machine
 
-
-@pytest.fixture(autouse=True)
-def _torch_threads_restored(request):
-    """Tests and fixtures may run torch on one thread; later tests get the default back
-    (CPU results are bitwise reproducible only at a fixed thread count)."""
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on this 2-core CPU: one intra-op thread is faster (a second only adds
+    contention) and keeps CPU results bitwise reproducible. Restored after the module."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    threads = getattr(request.config, "cmhash_torch_threads", None)
-    torch = sys.modules.get("torch")
-    if threads is not None and torch is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)

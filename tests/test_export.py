@@ -29,6 +29,9 @@ from cmhash.errors import BackendUnavailableError, BundleError, ExportError, Ver
 from cmhash.export import export_checkpoint, export_tower, float_nodes, quantize_int8  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT.parent / "shared" / "data" / "mirflickr-mini"
 MANIFEST = MINI / "manifest.jsonl"
@@ -49,7 +52,6 @@ def trained(tmp_path_factory):
     from cmhash.training.method import DatasetInfo
     from cmhash.training.trainer import Trainer, build_method
 
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run")
     data = load_mirflickr_mini(MINI, check_images=False)
     split = make_split(len(data), {"query": 60, "train": 300, "seed": 0})

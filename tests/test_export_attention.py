@@ -25,6 +25,9 @@ from cmhash.export.variants import fuse_transformer  # noqa: E402
 from cmhash.training.blocks.backbones import build_image_backbone  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 class Tower(nn.Module):
     """A tiny CLIP ViT (the same open_clip classes as ViT-B/32) and a hash head."""
 
@@ -40,7 +43,6 @@ class Tower(nn.Module):
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     tower = Tower().eval()
     with torch.no_grad():  # a scale that puts the tanh outputs away from 0, like a trained head
         tower.head.weight.mul_(20)

@@ -22,9 +22,11 @@ from cmhash.training.data import build_transform, captions  # noqa: E402
 run = pytest.importorskip("cmhash.training.run")
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def egath(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("egath")
     overrides = [f"train.out_dir={out}", "train.epochs=1", "data.n=300", "data.split={query: 50, train: 150, seed: 0}",
                  "train.progress=false", "model.bits=16"]

@@ -21,10 +21,11 @@ from cmhash.training.data import build_transform, captions  # noqa: E402
 run = pytest.importorskip("cmhash.training.run")
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def hfah(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("hfah")
     overrides = [f"train.out_dir={out}", "train.epochs=1", "data.n=300", "data.split={query: 50, train: 150, seed: 0}",
                  "train.progress=false", "model.bits=16", "model.hidden=64", "model.feature_dim=32",
@@ -34,7 +35,6 @@ def hfah(tmp_path_factory):
     bundle = tmp_path_factory.mktemp("bundle") / "hfah"
     report = export_checkpoint(out, bundle, fp16=True, verify_items=128)
     yield config, out, bundle, report
-    torch.set_num_threads(threads)
 
 
 def test_hfah_exports_only_the_towers_and_verifies(hfah):

@@ -29,19 +29,13 @@ from cmhash.training.models.hfah import (ABLATIONS, HFAH, AdversarialDivergenceE
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train  # noqa: E402
 from cmhash.training.trainer import StepContext, Trainer, build_method  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import toy_method  # noqa: E402
 from conftest import SHARED_DATA, require  # noqa: E402
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared CPU: a second thread only adds contention (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # Small sizes of the real model classes (spec §5 'tiny'); every learning rate 1e-3 (spec §8).
 TINY = ["model.backbone=tiny-cnn", "model.bits=16", "model.hidden=64", "model.feature_dim=32", "model.tiny_width=32",

@@ -22,6 +22,9 @@ from cmhash.training.trainer import build_method
 
 from conftest import SHARED_DATA, require
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TINY_MODEL = [
     "model.bits=16", "model.backbone=clip:tiny-resnet", "model.feature_dim=32", "model.mlp_dim=64",
     "model.attention_dim=8", "model.gat_hidden=16", "model.gat_heads=2", "model.lr_image=1e-3",
@@ -29,15 +32,6 @@ TINY_MODEL = [
     "train.epochs=1", "train.batch_size=32", "train.progress=false", "train.device=cpu",
 ]
 SHAPES = ["data.source=shapes", "data.n=160", "data.seed=0", "data.split={query: 32, train: 96, seed: 0}", "data.cache=true"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine's two cores are shared: a second intra-op thread makes these small ops several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path: Path, *overrides: str, data: list[str] = SHAPES):
