@@ -197,29 +197,23 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
              * in total, and only the last step is short), so the four run interleaved.
              * Branch-free: every item is written at its stripe's list end, and the list
              * only grows when the item is relevant (relevance is close to a coin flip). */
-            size_t i0 = w->list_start[0] + w->list_len[0], i1 = w->list_start[1] + w->list_len[1],
-                   i2 = w->list_start[2] + w->list_len[2], i3 = w->list_start[3] + w->list_len[3];
+            size_t at[CMH_STREAMS];
+            for (size_t t = 0; t < CMH_STREAMS; t++) at[t] = w->list_start[t] + w->list_len[t];
             const uint16_t *dist = w->dist;
             const uint8_t *rel = w->rel;
-#define STEP(T, I)                                              \
-    {                                                           \
-        const size_t d = dist[(T) * CMH_BLOCK + j];             \
-        const uint64_t e = rel[(T) * CMH_BLOCK + j];            \
-        const uint64_t v = cnt[d * CMH_STREAMS + (T)];          \
-        cnt[d * CMH_STREAMS + (T)] = v + 1 + (e << 32);         \
-        ld[I] = (uint16_t)d;                                    \
-        lc[I] = v;                                              \
-        I += e;                                                 \
-    }
             for (size_t j = 0; j < most; j++) {
-                STEP(0, i0)
-                STEP(1, i1)
-                STEP(2, i2)
-                STEP(3, i3)
+#pragma GCC unroll 16
+                for (size_t t = 0; t < CMH_STREAMS; t++) {
+                    const size_t d = dist[t * CMH_BLOCK + j];
+                    const uint64_t e = rel[t * CMH_BLOCK + j];
+                    const uint64_t v = cnt[d * CMH_STREAMS + t];
+                    cnt[d * CMH_STREAMS + t] = v + 1 + (e << 32);
+                    ld[at[t]] = (uint16_t)d;
+                    lc[at[t]] = v;
+                    at[t] += e;
+                }
             }
-#undef STEP
-            w->list_len[0] = i0 - w->list_start[0], w->list_len[1] = i1 - w->list_start[1];
-            w->list_len[2] = i2 - w->list_start[2], w->list_len[3] = i3 - w->list_start[3];
+            for (size_t t = 0; t < CMH_STREAMS; t++) w->list_len[t] = at[t] - w->list_start[t];
         } else {
             for (size_t t = 0; t < CMH_STREAMS; t++) {
                 const uint16_t *dt = w->dist + t * CMH_BLOCK;
