@@ -42,6 +42,10 @@ def _training():
     except ImportError:
         raise CmhashError("this command trains or runs PyTorch models and needs the training extra: "
                           "pip install 'cmhash-sdk[train]'") from None
+    import warnings
+
+    # open_clip scripts a helper at import; torch 2.14 warns about that on every run
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     from cmhash.training import run
 
     return run
