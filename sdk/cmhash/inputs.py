@@ -121,29 +121,39 @@ def _resolve(root: Path, entry: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def _read_manifest(path: Path) -> list[Record]:
+def read_manifest_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, record) for each row of a manifest, in order: the one parser of
+    manifests, shared with training's loader. CSV (suffix ``.csv``, a header row; ``tags``
+    and ``labels`` cells hold several values separated by ``|``) or JSONL (anything else,
+    one JSON object per non-empty line). A JSONL line that does not parse stands as its
+    problem, a string; each caller decides whether that skips the row or stops."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EncodeJobError(f"{path}: the manifest is not UTF-8 text ({exc})") from None
-    rows: list[tuple[str, Any]] = []
+    rows: list[tuple[int, Any]] = []
     if path.suffix.lower() == ".csv":
         for lineno, row in enumerate(csv.DictReader(text.splitlines()), 2):
             rec: dict = {k.strip(): v for k, v in row.items() if k is not None}
             for key in ("tags", "labels"):
                 if key in rec:
                     rec[key] = [s.strip() for s in (rec[key] or "").split(LIST_SEPARATOR) if s.strip()]
-            rows.append((f"{path.name}:{lineno}", rec))
+            rows.append((lineno, rec))
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
-                rec = f"not valid JSON ({exc.msg})"
-            rows.append((f"{path.name}:{lineno}", rec))
-    return [_manifest_record(number, where, rec, path.parent) for number, (where, rec) in enumerate(rows)]
+                rows.append((lineno, f"not valid JSON ({exc.msg})"))
+    return rows
+
+
+def _read_manifest(path: Path) -> list[Record]:
+    rows = read_manifest_rows(path)
+    return [_manifest_record(number, f"{path.name}:{lineno}", rec, path.parent)
+            for number, (lineno, rec) in enumerate(rows)]
 
 
 def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:

@@ -5,8 +5,6 @@ empty data) before anything trains."""
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -243,34 +241,22 @@ def load_mirflickr25k(arrays: str | Path, image_root: str | Path, label_names: S
 # --------------------------------------------------------------------------------------
 # A user's manifest (JSONL or CSV).
 
-MANIFEST_LIST_SEPARATOR = "|"  # CSV cells holding several tags or labels: "dog|beach"
-
-
 def _read_manifest_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs; JSONL by the suffix .jsonl/.json, else CSV with a header."""
-    text = path.read_text(encoding="utf-8")
-    records = []
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-            records.append((lineno, rec))
-    else:
-        reader = csv.DictReader(text.splitlines())
-        for lineno, row in enumerate(reader, 2):
-            rec = {k.strip(): v for k, v in row.items() if k is not None}
-            for key in ("tags", "labels"):
-                cell = (rec.get(key) or "").strip()
-                if key in rec:
-                    rec[key] = [s.strip() for s in cell.split(MANIFEST_LIST_SEPARATOR) if s.strip()]
-            records.append((lineno, rec))
-    return records
+    """(line number, record) pairs, parsed by the runtime's manifest reader (one format for
+    training and ``cmhash encode``); training stops at the first row it cannot read."""
+    from cmhash.errors import EncodeJobError
+    from cmhash.inputs import read_manifest_rows
+
+    try:
+        rows = read_manifest_rows(path)
+    except EncodeJobError as exc:
+        raise DataError(str(exc)) from None
+    for lineno, rec in rows:
+        if isinstance(rec, str):
+            raise DataError(f"{path}:{lineno}: {rec}")
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+    return rows
 
 
 def _is_index(x) -> bool:
