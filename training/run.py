@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .trainer import FitResult, Trainer, build_method, encode_dataset
 
 log = logging.getLogger("cmhash.training")
 
-__all__ = ["Prepared", "PreprocessedImages", "prepare_data", "train", "load_trained", "evaluate", "demo",
+__all__ = ["Prepared", "RowTensors", "prepare_data", "train", "load_trained", "evaluate", "demo",
            "resolve_config", "load_config", "CONFIG_DIR", "DATA_KEYS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: <method>/<name>.yaml
@@ -64,22 +64,27 @@ class Prepared:
     database: Dataset
 
 
-class PreprocessedImages:
-    """The images of ``data`` at ``indices``, decoded and preprocessed once and held as one
-    float tensor; indexed by the sample's row in ``data``. The demo and tests train many
-    epochs on small data, where decoding would dominate."""
+class RowTensors:
+    """Per-sample tensors computed once for some rows of the data (preprocessed pixels in
+    memory, or backbone features memory-mapped), looked up by the sample's row in ``data``.
+    The demo and tests train many epochs on small data, where decoding would dominate."""
 
-    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable):
-        rows = np.unique(np.asarray(indices, dtype=np.int64))
+    def __init__(self, values: torch.Tensor | np.ndarray, rows: np.ndarray):
+        self.values = values
         self.position = {int(i): k for k, i in enumerate(rows)}
-        first = transform(data.images.load(int(rows[0])))
-        self.pixels = torch.empty((len(rows), *first.shape), dtype=first.dtype)
-        self.pixels[0] = first
-        for k in range(1, len(rows)):
-            self.pixels[k] = transform(data.images.load(int(rows[k])))
 
     def __call__(self, i: int) -> torch.Tensor:
-        return self.pixels[self.position[i]]
+        value = self.values[self.position[i]]
+        return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))  # a copy off the map
+
+
+def _image_rows(data: CrossModalData, rows: np.ndarray, transform: Callable) -> Iterator[torch.Tensor]:
+    """The preprocessed image of each row, decoded in order."""
+    return (transform(data.images.load(int(i))) for i in rows)
+
+
+def _preprocessed_images(data: CrossModalData, rows: np.ndarray, transform: Callable) -> RowTensors:
+    return RowTensors(torch.stack(list(_image_rows(data, rows, transform))), rows)
 
 
 def resolve_config(name: str | Path) -> Path:
@@ -133,7 +138,7 @@ def prepare_data(config: RunConfig, vocabulary: Vocabulary | None = None) -> Pre
     eval_transform = build_transform(preprocess)
     train_transform = build_transform(preprocess, train=True, augment=augment)
     if cache:
-        images = PreprocessedImages(data, np.concatenate([split.query, split.database]), eval_transform)
+        images = _preprocessed_images(data, np.unique(np.concatenate([split.query, split.database])), eval_transform)
         eval_transform = train_transform = None
     datasets = {}
     for name, indices, transform in (("train", split.train, train_transform), ("query", split.query, eval_transform),
@@ -168,17 +173,6 @@ def train(config: RunConfig | str | Path, overrides: Sequence[str] = ()) -> FitR
     return Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
 
 
-class CachedFeatures:
-    """Backbone features of data rows, read from a memory-mapped float32 file."""
-
-    def __init__(self, features: np.ndarray, rows: np.ndarray):
-        self.features = features
-        self.position = {int(i): k for k, i in enumerate(rows)}
-
-    def __call__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.features[self.position[i]]))
-
-
 def with_cached_features(prepared: Prepared, method: HashingMethod, directory: str | Path,
                          batch_size: int = 128) -> Prepared:
     """Replace the images of every dataset by the frozen backbone's features, computed once.
@@ -208,20 +202,19 @@ def with_cached_features(prepared: Prepared, method: HashingMethod, directory: s
     path = directory / f"features-{digest.hexdigest()[:24]}-{len(rows)}x{backbone.output_dim}.f32"
     shape = (len(rows), backbone.output_dim)
     if not path.is_file():
-        transform = build_transform(prepared.info.preprocessing)
-        source = CrossModalDataset(prepared.data, rows, transform)
+        images = _image_rows(prepared.data, rows, build_transform(prepared.info.preprocessing))
         tmp = path.with_suffix(".tmp")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         backbone.eval()
         with torch.inference_mode():
             for start in range(0, len(rows), batch_size):
-                images = torch.stack([source[k][0] for k in range(start, min(start + batch_size, len(rows)))])
-                out[start:start + len(images)] = backbone(images).float().numpy()
+                batch = torch.stack([next(images) for _ in range(min(batch_size, len(rows) - start))])
+                out[start:start + len(batch)] = backbone(batch).float().numpy()
         out.flush()
         del out
         os.replace(tmp, path)
         log.info("cached %d backbone features in %s", len(rows), path)
-    features = CachedFeatures(np.load(path, mmap_mode="r"), rows)
+    features = RowTensors(np.load(path, mmap_mode="r"), rows)
     datasets = {name: CrossModalDataset(prepared.data, getattr(prepared, name).indices, None, images=features)
                 for name in ("train", "query", "database")}
     return dataclasses.replace(prepared, **datasets)
@@ -351,27 +344,30 @@ def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Se
         prepared = prepare_data(config)
         method = build_method(config, prepared.info)
         started = time.perf_counter()
-        Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
+        result = Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
         train_seconds = time.perf_counter() - started
-        for module in method.modules().values():
-            module.eval()
-        q_img, q_txt, q_lab, d_img, d_txt, d_lab = _encode_both(method, prepared.query, prepared.database, 500)
-
-        i2t = mean_average_precision(q_img, d_txt, q_lab, d_lab)
-        t2i = mean_average_precision(q_txt, d_img, q_lab, d_lab)
+        # the trainer's evaluation after the last epoch: the towers' query-vs-database mAPs
+        i2t, t2i = result.last["map_i2t"], result.last["map_t2i"]
+        split, texts = prepared.split, captions(prepared.data)
+        q_lab, d_lab = prepared.data.labels[split.query], prepared.data.labels[split.database]
         rng = np.random.default_rng(0)
-        random_map = mean_average_precision(rng.integers(0, 256, q_img.shape, dtype=np.uint8),
-                                            rng.integers(0, 256, d_img.shape, dtype=np.uint8), q_lab, d_lab)
-        texts = captions(prepared.data)
-        deployed = _demo_deployed(out, prepared, texts) if _export_available() else None
-        if deployed is not None:  # search as an application would: the SDK's codes of raw inputs
+        width = config.model.bits // 8
+        random_map = mean_average_precision(rng.integers(0, 256, (len(q_lab), width), dtype=np.uint8),
+                                            rng.integers(0, 256, (len(d_lab), width), dtype=np.uint8), q_lab, d_lab)
+        if _export_available():  # search as an application would: the SDK's codes of raw inputs
+            deployed = _demo_deployed(out, prepared, texts)
             d_img, q_txt = deployed.pop("database_image_codes"), deployed.pop("query_text_codes")
+        else:
+            deployed = None
+            for module in method.modules().values():
+                module.eval()
+            _, q_txt, _, d_img, _, _ = _encode_both(method, prepared.query, prepared.database, 500)
 
     index = HashIndex(config.model.bits)
     index.add(d_img)
     distances, ids = index.search(q_txt[:1], 5)
-    example = {"query": texts[int(prepared.split.query[0])],
-               "captions": [texts[int(prepared.split.database[i])] for i in ids[0]],
+    example = {"query": texts[int(split.query[0])],
+               "captions": [texts[int(split.database[i])] for i in ids[0]],
                "distances": [int(d) for d in distances[0]]}
     return {"method": config.method, "bits": config.model.bits, "epochs": config.train.epochs,
             "n_train": len(prepared.train), "n_query": len(q_lab), "n_database": len(d_lab),

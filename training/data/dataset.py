@@ -34,7 +34,7 @@ class CrossModalDataset(Dataset):
         if (transform is None) == (images is None):
             raise ValueError("give either a transform (images decoded per item) or preprocessed images")
         self.transform = transform
-        self.images = images  # e.g. run.PreprocessedImages: data row -> preprocessed tensor
+        self.images = images  # e.g. run.RowTensors: data row -> preprocessed pixels or features
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..blocks import (DiscreteCodes, GATLabelClassifier, HashHead, LabelEmbeddings, build_image_backbone,
-                      classification_loss, dcg_triplet_loss, label_graph, quantization_loss)
+from ..blocks import (DiscreteCodes, GATLabelClassifier, HashHead, LabelEmbeddings, binarize,
+                      build_image_backbone, classification_loss, dcg_triplet_loss, label_graph, quantization_loss)
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 
@@ -171,8 +171,9 @@ class EGATH(HashingMethod):
         self.text_codes = torch.zeros(n, bits)
 
         backbone = [p for p in self.image.backbone.parameters() if p.requires_grad]
-        rest = [p for m in self._trainable_modules() for p in m.parameters()
-                if p.requires_grad and all(p is not q for q in backbone)]
+        in_backbone = {id(p) for p in backbone}
+        rest = [p for m in self.modules().values() for p in m.parameters()
+                if p.requires_grad and id(p) not in in_backbone]
         groups = [{"params": rest, "lr": config.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": config.backbone_lr})
@@ -181,9 +182,6 @@ class EGATH(HashingMethod):
         factors = [(config.final_lr / g["lr"]) ** (1.0 / config.decay_epochs) for g in groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [lambda epoch, g=g: g ** epoch for g in factors])
-
-    def _trainable_modules(self) -> list[nn.Module]:
-        return [self.image, self.text] + ([self.classifier] if self.classifier is not None else [])
 
     # -- saved state ---------------------------------------------------------------------
 
@@ -247,7 +245,7 @@ class EGATH(HashingMethod):
     def on_epoch_end(self, epoch: int, ctx) -> dict[str, float]:
         labels = self.train_labels.to(self.codes.B.device)
         self.codes.update(labels, self.image_codes.float(), self.text_codes.float())
-        agreement = (self.codes.B == torch.where(self.image_codes >= 0, 1.0, -1.0)).float().mean()
+        agreement = (self.codes.B == binarize(self.image_codes)).float().mean()
         return {"gamma": self.codes.gamma, "code_agreement_image": float(agreement)}
 
     def image_backbone(self) -> nn.Module:
