@@ -76,17 +76,28 @@ def _topological_sort(graph) -> None:
 # --- int8 ----------------------------------------------------------------------------------------
 
 
-def float_nodes(model) -> list[str]:
-    """Names of the nodes int8 quantisation must leave in float (see the module docstring)."""
+def _graph_index(model) -> tuple[list, dict, dict[str, list]]:
+    """The graph's nodes, the node producing each tensor and the nodes reading each tensor."""
     nodes = list(model.graph.node)
     producer = {out: n for n in nodes for out in n.output}
     consumers: dict[str, list] = {}
     for n in nodes:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return nodes, producer, consumers
+
+
+def _computed_inputs(node, producer: dict) -> list:
+    """The nodes that compute ``node``'s inputs (graph inputs, weights and constants left out)."""
+    return [producer[i] for i in node.input if i in producer and producer[i].op_type != "Constant"]
+
+
+def float_nodes(model) -> list[str]:
+    """Names of the nodes int8 quantisation must leave in float (see the module docstring)."""
+    nodes, producer, consumers = _graph_index(model)
 
     def ups(node):
-        return [producer[i] for i in node.input if i in producer and producer[i].op_type != "Constant"]
+        return _computed_inputs(node, producer)
 
     def downs(node):
         return [c for out in node.output for c in consumers.get(out, [])]
@@ -124,18 +135,13 @@ def float_nodes(model) -> list[str]:
 def head_nodes(model) -> set[str]:
     """The hash head: from each output back through the tail ops to the last MatMul/Gemm
     (and the other readers of its input)."""
-    nodes = list(model.graph.node)
-    producer = {out: n for n in nodes for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    _, producer, consumers = _graph_index(model)
     keep: set[str] = set()
     for out in model.graph.output:
         node = producer.get(out.name)
         while node is not None and node.op_type in HEAD_TAIL:
             keep.add(node.name)
-            inputs = [producer[i] for i in node.input if i in producer and producer[i].op_type != "Constant"]
+            inputs = _computed_inputs(node, producer)
             node = inputs[0] if len(inputs) == 1 else next((n for n in inputs if n.op_type in ("MatMul", "Gemm")), None)
         if node is not None and node.op_type in ("MatMul", "Gemm"):
             keep.update(n.name for n in [node, *(c for i in node.input for c in consumers.get(i, []))])
