@@ -28,6 +28,7 @@ from cmhash.encoder import Encoder  # noqa: E402
 from cmhash.errors import BackendUnavailableError, BundleError, ExportError, VerificationError  # noqa: E402
 from cmhash.export import export_checkpoint, export_tower, float_nodes, quantize_int8  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
+from fixtures.roundtrip import bit_agreement  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,10 +87,6 @@ def torch_codes(tower, batch: torch.Tensor) -> np.ndarray:
 
 def stack(dataset, what: int) -> torch.Tensor:
     return torch.stack([torch.as_tensor(dataset[i][what]).float() for i in range(len(dataset))])
-
-
-def bit_agreement(codes: np.ndarray, tanh: np.ndarray) -> float:
-    return float((np.unpackbits(codes, axis=1, bitorder="little").astype(bool) == (tanh >= 0)).mean())
 
 
 # --- round trip ---------------------------------------------------------------------------------------

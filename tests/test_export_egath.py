@@ -17,7 +17,8 @@ from cmhash import pack_codes  # noqa: E402
 from cmhash.encoder import Encoder  # noqa: E402
 from cmhash.export import export_checkpoint  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
-from cmhash.training.data import build_transform, captions  # noqa: E402
+from cmhash.training.data import captions  # noqa: E402
+from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
 
 run = pytest.importorskip("cmhash.training.run")
 
@@ -53,20 +54,11 @@ def test_egath_encoder_codes_and_map_equal_pytorch(egath):
     prepared = run.prepare_data(config, vocabulary=None)
     data, split = prepared.data, prepared.split
     items = np.concatenate([split.query, split.database[:150]])
-    images = [data.images.load(int(i)) for i in items]  # rendered PIL images, as a user would pass them
-    texts = [captions(data)[int(i)] for i in items]
-    bows = np.stack([data.text(int(i)) for i in items])
-    transform = build_transform(prepared.info.preprocessing)  # the training pipeline's eval transform
-    with torch.no_grad():
-        pixels = torch.stack([transform(im) for im in images])
-        ref_image = method.image_tower()(pixels).numpy()
-        ref_text = method.text_tower()(torch.from_numpy(bows)).numpy()
-
     enc = Encoder.load(bundle, threads=1)
-    image_codes, text_codes = enc.hash_images(images), enc.hash_texts(bows)
-    for codes, ref in ((image_codes, ref_image), (text_codes, ref_text)):
-        bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
-        assert (bits == (ref >= 0)).mean() >= 0.999
+    trip = round_trip(method, prepared, items, enc)  # rendered PIL images, as a user would pass them
+    ref_image, ref_text, image_codes, text_codes = trip.ref_image, trip.ref_text, trip.image_codes, trip.text_codes
+    assert bit_agreement(image_codes, ref_image) >= 0.999 and bit_agreement(text_codes, ref_text) >= 0.999
+    texts = [captions(data)[int(i)] for i in items]
     assert np.array_equal(enc.hash_texts(texts), text_codes)  # raw captions, tokenised by the bundle
 
     labels = data.labels[items]
@@ -78,6 +70,6 @@ def test_egath_encoder_codes_and_map_equal_pytorch(egath):
                - mean_average_precision(tt[q], ti[db], labels[q], labels[db])) <= 0.005
 
     for variant in ("fp16", "int8", "int8-dynamic"):
-        reduced = Encoder.load(bundle, threads=1, variant=variant).hash_images(images)
+        reduced = Encoder.load(bundle, threads=1, variant=variant).hash_images(trip.images)
         agree = np.unpackbits(reduced, axis=1, bitorder="little") == np.unpackbits(image_codes, axis=1, bitorder="little")
         assert agree.mean() >= 0.97

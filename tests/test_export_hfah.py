@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 
 from cmhash.encoder import Encoder  # noqa: E402
 from cmhash.export import export_checkpoint  # noqa: E402
-from cmhash.training.data import build_transform, captions  # noqa: E402
+from cmhash.training.data import captions  # noqa: E402
+from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
 
 run = pytest.importorskip("cmhash.training.run")
 
@@ -57,16 +58,9 @@ def test_hfah_encoder_codes_equal_pytorch(hfah):
     prepared = run.prepare_data(config, vocabulary=None)
     data, split = prepared.data, prepared.split
     items = np.concatenate([split.query, split.database[:100]])
-    images = [data.images.load(int(i)) for i in items]  # rendered PIL images, as a user would pass them
-    texts = [captions(data)[int(i)] for i in items]
-    bows = np.stack([data.text(int(i)) for i in items])
-    transform = build_transform(prepared.info.preprocessing)
-    with torch.no_grad():
-        ref_image = method.image_tower()(torch.stack([transform(im) for im in images])).numpy()
-        ref_text = method.text_tower()(torch.from_numpy(bows).float()).numpy()
     enc = Encoder.load(bundle, threads=1)
-    image_codes, text_codes = enc.hash_images(images), enc.hash_texts(bows)
-    for codes, ref in ((image_codes, ref_image), (text_codes, ref_text)):
-        bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
-        assert (bits == (ref >= 0)).mean() >= 0.999
-    assert np.array_equal(enc.hash_texts(texts), text_codes)  # raw captions, tokenised by the bundle
+    trip = round_trip(method, prepared, items, enc)  # rendered PIL images, as a user would pass them
+    assert bit_agreement(trip.image_codes, trip.ref_image) >= 0.999
+    assert bit_agreement(trip.text_codes, trip.ref_text) >= 0.999
+    texts = [captions(data)[int(i)] for i in items]
+    assert np.array_equal(enc.hash_texts(texts), trip.text_codes)  # raw captions, tokenised by the bundle

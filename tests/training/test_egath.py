@@ -15,11 +15,11 @@ from cmhash.cli import main as cli
 from cmhash.training.blocks import dcg_triplet_loss, quantization_loss
 from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
-from cmhash.training.method import Batch, get_method
+from cmhash.training.method import get_method
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
 from cmhash.training.trainer import build_method
 
-from conftest import SHARED_DATA, require
+from conftest import SHAPES, SHARED_DATA, first_batch, require
 
 TINY_MODEL = [
     "model.bits=16", "model.backbone=clip:tiny-resnet", "model.d_model=32", "model.heads=2", "model.ffn_dim=64",
@@ -27,7 +27,6 @@ TINY_MODEL = [
     "model.backbone_lr=1e-3", "model.final_lr=1e-4", "model.decay_epochs=2",
     "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.device=cpu",
 ]
-SHAPES = ["data.source=shapes", "data.n=160", "data.seed=0", "data.split={query: 32, train: 96, seed: 0}", "data.cache=true"]
 TINY = TINY_MODEL + SHAPES
 
 
@@ -38,12 +37,6 @@ def tiny_config(tmp_path: Path, *overrides: str, data: list[str] = SHAPES):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_data(tiny_config(tmp_path_factory.mktemp("prep")))
-
-
-def first_batch(prepared, n: int = 24) -> Batch:
-    items = [prepared.train[k] for k in range(n)]
-    return Batch(torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]).float(),
-                 torch.stack([i[2] for i in items]).float(), torch.arange(n))
 
 
 # --------------------------------------------------------------------------- config

@@ -5,6 +5,7 @@ and checkpointing, ablations, the learning-rate formula, checkpoints back to tow
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,17 @@ import torch
 
 from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
-from cmhash.training.method import Batch, get_method
+from cmhash.training.method import get_method
 from cmhash.training.models.tegah import (DTFEN, GAFM, KL_WEIGHTS, MLAH, VARIANTS, ImageNet, TegahConfig,
                                           lr_factor, quantization_term, tegah_adjacency, tegah_wasserstein,
                                           triplet_term)
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
 from cmhash.training.trainer import build_method
 
-from conftest import SHARED_DATA, require
+from conftest import SHAPES, SHARED_DATA, first_batch, require
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures package
+from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +35,6 @@ TINY_MODEL = [
     "model.lr_text=1e-3", "model.lr_fusion=1e-3", "model.lr_label=1e-3",
     "train.epochs=1", "train.batch_size=32", "train.progress=false", "train.device=cpu",
 ]
-SHAPES = ["data.source=shapes", "data.n=160", "data.seed=0", "data.split={query: 32, train: 96, seed: 0}", "data.cache=true"]
 
 
 def tiny_config(tmp_path: Path, *overrides: str, data: list[str] = SHAPES):
@@ -41,12 +44,6 @@ def tiny_config(tmp_path: Path, *overrides: str, data: list[str] = SHAPES):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_data(tiny_config(tmp_path_factory.mktemp("prep")))
-
-
-def first_batch(prepared, n: int = 24) -> Batch:
-    items = [prepared.train[k] for k in range(n)]
-    return Batch(torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]).float(),
-                 torch.stack([i[2] for i in items]).float(), torch.arange(n))
 
 
 def build(tmp_path, prepared, *overrides):
@@ -483,21 +480,13 @@ def test_towers_export_to_onnx_and_match(tmp_path, prepared):
 def test_round_trip_through_the_export_bundle(tmp_path, prepared):
     from cmhash.encoder import Encoder
     from cmhash.export import export_checkpoint
-    from cmhash.training.data import build_transform
 
     result = train(tiny_config(tmp_path))
     report = export_checkpoint(result.out_dir, tmp_path / "bundle", verify_items=64)
     assert report["method"] == "tegah" and report["passed"]
     assert all(r["bit_agreement"] >= 0.999 for r in report["results"])
     _, method, _ = load_trained(result.out_dir)
-    rows = prepared.split.query[:24]
-    images = [prepared.data.images.load(int(i)) for i in rows]  # rendered PIL images, as a user passes them
-    bows = np.stack([prepared.data.text(int(i)) for i in rows])
-    transform = build_transform(prepared.info.preprocessing)  # the training pipeline's evaluation transform
-    with torch.no_grad():
-        ref_image = method.image_tower()(torch.stack([transform(im) for im in images])).numpy()
-        ref_text = method.text_tower()(torch.from_numpy(bows)).numpy()
-    encoder = Encoder.load(tmp_path / "bundle", threads=1)
-    for codes, ref in ((encoder.hash_images(images), ref_image), (encoder.hash_texts(bows), ref_text)):
-        bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
-        assert (bits == (ref >= 0)).mean() >= 0.999
+    # rendered PIL images and bags of words, as a user passes them
+    trip = round_trip(method, prepared, prepared.split.query[:24], Encoder.load(tmp_path / "bundle", threads=1))
+    assert bit_agreement(trip.image_codes, trip.ref_image) >= 0.999
+    assert bit_agreement(trip.text_codes, trip.ref_text) >= 0.999
