@@ -36,3 +36,23 @@ def first_batch(prepared, n: int = 24):
     items = [prepared.train[k] for k in range(n)]
     return Batch(torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]).float(),
                  torch.stack([i[2] for i in items]).float(), torch.arange(n))
+
+
+def triplet_reference(a, t, labels, margin: float) -> float:
+    """The DCG-weighted cosine triplet loss by loops over (i, j, m), straight from the specs'
+    definition (EGATH §6.1, TEGAH §3.1): raw shared-label counts, ideal-DCG gains."""
+    import math
+
+    import torch
+
+    s = labels @ labels.T
+    total = 0.0
+    for i in range(len(a)):
+        ideal = sorted(s[i].tolist(), reverse=True)
+        z = sum((2 ** v - 1) / math.log2(r + 2) for r, v in enumerate(ideal))
+        d = [max(0.0, 1 - torch.nn.functional.cosine_similarity(a[i], t[j], dim=0).item()) for j in range(len(t))]
+        for j in range(len(t)):
+            for m in range(len(t)):
+                if s[i, j] > 0 and s[i, m] == 0:
+                    total += (2 ** s[i, j].item() - 1) / z * max(d[j] - d[m] + margin, 0.0)
+    return total

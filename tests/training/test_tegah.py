@@ -21,7 +21,7 @@ from cmhash.training.models.tegah import (DTFEN, GAFM, KL_WEIGHTS, MLAH, VARIANT
 from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
 from cmhash.training.trainer import build_method
 
-from conftest import SHAPES, SHARED_DATA, first_batch, require
+from conftest import SHAPES, SHARED_DATA, first_batch, require, triplet_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures package
 from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
@@ -133,26 +133,11 @@ def test_cosine_graph_by_hand():
 # --------------------------------------------------------------------------- losses
 
 
-def _triplet_reference(a, t, labels, margin):
-    """Loops over (i, j, k) straight from spec §3.1 (raw shared-label counts, nDCG gains)."""
-    s = labels @ labels.T
-    total = 0.0
-    for i in range(len(a)):
-        ideal = sorted(s[i].tolist(), reverse=True)
-        z = sum((2 ** v - 1) / math.log2(r + 2) for r, v in enumerate(ideal))
-        d = [max(0.0, 1 - torch.nn.functional.cosine_similarity(a[i], t[j], dim=0).item()) for j in range(len(t))]
-        for j in range(len(t)):
-            for k in range(len(t)):
-                if s[i, j] > 0 and s[i, k] == 0:
-                    total += (2 ** s[i, j].item() - 1) / z * max(d[j] - d[k] + margin, 0.0)
-    return total
-
-
 def test_triplet_term_is_the_four_ndcg_weighted_triplets():
     torch.manual_seed(0)
     labels = torch.tensor([[1.0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1]])
     h_i, h_t = torch.tanh(torch.randn(5, 8)), torch.tanh(torch.randn(5, 8))
-    expected = sum(_triplet_reference(a, t, labels, 0.4) for a, t in ((h_i, h_t), (h_i, h_i), (h_t, h_i), (h_t, h_t)))
+    expected = sum(triplet_reference(a, t, labels, 0.4) for a, t in ((h_i, h_t), (h_i, h_i), (h_t, h_i), (h_t, h_t)))
     assert triplet_term(h_i, h_t, labels, 0.4).item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -10,22 +10,9 @@ from cmhash.training.blocks import (HashHead, binarize, check_bits, classificati
                                     wasserstein_loss)
 from cmhash.training.errors import ConfigError
 
+from conftest import triplet_reference
+
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # samples 0 and 1 share a label, 2 is alone
-
-
-def _triplet_reference(a, t, labels, margin):
-    """Loops over (i, j, m), straight from the spec's definition."""
-    s = labels @ labels.T
-    total = 0.0
-    for i in range(len(a)):
-        ideal = sorted(s[i].tolist(), reverse=True)
-        z = sum((2 ** v - 1) / math.log2(r + 2) for r, v in enumerate(ideal))
-        for j in range(len(t)):
-            for m in range(len(t)):
-                if s[i, j] > 0 and s[i, m] == 0:
-                    d = lambda u, v: max(1 - torch.nn.functional.cosine_similarity(u, v, dim=0).item(), 0)
-                    total += (2 ** s[i, j].item() - 1) / z * max(d(a[i], t[j]) - d(a[i], t[m]) + margin, 0)
-    return total
 
 
 def test_dcg_gains_by_hand():
@@ -55,7 +42,7 @@ def test_triplet_matches_loop_reference_and_has_gradient():
     a = torch.randn(6, 8, requires_grad=True)
     t = torch.randn(6, 8)
     loss = dcg_triplet_loss(a, t, labels, margin=0.4)
-    assert loss.item() == pytest.approx(_triplet_reference(a.detach(), t, labels, 0.4), rel=1e-5)
+    assert loss.item() == pytest.approx(triplet_reference(a.detach(), t, labels, 0.4), rel=1e-5)
     assert loss.item() > 0
     loss.backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
