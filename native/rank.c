@@ -10,14 +10,18 @@
  * relevance (query and item share a label) from the packed label rows, and running
  * per-distance counters, which give s_j (and r_j, the same count over relevant items)
  * for every relevant item as it goes by. The relevant items are kept, in database
- * order, in a per-thread list of (d, s, r), at most n entries.
+ * order, in a per-thread list, at most n entries.
  * Pass 2 walks that list: after prefix sums over the histograms each relevant item's
  * position and rank among relevant items are known, hence AP@all, AP@k and P@k.
  *
  * The running counters are a chain of read-modify-writes on a few hot cells (distances
- * cluster), so the database is cut into CMH_STREAMS contiguous stripes counted by
- * interleaved, independent counters; a stripe's counts are offset afterwards by the
- * totals of the stripes before it, which gives exactly the in-order counts.
+ * cluster), so the database is cut into contiguous stripes, four of them counted at a
+ * time by interleaved, independent counters; a stripe's counts are offset afterwards by
+ * the totals of the stripes before it, which gives exactly the in-order counts.
+ *
+ * A counter is one 64-bit word (d << 48 | r << 24 | s), so each item costs one counter
+ * update and one list store, and the list entry is the counter just before the item.
+ * Stripes are kept under 2^24 items so s and r fit (d < 2^16: see CMH_MAX_BYTES).
  *
  * Everything per query is summed in database order, one query per thread at a time, so
  * results do not depend on the thread count. */
@@ -29,13 +33,16 @@
 #include "kernels.h"
 #include "threads.h"
 
-#define CMH_STREAMS 4   /* independent counter stripes per query */
-#define CMH_BLOCK 1024  /* items per stripe handled per step */
+#define CMH_INTERLEAVE 4 /* stripes counted together */
+#define CMH_BLOCK 1024   /* items per stripe handled per step */
+#define CMH_SHIFT 24     /* counter word: s in bits 0..23, r in 24..47, d in 48..63 */
+#define CMH_FIELD ((UINT64_C(1) << CMH_SHIFT) - 1)
+#define CMH_STRIPE_MAX CMH_FIELD
 
 typedef struct {
     /* inputs */
     const uint8_t *q, *db, *ql, *dbl;
-    size_t nq, n, nbytes, lbytes, bins;
+    size_t nq, n, nbytes, lbytes, bins, stripes;
     cmh_dist_fn dist;
     const size_t *map_ks, *prec_ks;
     size_t n_map, n_prec;
@@ -49,19 +56,17 @@ typedef struct {
 
 /* One thread's workspace, carved out of a single allocation. */
 typedef struct {
-    uint16_t *dist;       /* CMH_STREAMS * CMH_BLOCK */
-    uint8_t *rel;         /* CMH_STREAMS * CMH_BLOCK */
-    uint64_t *cnt;        /* bins * CMH_STREAMS running counters, cnt[d * CMH_STREAMS + t]:
-                           * items (low 32 bits) and relevant items (high 32 bits) of
-                           * stripe t seen so far at distance d: one read-modify-write */
-    uint64_t *nless, *rless;          /* bins: items / relevant items at smaller distance */
-    uint64_t *soff, *roff;            /* CMH_STREAMS * bins: counts of earlier stripes */
-    uint16_t *list_d;                 /* n: distance of each relevant item */
-    uint64_t *list_c;                 /* n: that counter just before the relevant item */
-    size_t list_len[CMH_STREAMS], list_start[CMH_STREAMS];
-    double *ap_sum;                   /* n_map */
-    uint64_t *ap_hits, *prec_hits;    /* n_map, n_prec */
-    uint8_t *base;                    /* the allocation all of the above live in */
+    uint16_t *dist;               /* CMH_INTERLEAVE * CMH_BLOCK */
+    uint8_t *rel;                 /* CMH_INTERLEAVE * CMH_BLOCK */
+    uint64_t *cnt;                /* stripes * bins counter words; stripes g*4..g*4+3 at
+                                   * cnt[(g * bins + d) * 4 + t], interleaved */
+    uint64_t *nless, *rless;      /* bins: items / relevant items at smaller distance */
+    uint64_t *soff, *roff;        /* stripes * bins: counts of earlier stripes, + N_<d + 1 */
+    uint64_t *list;               /* n: counter word just before each relevant item */
+    size_t *list_start, *list_len; /* stripes */
+    double *ap_sum;               /* n_map */
+    uint64_t *ap_hits, *prec_hits; /* n_map, n_prec */
+    uint8_t *base;                /* the allocation all of the above live in */
 } workspace;
 
 /* Reserve count * size bytes at *off (64-byte aligned); returns the start offset. Sets
@@ -75,24 +80,26 @@ static size_t reserve(size_t *off, size_t count, size_t size, int *bad) {
 }
 
 /* Lays a workspace out at `base` (NULL: only measures). Returns its size, 0 on overflow. */
-static size_t workspace_layout(uint8_t *base, workspace *w, size_t n, size_t bins, size_t n_map,
-                               size_t n_prec) {
+static size_t workspace_layout(uint8_t *base, workspace *w, size_t n, size_t bins, size_t stripes,
+                               size_t n_map, size_t n_prec) {
     int bad = 0;
-    size_t off = 0;
+    size_t off = 0, cells = 0;
+    if (__builtin_mul_overflow(stripes, bins, &cells)) return 0;
 #define CARVE(field, type, count)                                     \
     {                                                                 \
         size_t at_ = reserve(&off, (count), sizeof(type), &bad);      \
         if (base) w->field = (type *)(void *)(base + at_);            \
     }
-    CARVE(dist, uint16_t, CMH_STREAMS * CMH_BLOCK);
-    CARVE(rel, uint8_t, CMH_STREAMS * CMH_BLOCK);
-    CARVE(cnt, uint64_t, CMH_STREAMS * bins);
+    CARVE(dist, uint16_t, CMH_INTERLEAVE * CMH_BLOCK);
+    CARVE(rel, uint8_t, CMH_INTERLEAVE * CMH_BLOCK);
+    CARVE(cnt, uint64_t, cells);
     CARVE(nless, uint64_t, bins);
     CARVE(rless, uint64_t, bins);
-    CARVE(soff, uint64_t, CMH_STREAMS * bins);
-    CARVE(roff, uint64_t, CMH_STREAMS * bins);
-    CARVE(list_d, uint16_t, n);
-    CARVE(list_c, uint64_t, n);
+    CARVE(soff, uint64_t, cells);
+    CARVE(roff, uint64_t, cells);
+    CARVE(list, uint64_t, n);
+    CARVE(list_start, size_t, stripes);
+    CARVE(list_len, size_t, stripes);
     CARVE(ap_sum, double, n_map);
     CARVE(ap_hits, uint64_t, n_map);
     CARVE(prec_hits, uint64_t, n_prec);
@@ -100,9 +107,9 @@ static size_t workspace_layout(uint8_t *base, workspace *w, size_t n, size_t bin
     return bad ? 0 : off;
 }
 
-static workspace *workspace_new(size_t n, size_t bins, size_t n_map, size_t n_prec) {
+static workspace *workspace_new(size_t n, size_t bins, size_t stripes, size_t n_map, size_t n_prec) {
     workspace probe;
-    size_t bytes = workspace_layout(NULL, &probe, n, bins, n_map, n_prec);
+    size_t bytes = workspace_layout(NULL, &probe, n, bins, stripes, n_map, n_prec);
     if (bytes == 0) return NULL;
     workspace *w = malloc(sizeof(workspace));
     uint8_t *base = aligned_alloc(64, bytes);
@@ -111,7 +118,7 @@ static workspace *workspace_new(size_t n, size_t bins, size_t n_map, size_t n_pr
         free(base);
         return NULL;
     }
-    workspace_layout(base, w, n, bins, n_map, n_prec);
+    workspace_layout(base, w, n, bins, stripes, n_map, n_prec);
     w->base = base;
     return w;
 }
@@ -165,24 +172,65 @@ static void any_common(const uint8_t *a, const uint8_t *db, size_t m, size_t lby
     }
 }
 
-/* Pass 1 for one query: histograms and the list of relevant items. */
-static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const uint8_t *ql) {
-    const size_t n = c->n, bins = c->bins;
-    size_t begin[CMH_STREAMS], end[CMH_STREAMS];
-    for (size_t t = 0; t < CMH_STREAMS; t++) {
-        cmh_split(n, CMH_STREAMS, t, &begin[t], &end[t]);
-        w->list_start[t] = begin[t]; /* stripe t's relevant items go to list[begin[t]...] */
-        w->list_len[t] = 0;
+/* Stripe count for n >= 1 items: groups of CMH_INTERLEAVE, every stripe < 2^24 items. */
+static size_t stripe_count(size_t n) {
+    const size_t per_group = CMH_INTERLEAVE * CMH_STRIPE_MAX;
+    return CMH_INTERLEAVE * ((n + per_group - 1) / per_group);
+}
+
+/* Counts items of one stripe's block: counter words are T apart (the stripes' counters
+ * are interleaved). Branch-free: every item is written at the list end, and the list
+ * only grows when the item is relevant (relevance is close to a coin flip). */
+static inline void count_stripe(uint64_t *restrict cnt, uint64_t *restrict list,
+                                const uint16_t *restrict dist, const uint8_t *restrict rel,
+                                size_t len, size_t *at) {
+    size_t end = *at;
+    for (size_t j = 0; j < len; j++) {
+        const size_t d = dist[j];
+        const uint64_t e = rel[j], v = cnt[d * CMH_INTERLEAVE];
+        cnt[d * CMH_INTERLEAVE] = v + 1 + (e << CMH_SHIFT); /* one item; e: one relevant */
+        list[end] = v;
+        end += e;
     }
-    memset(w->cnt, 0, CMH_STREAMS * bins * sizeof(uint64_t));
-    uint64_t *const cnt = w->cnt;
-    uint16_t *const ld = w->list_d;
-    uint64_t *const lc = w->list_c;
-    /* v + 1 + (e << 32) counts an item, and in the high half a relevant one (e = 1) */
+    *at = end;
+}
+
+/* The same over all four stripes' blocks of `len` items, interleaved item by item, so
+ * the four counter chains overlap. */
+static inline void count_interleaved(uint64_t *restrict cnt, uint64_t *restrict list,
+                                     const uint16_t *restrict dist, const uint8_t *restrict rel,
+                                     size_t len, size_t at[CMH_INTERLEAVE]) {
+    size_t end[CMH_INTERLEAVE];
+    for (size_t t = 0; t < CMH_INTERLEAVE; t++) end[t] = at[t];
+    for (size_t j = 0; j < len; j++) {
+#pragma GCC unroll 16
+        for (size_t t = 0; t < CMH_INTERLEAVE; t++) {
+            const size_t d = dist[t * CMH_BLOCK + j];
+            const uint64_t e = rel[t * CMH_BLOCK + j], v = cnt[d * CMH_INTERLEAVE + t];
+            cnt[d * CMH_INTERLEAVE + t] = v + 1 + (e << CMH_SHIFT);
+            list[end[t]] = v;
+            end[t] += e;
+        }
+    }
+    for (size_t t = 0; t < CMH_INTERLEAVE; t++) at[t] = end[t];
+}
+
+/* Pass 1 over stripes g*4 .. g*4+3 for one query: counters and the relevant-item list. */
+static void count_group(const rank_ctx *c, workspace *w, const uint8_t *q, const uint8_t *ql,
+                        size_t g) {
+    const size_t T = CMH_INTERLEAVE;
+    size_t begin[CMH_INTERLEAVE], end[CMH_INTERLEAVE], at[CMH_INTERLEAVE];
+    for (size_t t = 0; t < T; t++) {
+        cmh_split(c->n, c->stripes, g * T + t, &begin[t], &end[t]);
+        w->list_start[g * T + t] = at[t] = begin[t]; /* stripe's relevant items go to list[begin...] */
+    }
+    uint64_t *const cnt = w->cnt + g * c->bins * T;
+    for (size_t d = 0; d < c->bins; d++)
+        for (size_t t = 0; t < T; t++) cnt[d * T + t] = (uint64_t)d << (2 * CMH_SHIFT);
 
     for (size_t step = 0;; step++) {
-        size_t len[CMH_STREAMS], most = 0;
-        for (size_t t = 0; t < CMH_STREAMS; t++) {
+        size_t len[CMH_INTERLEAVE], most = 0;
+        for (size_t t = 0; t < T; t++) {
             size_t from = begin[t] + step * CMH_BLOCK;
             len[t] = from < end[t] ? (end[t] - from < CMH_BLOCK ? end[t] - from : CMH_BLOCK) : 0;
             if (len[t] > most) most = len[t];
@@ -192,63 +240,33 @@ static void count_query(const rank_ctx *c, workspace *w, const uint8_t *q, const
             }
         }
         if (most == 0) break;
-        if (len[CMH_STREAMS - 1] == most) {
+        if (len[T - 1] == most) {
             /* Every stripe has `most` items this step (stripes differ by at most one item
-             * in total, and only the last step is short), so the four run interleaved.
-             * Branch-free: every item is written at its stripe's list end, and the list
-             * only grows when the item is relevant (relevance is close to a coin flip). */
-            size_t at[CMH_STREAMS];
-            for (size_t t = 0; t < CMH_STREAMS; t++) at[t] = w->list_start[t] + w->list_len[t];
-            const uint16_t *dist = w->dist;
-            const uint8_t *rel = w->rel;
-            for (size_t j = 0; j < most; j++) {
-#pragma GCC unroll 16
-                for (size_t t = 0; t < CMH_STREAMS; t++) {
-                    const size_t d = dist[t * CMH_BLOCK + j];
-                    const uint64_t e = rel[t * CMH_BLOCK + j];
-                    const uint64_t v = cnt[d * CMH_STREAMS + t];
-                    cnt[d * CMH_STREAMS + t] = v + 1 + (e << 32);
-                    ld[at[t]] = (uint16_t)d;
-                    lc[at[t]] = v;
-                    at[t] += e;
-                }
-            }
-            for (size_t t = 0; t < CMH_STREAMS; t++) w->list_len[t] = at[t] - w->list_start[t];
+             * in total, and only the last step is short), so the four run interleaved. */
+            count_interleaved(cnt, w->list, w->dist, w->rel, most, at);
         } else {
-            for (size_t t = 0; t < CMH_STREAMS; t++) {
-                const uint16_t *dt = w->dist + t * CMH_BLOCK;
-                const uint8_t *et = w->rel + t * CMH_BLOCK;
-                size_t i = w->list_start[t] + w->list_len[t];
-                for (size_t j = 0; j < len[t]; j++) {
-                    const size_t d = dt[j];
-                    const uint64_t v = cnt[d * CMH_STREAMS + t];
-                    cnt[d * CMH_STREAMS + t] = v + 1 + ((uint64_t)et[j] << 32);
-                    if (et[j]) {
-                        ld[i] = (uint16_t)d;
-                        lc[i] = v;
-                        i++;
-                    }
-                }
-                w->list_len[t] = i - w->list_start[t];
-            }
+            for (size_t t = 0; t < T; t++)
+                count_stripe(cnt + t, w->list, w->dist + t * CMH_BLOCK, w->rel + t * CMH_BLOCK,
+                             len[t], &at[t]);
         }
     }
+    for (size_t t = 0; t < T; t++) w->list_len[g * T + t] = at[t] - begin[t];
 }
 
 /* Pass 2 for one query: write its histograms, APs and precisions. */
 static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
-    const size_t bins = c->bins;
+    const size_t bins = c->bins, stripes = c->stripes, T = CMH_INTERLEAVE;
     int64_t *ha = c->hist_all + qi * bins, *hr = c->hist_rel + qi * bins;
     uint64_t below = 0, rbelow = 0;
     for (size_t d = 0; d < bins; d++) {
         uint64_t tot = 0, rtot = 0;
-        for (size_t t = 0; t < CMH_STREAMS; t++) {
-            /* items of distance d in the stripes before t, and below d overall */
-            w->soff[t * bins + d] = tot;
-            w->roff[t * bins + d] = rtot;
-            const uint64_t v = w->cnt[d * CMH_STREAMS + t];
-            tot += (uint32_t)v;
-            rtot += v >> 32;
+        for (size_t s = 0; s < stripes; s++) {
+            /* items of distance d in the stripes before s, and below d overall */
+            w->soff[s * bins + d] = tot;
+            w->roff[s * bins + d] = rtot;
+            const uint64_t v = w->cnt[((s / T) * bins + d) * T + s % T];
+            tot += v & CMH_FIELD;
+            rtot += (v >> CMH_SHIFT) & CMH_FIELD;
         }
         ha[d] = (int64_t)tot;
         hr[d] = (int64_t)rtot;
@@ -258,32 +276,38 @@ static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
         rbelow += rtot;
     }
     /* Fold N_<d + 1 and R_<d + 1 into the stripe offsets: one add per item below. */
-    for (size_t t = 0; t < CMH_STREAMS; t++)
+    for (size_t s = 0; s < stripes; s++)
         for (size_t d = 0; d < bins; d++) {
-            w->soff[t * bins + d] += w->nless[d] + 1;
-            w->roff[t * bins + d] += w->rless[d] + 1;
+            w->soff[s * bins + d] += w->nless[d] + 1;
+            w->roff[s * bins + d] += w->rless[d] + 1;
         }
 
     const size_t n_map = c->n_map, n_prec = c->n_prec;
     for (size_t i = 0; i < n_map; i++) w->ap_sum[i] = 0.0, w->ap_hits[i] = 0;
     for (size_t i = 0; i < n_prec; i++) w->prec_hits[i] = 0;
-    /* The common case, AP@all alone, without the cutoff tests. */
+    /* The common case, AP@all alone, without the cutoff tests, in four partial sums (one
+     * chain of dependent adds would cost an add's latency per item); fixed order, so the
+     * result is the same on every run. */
     const int all_only = n_map == 1 && c->map_ks[0] >= c->n && n_prec == 0;
-    double sum_all = 0.0;
-    for (size_t t = 0; t < CMH_STREAMS; t++) {
-        const uint64_t *so = w->soff + t * bins, *ro = w->roff + t * bins;
-        const size_t start = w->list_start[t], stop = start + w->list_len[t];
-        for (size_t m = start; m < stop; m++) {
-            const uint16_t d = w->list_d[m];
-            const uint64_t v = w->list_c[m];
-            const uint64_t pos = so[d] + (uint32_t)v; /* 1-based position in the ranking */
-            const uint64_t rank = ro[d] + (v >> 32);  /* 1-based rank among relevant items */
-            /* signed conversion: one instruction (values are < 2^32) */
-            const double p = (double)(int64_t)rank * c->inv[pos];
-            if (all_only) {
-                sum_all += p;
-                continue;
-            }
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+#define POSITION(v) (so[(v) >> (2 * CMH_SHIFT)] + ((v) & CMH_FIELD)) /* 1-based, in the ranking */
+#define RANK(v) (ro[(v) >> (2 * CMH_SHIFT)] + (((v) >> CMH_SHIFT) & CMH_FIELD)) /* among relevant */
+    /* signed conversion: one instruction (values are < 2^32) */
+#define PRECISION(v) ((double)(int64_t)RANK(v) * c->inv[POSITION(v)])
+    for (size_t s = 0; s < stripes; s++) {
+        const uint64_t *so = w->soff + s * bins, *ro = w->roff + s * bins;
+        const uint64_t *list = w->list + w->list_start[s];
+        const size_t len = w->list_len[s];
+        if (all_only) {
+            size_t m = 0;
+            for (; m + 4 <= len; m += 4)
+                for (size_t u = 0; u < 4; u++) part[u] += PRECISION(list[m + u]);
+            for (; m < len; m++) part[m % 4] += PRECISION(list[m]);
+            continue;
+        }
+        for (size_t m = 0; m < len; m++) {
+            const uint64_t v = list[m], pos = POSITION(v);
+            const double p = PRECISION(v);
             for (size_t i = 0; i < n_map; i++) {
                 const int in = pos <= c->map_ks[i];
                 w->ap_sum[i] += in ? p : 0.0;
@@ -292,8 +316,11 @@ static void score_query(const rank_ctx *c, workspace *w, size_t qi) {
             for (size_t i = 0; i < n_prec; i++) w->prec_hits[i] += pos <= c->prec_ks[i];
         }
     }
+#undef PRECISION
+#undef RANK
+#undef POSITION
     if (all_only) {
-        w->ap_sum[0] = sum_all;
+        w->ap_sum[0] = (part[0] + part[1]) + (part[2] + part[3]);
         w->ap_hits[0] = rbelow;
     }
     for (size_t i = 0; i < n_map; i++)
@@ -310,7 +337,8 @@ static void rank_task(void *p, size_t tid, size_t nthreads) {
     size_t begin, end;
     cmh_split(c->nq, nthreads, tid, &begin, &end);
     for (size_t qi = begin; qi < end; qi++) {
-        count_query(c, w, c->q + qi * c->nbytes, c->ql + qi * c->lbytes);
+        for (size_t g = 0; g < c->stripes / CMH_INTERLEAVE; g++)
+            count_group(c, w, c->q + qi * c->nbytes, c->ql + qi * c->lbytes, g);
         score_query(c, w, qi);
     }
 }
@@ -460,6 +488,7 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
         goto done;
     }
     if (nthreads > nq) nthreads = nq;
+    const size_t stripes = stripe_count(db.rows);
 
     inv = malloc((db.rows + 1) * sizeof(double)); /* db.rows < 2^32: no overflow */
     work = PyMem_Calloc(nthreads, sizeof(void *));
@@ -468,7 +497,7 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
         goto done;
     }
     for (size_t t = 0; t < nthreads; t++) {
-        work[t] = workspace_new(db.rows, bins, n_map, n_prec);
+        work[t] = workspace_new(db.rows, bins, stripes, n_map, n_prec);
         if (!work[t]) {
             PyErr_Format(PyExc_MemoryError,
                          "%s(): cannot allocate the workspace for %zu threads over %zu database "
@@ -483,6 +512,7 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
     rank_ctx ctx = {
         .q = q.data, .db = db.data, .ql = ql.data, .dbl = dbl.data,
         .nq = nq, .n = db.rows, .nbytes = q.cols, .lbytes = ql.cols, .bins = bins,
+        .stripes = stripes,
         .dist = cmh_dist_kernel(q.cols),
         .map_ks = map_ks, .prec_ks = prec_ks, .n_map = n_map, .n_prec = n_prec,
         .hist_all = (int64_t *)ha.data, .hist_rel = (int64_t *)hr.data,

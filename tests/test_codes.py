@@ -57,6 +57,13 @@ def test_pack_inputs(values, expected):
     assert pack_codes(values).tolist() == [expected]
 
 
+def test_auto_reads_the_whole_array_not_only_the_first_row():
+    # first row 0/1, a later row ±1: the array is signs, so 0 counts as +1 everywhere
+    codes = np.array([[1, 0, 0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, -1]])
+    assert pack_codes(codes).tolist() == [[255], [127]]
+    assert pack_codes(codes[:1]).tolist() == [[0b10000001]]
+
+
 def test_zero_counts_as_plus_one_with_sign_input():
     assert pack_codes(np.zeros((1, 8)), input="sign").tolist() == [[255]]
     assert pack_codes(np.zeros((1, 8)), input="binary").tolist() == [[0]]

@@ -147,6 +147,37 @@ def test_larger_database_crosses_blocks_and_stripes():
             assert res["ap"][i, j] == pytest.approx(ref_ap(rel_sorted, k), abs=1e-12)
         for j, k in enumerate(prec_k):
             assert res["precision_per_query"][i, j] == pytest.approx(rel_sorted[:k].mean(), abs=1e-12)
+    # AP@all alone takes the native fast path (partial sums, no cutoff tests)
+    alone = M.retrieval_metrics(q, db, ql, dl, threads=2)
+    np.testing.assert_allclose(alone["ap"][:, 0], res["ap"][:, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_database_over_2_to_26_items_uses_several_stripe_groups():
+    # Counter words hold per-stripe counts in 24 bits, so past 4 x (2^24 - 1) items the
+    # database is cut into two groups of four stripes. 8-bit codes: distances 0..8, so
+    # the reference ranking is a stable counting order computed per distance.
+    n = 4 * (2**24 - 1) + 5
+    rng = np.random.default_rng(11)
+    db = rng.integers(0, 256, (n, 1), dtype=np.uint8)
+    dl = rng.integers(0, 2, (n, 2), dtype=np.uint8)  # two classes; the query has the first
+    q = np.array([[0b1011_0001]], np.uint8)
+    ql = np.array([[1, 0]], np.uint8)
+    res = M.retrieval_metrics(q, db, ql, dl, map_k=(None, 1000), precision_k=(n,), threads=1)
+    alone = M.retrieval_metrics(q, db, ql, dl, threads=1)
+
+    dist = np.unpackbits(db[:, 0] ^ q[0, 0]).reshape(n, 8).sum(axis=1, dtype=np.uint8)
+    del db
+    rel = dl[:, 0] == 1
+    del dl
+    rel_sorted = rel[np.argsort(dist, kind="stable")]
+    np.testing.assert_array_equal(res["hist_all"][0], np.bincount(dist, minlength=9))
+    np.testing.assert_array_equal(res["hist_rel"][0], np.bincount(dist[rel], minlength=9))
+    del dist, rel
+    expect = [ref_ap(rel_sorted), ref_ap(rel_sorted, 1000)]
+    np.testing.assert_allclose(res["ap"][0], expect, rtol=0, atol=1e-9)
+    assert alone["ap"][0, 0] == pytest.approx(expect[0], abs=1e-9)
+    assert res["precision_per_query"][0, 0] == pytest.approx(rel_sorted.mean(), abs=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])

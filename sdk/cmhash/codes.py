@@ -19,6 +19,17 @@ from .errors import CodeFormatError
 BIT_ORDER = "little"
 
 
+def _only_zeros_and_ones(arr: np.ndarray) -> bool:
+    """True for bool arrays and arrays holding only 0 and 1. The first row is looked at
+    first: ±1 and real-valued codes almost always show a non-0/1 value there, which
+    spares the pass over the whole array."""
+    if arr.dtype == bool:
+        return True
+    if not np.isin(arr[:1], (0, 1)).all():
+        return False
+    return bool(np.isin(arr, (0, 1)).all())
+
+
 def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.ndarray:
     """Pack codes into uint8 bytes, 8 bits per byte, least significant bit first.
 
@@ -46,7 +57,7 @@ def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.n
         raise ValueError(f"pack_codes: input must be 'auto', 'sign' or 'binary', got {input!r}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise CodeFormatError("pack_codes: codes contain NaN or inf; check the model's outputs")
-    is_binary = arr.dtype == bool or np.isin(arr, (0, 1)).all()
+    is_binary = _only_zeros_and_ones(arr)
     if input == "auto":
         input = "binary" if is_binary else "sign"
     if input == "binary":
