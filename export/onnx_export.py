@@ -12,7 +12,9 @@ The TorchScript export of ``nn.MultiheadAttention`` computes every head reshape 
 input's shape at run time (~700 shape nodes in a ViT-B/32 graph) and splits the input
 projection in a way onnxruntime's attention fusion does not recognise; the copy's graph has
 separate q/k/v MatMuls, constant head counts and the pattern onnxruntime fuses into one
-``Attention`` node (``int8-dynamic``). The copy must give the tower's outputs (checked).
+``Attention`` node (``int8-dynamic``). An open_clip ViT that outputs its class token also
+becomes a :class:`ClassTokenViT`, whose last block works on that token alone. The copy must
+give the tower's outputs (checked).
 """
 
 from __future__ import annotations
@@ -82,35 +84,91 @@ class ExportAttention(nn.Module):
             return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         x = query if self.batch_first else query.transpose(0, 1)
-        # int(): a constant in the graph; the batch axis stays dynamic (read from the shape).
-        n, heads, d, e = int(x.shape[1]), self.num_heads, self.head_dim, self.embed_dim
+        out = self.attend(x, x, attn_mask)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def attend(self, xq: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch-first attention of the tokens ``xq`` (B, m, e) over the tokens ``x`` (B, n, e);
+        ``xq is x`` is self-attention."""
+        mha = self.mha
+        # int(): constants in the graph; the batch axis stays dynamic (read once from the shape).
+        m, n, heads, d, e = int(xq.shape[1]), int(x.shape[1]), self.num_heads, self.head_dim, self.embed_dim
+        batch = x.shape[0]
         w, b = mha.in_proj_weight, mha.in_proj_bias
-        shape = (x.shape[0], n, heads, d)
 
-        def project(i: int) -> torch.Tensor:
-            return F.linear(x, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e]).reshape(shape)
+        def project(i: int, tokens: torch.Tensor, count: int) -> torch.Tensor:
+            y = F.linear(tokens, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e])
+            return y.reshape(batch, count, heads, d)
 
-        q = project(0).permute(0, 2, 1, 3)  # (B, heads, n, d)
-        k = project(1).permute(0, 2, 3, 1)  # (B, heads, d, n)
-        v = project(2).permute(0, 2, 1, 3)
+        q = project(0, xq, m).permute(0, 2, 1, 3)  # (B, heads, m, d)
+        k = project(1, x, n).permute(0, 2, 3, 1)  # (B, heads, d, n)
+        v = project(2, x, n).permute(0, 2, 1, 3)
         scores = torch.matmul(q, k) * (1.0 / math.sqrt(d))
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # True: not allowed to attend
                 attn_mask = torch.zeros_like(attn_mask, dtype=x.dtype).masked_fill(attn_mask, float("-inf"))
             scores = scores + attn_mask
-        out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).reshape(x.shape[0], n, e)
-        out = mha.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).reshape(batch, m, e)
+        return mha.out_proj(out)
+
+
+class ClassTokenViT(nn.Module):
+    """An open_clip ``VisionTransformer`` that pools its class token, written for export: its
+    last block computes the attention query, the MLP and the residuals for the class token
+    alone (keys and values still come from every token). Nothing after that block reads
+    the other tokens, so the output is the same; a ViT-B/32 does ~7% less arithmetic.
+
+    Built by :func:`export_copy` (after the attention modules became :class:`ExportAttention`)
+    only where :func:`_pools_class_token` holds.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit, transformer = self.vit, self.vit.transformer
+        *blocks, last = transformer.resblocks
+        x = vit._embeds(images)  # (B, n, width)
+        x = x if transformer.batch_first else x.transpose(0, 1)
+        for block in blocks:
+            x = block(x)
+        x = x if transformer.batch_first else x.transpose(0, 1)
+        tokens = last.ln_1(x)
+        cls = x[:, :1] + last.ls_1(last.attn.attend(tokens[:, :1], tokens))
+        cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+        pooled = vit.ln_post(cls[:, 0])  # a per-token LayerNorm: before or after pooling is the same
+        return pooled @ vit.proj if vit.proj is not None else pooled
+
+
+def _pools_class_token(module: nn.Module) -> bool:
+    """An open_clip VisionTransformer whose output is its class token after plain
+    self-attention blocks (no attention pooling, no token outputs)."""
+    try:
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    except ImportError:
+        return False
+    if type(module) is not VisionTransformer:
+        return False
+    blocks = list(module.transformer.resblocks)
+    return (module.pool_type == "tok" and module.attn_pool is None and not module.output_tokens and bool(blocks)
+            and all(type(b) is ResidualAttentionBlock and isinstance(b.attn, ExportAttention)
+                    and not hasattr(b, "ln_1_kv") for b in blocks))
 
 
 def export_copy(tower: nn.Module) -> nn.Module:
     """A deep copy of ``tower`` with every ``nn.MultiheadAttention`` replaced by
-    :class:`ExportAttention` (the tower itself is left as it is)."""
+    :class:`ExportAttention` and every class-token ViT by :class:`ClassTokenViT` (the
+    tower itself is left as it is)."""
     twin = copy.deepcopy(tower)
     for module in list(twin.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention):
                 setattr(module, name, ExportAttention(child))
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if _pools_class_token(child):
+                setattr(module, name, ClassTokenViT(child))
     return twin
 
 
