@@ -228,6 +228,16 @@ static work_plan plan_work(size_t nq, size_t n, size_t threads) {
     return p;
 }
 
+/* Thread tid's share of a plan: queries [*qb, *qe) against database items [*jb, *je). */
+static void plan_share(const work_plan *plan, size_t nq, size_t n, size_t tid, size_t nt, size_t *qb,
+                       size_t *qe, size_t *jb, size_t *je) {
+    *qb = 0, *qe = nq, *jb = 0, *je = n;
+    if (plan->split_db)
+        cmh_split(n, nt, tid, jb, je);
+    else
+        cmh_split(nq, nt, tid, qb, qe);
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* distances() */
 
@@ -242,11 +252,8 @@ typedef struct {
 
 static void dist_worker(void *p, size_t tid, size_t nt) {
     dist_ctx *c = (dist_ctx *)p;
-    size_t qb = 0, qe = c->nq, jb = 0, je = c->n;
-    if (c->plan.split_db)
-        cmh_split(c->n, nt, tid, &jb, &je);
-    else
-        cmh_split(c->nq, nt, tid, &qb, &qe);
+    size_t qb, qe, jb, je;
+    plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
     const size_t blk = block_codes(c->nb);
     uint16_t *buf = malloc(blk * sizeof *buf);
     if (!buf) {
@@ -328,15 +335,9 @@ typedef struct {
 
 static void knn_worker(void *p, size_t tid, size_t nt) {
     knn_ctx *c = (knn_ctx *)p;
-    size_t qb = 0, qe = c->nq, jb = 0, je = c->n;
-    cand_list *lists;
-    if (c->plan.split_db) {
-        cmh_split(c->n, nt, tid, &jb, &je);
-        lists = c->lists + tid * c->nq;
-    } else {
-        cmh_split(c->nq, nt, tid, &qb, &qe);
-        lists = c->lists + qb;
-    }
+    size_t qb, qe, jb, je;
+    plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
+    cand_list *lists = c->plan.split_db ? c->lists + tid * c->nq : c->lists + qb;
     const size_t blk = block_codes(c->nb);
     uint16_t *buf = malloc(blk * sizeof *buf);
     uint32_t *hist = malloc((c->bits + 2) * sizeof *hist);
@@ -541,15 +542,9 @@ typedef struct {
 
 static void range_worker(void *p, size_t tid, size_t nt) {
     range_ctx *c = (range_ctx *)p;
-    size_t qb = 0, qe = c->nq, jb = 0, je = c->n;
-    size_t *counts;
-    if (c->plan.split_db) {
-        cmh_split(c->n, nt, tid, &jb, &je);
-        counts = c->counts + tid * c->nq;
-    } else {
-        cmh_split(c->nq, nt, tid, &qb, &qe);
-        counts = c->counts;
-    }
+    size_t qb, qe, jb, je;
+    plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
+    size_t *counts = c->plan.split_db ? c->counts + tid * c->nq : c->counts;
     grow_buf *g = &c->bufs[tid];
     const size_t blk = block_codes(c->nb);
     uint16_t *buf = malloc(blk * sizeof *buf);

@@ -15,10 +15,9 @@ pytest.importorskip("open_clip")
 
 from cmhash import pack_codes  # noqa: E402
 from cmhash.encoder import Encoder  # noqa: E402
-from cmhash.export import export_checkpoint  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
 from cmhash.training.data import captions  # noqa: E402
-from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
+from fixtures.roundtrip import bit_agreement, round_trip, train_and_export  # noqa: E402
 
 run = pytest.importorskip("cmhash.training.run")
 
@@ -28,14 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def egath(tmp_path_factory):
-    out = tmp_path_factory.mktemp("egath")
-    overrides = [f"train.out_dir={out}", "train.epochs=1", "data.n=300", "data.split={query: 50, train: 150, seed: 0}",
-                 "train.progress=false", "model.bits=16"]
-    config = run.load_config(run.resolve_config("egath/demo"), overrides)
-    run.train(config)
-    bundle = tmp_path_factory.mktemp("bundle") / "egath"
-    report = export_checkpoint(out, bundle, fp16=True, int8=True, int8_dynamic=True, verify_items=128)
-    return config, out, bundle, report
+    return train_and_export(tmp_path_factory, "egath", fp16=True, int8=True, int8_dynamic=True)
 
 
 def test_egath_exports_and_verifies_on_its_training_data(egath):

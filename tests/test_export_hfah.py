@@ -15,9 +15,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from cmhash.encoder import Encoder  # noqa: E402
-from cmhash.export import export_checkpoint  # noqa: E402
 from cmhash.training.data import captions  # noqa: E402
-from fixtures.roundtrip import bit_agreement, round_trip  # noqa: E402
+from fixtures.roundtrip import bit_agreement, round_trip, train_and_export  # noqa: E402
 
 run = pytest.importorskip("cmhash.training.run")
 
@@ -27,15 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def hfah(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hfah")
-    overrides = [f"train.out_dir={out}", "train.epochs=1", "data.n=300", "data.split={query: 50, train: 150, seed: 0}",
-                 "train.progress=false", "model.bits=16", "model.hidden=64", "model.feature_dim=32",
-                 "model.label_pretrain_epochs=2"]
-    config = run.load_config(run.resolve_config("hfah/demo"), overrides)
-    run.train(config)
-    bundle = tmp_path_factory.mktemp("bundle") / "hfah"
-    report = export_checkpoint(out, bundle, fp16=True, verify_items=128)
-    yield config, out, bundle, report
+    return train_and_export(tmp_path_factory, "hfah", ["model.hidden=64", "model.feature_dim=32",
+                                                      "model.label_pretrain_epochs=2"], fp16=True)
 
 
 def test_hfah_exports_only_the_towers_and_verifies(hfah):
