@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
@@ -21,6 +22,7 @@ import cmhash  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
 from cmhash.training.config import load_config  # noqa: E402
 from cmhash.training.distributed import DistEnv  # noqa: E402
+from cmhash.training.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cmhash.training.errors import ConfigError  # noqa: E402
 from cmhash.training.method import Batch, DatasetInfo  # noqa: E402
 from cmhash.training.models.hfah import (ABLATIONS, HFAH, AdversarialDivergenceError, HFAHConfig,  # noqa: E402
@@ -329,6 +331,80 @@ def test_cnnf_layer_table():
     net = ImageNet(HFAHConfig(backbone="cnnf", bits=16))
     assert net.conv(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
     assert net.head(torch.zeros(1, 256, 13, 13)).shape == (1, 4096)
+
+
+def _matconvnet_vgg_f(path, rng, average_image):
+    """A file laid out like MatConvNet's imagenet-vgg-f.mat (random weights, every layer of
+    the network, 1x1 filters squeezed by MATLAB's conventions as scipy reads them back)."""
+    from scipy.io import savemat
+
+    shapes = {"conv1": (11, 11, 3, 64), "conv2": (5, 5, 64, 256), "conv3": (3, 3, 256, 256),
+              "conv4": (3, 3, 256, 256), "conv5": (3, 3, 256, 256), "fc6": (6, 6, 256, 4096),
+              "fc7": (1, 1, 4096, 4096), "fc8": (1, 1, 4096, 1000)}
+    raw, layers = {}, []
+    for name in ("conv1", "relu1", "norm1", "pool1", "conv2", "relu2", "norm2", "pool2", "conv3", "relu3",
+                 "conv4", "relu4", "conv5", "relu5", "pool5", "fc6", "relu6", "fc7", "relu7", "fc8", "prob"):
+        layer = {"name": name, "type": name.rstrip("0123456789").replace("fc", "conv")}
+        if name in shapes:
+            h, w, i, o = shapes[name]
+            filters = (rng.standard_normal(shapes[name]) / math.sqrt(h * w * i)).astype(np.float32)
+            biases = (0.1 * rng.standard_normal(o)).astype(np.float32)
+            raw[name] = filters, biases
+            cell = np.empty(2, dtype=object)
+            cell[:] = [filters, biases]
+            layer["weights"] = cell
+        layers.append(layer)
+    cells = np.empty(len(layers), dtype=object)
+    cells[:] = layers
+    savemat(path, {"layers": cells, "normalization": {"averageImage": average_image, "imageSize": [224, 224, 3]}})
+    return raw
+
+
+@pytest.mark.slow
+def test_cnnf_loads_matconvnet_weights_and_its_input_convention(tmp_path):
+    rng = np.random.default_rng(0)
+    average = np.array([122.7, 114.9, 101.6])
+    raw = _matconvnet_vgg_f(tmp_path / "imagenet-vgg-f.mat", rng,
+                            np.broadcast_to(average, (224, 224, 3)).astype(np.float32))
+    net = ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "imagenet-vgg-f.mat")))
+    pixels = torch.rand(2, 3, 224, 224)  # [0, 1] RGB
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def weights(name):  # MatConvNet (h, w, in, out) -> torch (out, in, h, w)
+        filters, biases = raw[name]
+        return torch.from_numpy(filters.transpose(3, 2, 0, 1).copy()), torch.from_numpy(biases)
+
+    # CNN-F as MatConvNet runs it: 0-255 RGB minus the average image
+    lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    x = 255.0 * pixels - torch.tensor(average, dtype=torch.float32).view(1, 3, 1, 1)
+    x = F.max_pool2d(F.pad(lrn(F.relu(F.conv2d(x, *weights("conv1"), stride=4))), (0, 1, 0, 1)), 3, 2)
+    x = F.max_pool2d(lrn(F.relu(F.conv2d(x, *weights("conv2"), padding=2))), 3, 2)
+    for name in ("conv3", "conv4", "conv5"):
+        x = F.relu(F.conv2d(x, *weights(name), padding=1))
+    x = F.max_pool2d(x, 3, 2)
+    for name in ("fc6", "fc7"):
+        x = F.relu(F.conv2d(x, *weights(name)))
+    expect = x.flatten(1)
+
+    with torch.no_grad():
+        got = net.head(net.conv((pixels - mean) / std))  # what the pipeline feeds: ImageNet-normalised pixels
+    assert got.shape == (2, 4096)
+    assert float((got - expect).abs().max()) <= 1e-3 * float(expect.abs().max())
+
+
+def test_cnnf_matconvnet_file_errors(tmp_path):
+    not_mat = tmp_path / "vgg-f.mat"
+    not_mat.write_bytes(b"MATLAB? no")
+    with pytest.raises(ConfigError, match="not a MATLAB file"):
+        ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(not_mat)))
+    from scipy.io import savemat
+
+    savemat(tmp_path / "other.mat", {"layers": np.array([{"name": "conv1", "type": "conv"}], dtype=object),
+                                     "normalization": {"averageImage": np.zeros(3)}})
+    with pytest.raises(ConfigError, match="no \\(filters, biases\\) pair|no layer"):
+        ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "other.mat")))
+    with pytest.raises(ConfigError, match="224-pixel"):
+        ImageNet(HFAHConfig(backbone="cnnf", bits=16, image_size=112, backbone_weights=str(tmp_path / "other.mat")))
 
 
 def test_config_validation():

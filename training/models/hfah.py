@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -294,6 +295,88 @@ def _cnnf() -> tuple[nn.Module, int, nn.Module, int]:
     return conv, 256, head, 4096
 
 
+# CNN-F's weighted layers in a MatConvNet file, in the order of _cnnf()'s Conv2d and Linear modules
+MATCONVNET_CNNF_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+
+
+def _matconvnet_find(mat: dict, *paths: str):
+    """The first of ``paths`` ('a' or 'a.b') present in a loadmat result, else None."""
+    for path in paths:
+        head, *rest = path.split(".")
+        value = mat.get(head)
+        for attr in rest:
+            value = getattr(value, attr, None)
+        if value is not None:
+            return value
+    return None
+
+
+def load_cnnf_matconvnet(path, conv: nn.Module, head: nn.Module) -> dict[str, Tensor]:
+    """A state dict ('conv.*', 'head.*') for :func:`_cnnf`'s modules from MatConvNet's
+    ``imagenet-vgg-f.mat`` (read by scipy; MATLAB files hold arrays, nothing is unpickled).
+
+    MatConvNet filters are (height, width, in, out) and become (out, in, height, width);
+    fc6 (6 x 6 x 256 x 4096) becomes the Linear over the flattened 256 x 6 x 6 map. CNN-F
+    takes 0-255 RGB minus ``normalization.averageImage``; the pipeline here feeds ImageNet
+    mean/std-normalised pixels, so conv1 is rescaled and its bias absorbs the mean: exact
+    for a per-channel mean (conv1 has no padding, so every window sees the whole offset).
+    A full 224 x 224 mean image is reduced to its per-channel mean, as MatConvNet's own
+    DagNN release of the model does.
+    """
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except Exception as exc:  # not MATLAB, truncated, or a v7.3 (HDF5) file scipy does not read
+        raise ConfigError(f"{path} is not a MATLAB file scipy can read ({exc}); give MatConvNet's "
+                          f"imagenet-vgg-f.mat (MATLAB v7 or older)") from exc
+    layers = _matconvnet_find(mat, "layers", "net.layers")
+    normalization = _matconvnet_find(mat, "normalization", "meta.normalization", "net.meta.normalization",
+                                     "net.normalization")
+    if layers is None or normalization is None or getattr(normalization, "averageImage", None) is None:
+        raise ConfigError(f"{path} has no MatConvNet 'layers' and 'normalization.averageImage'; "
+                          f"is it imagenet-vgg-f.mat?")
+    by_name = {str(getattr(layer, "name", "")): layer for layer in np.atleast_1d(layers)}
+    targets = [(f"conv.{n}", m) for n, m in conv.named_modules() if isinstance(m, nn.Conv2d)]
+    targets += [(f"head.{n}", m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    state: dict[str, Tensor] = {}
+    channels = 3
+    for (key, module), name in zip(targets, MATCONVNET_CNNF_LAYERS, strict=True):
+        layer = by_name.get(name)
+        if layer is None:
+            raise ConfigError(f"{path} has no layer {name!r} (layers: {', '.join(by_name)}); is it imagenet-vgg-f.mat?")
+        pair = getattr(layer, "weights", None)  # older MatConvNet files: 'filters' and 'biases'
+        pair = (getattr(layer, "filters", None), getattr(layer, "biases", None)) if pair is None else tuple(pair)
+        if len(pair) != 2 or any(a is None for a in pair):
+            raise ConfigError(f"layer {name!r} of {path} has no (filters, biases) pair")
+        filters, biases = pair
+        if isinstance(module, nn.Conv2d):
+            out, channels, kh, kw = module.weight.shape
+        else:  # fc6 reads the flattened (channels, side, side) map, fc7 a vector
+            out, width = module.weight.shape
+            kh = kw = math.isqrt(width // channels)
+            if kh * kw * channels != width:
+                channels, kh, kw = width, 1, 1
+        filters, biases = np.asarray(filters, np.float32), np.asarray(biases, np.float32)
+        if filters.size != kh * kw * channels * out or biases.size != out:
+            raise ConfigError(f"layer {name!r} of {path} holds filters {filters.shape} and biases {biases.shape}, "
+                              f"CNN-F's are ({kh}, {kw}, {channels}, {out}) and ({out},)")
+        weight = torch.from_numpy(np.ascontiguousarray(filters.reshape(kh, kw, channels, out).transpose(3, 2, 0, 1)))
+        state[f"{key}.weight"] = weight.reshape(module.weight.shape)
+        state[f"{key}.bias"] = torch.from_numpy(biases.reshape(out).copy())
+        channels = out
+    # conv1 on 255 * (x * std + mean) - average  ==  conv1' on x, with
+    #   w' = w * 255 * std_c   and   b' = b + sum_c (255 * mean_c - average_c) * sum_hw w[:, c]
+    average = np.asarray(normalization.averageImage, np.float64).reshape(-1, 3).mean(axis=0)
+    std, mean = torch.tensor(IMAGENET_STD, dtype=torch.float64), torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+    offset = 255.0 * mean - torch.from_numpy(average)
+    first = targets[0][0]
+    w = state[f"{first}.weight"].double()
+    state[f"{first}.bias"] = (state[f"{first}.bias"].double() + (w.sum(dim=(2, 3)) * offset).sum(dim=1)).float()
+    state[f"{first}.weight"] = (w * (255.0 * std).view(1, 3, 1, 1)).float()
+    return state
+
+
 def _torchvision_cnn(name: str, weights: str | None) -> tuple[nn.Module, int, nn.Module, int, dict]:
     """A torchvision CNN with a ``features`` conv stack (AlexNet, VGG) cut after its last ReLU:
     the attention goes on that map (AlexNet: relu5, 256 x 13 x 13), then the last pool,
@@ -338,7 +421,12 @@ class ImageNet(nn.Module):
             conv, channels, head, width, _ = _torchvision_cnn(config.backbone, config.backbone_weights)
         self.conv, self.head = conv, head
         if config.backbone in OWN_BACKBONES and config.backbone_weights is not None:
-            state = load_weights_file(config.backbone_weights)  # keys 'conv.*' and 'head.*' of this module
+            if config.backbone == "cnnf" and str(config.backbone_weights).endswith(".mat"):
+                if backbone_image_size(config) != 224:
+                    raise ConfigError(f"CNN-F's MatConvNet weights need 224-pixel images, not {backbone_image_size(config)}")
+                state = load_cnnf_matconvnet(config.backbone_weights, conv, head)
+            else:
+                state = load_weights_file(config.backbone_weights)  # keys 'conv.*' and 'head.*' of this module
             missing, unexpected = nn.ModuleDict({"conv": conv, "head": head}).load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ConfigError(f"{config.backbone_weights} does not fit backbone {config.backbone!r}: "
