@@ -5,6 +5,8 @@ and checkpointing, ablations, the learning-rate formula, checkpoints back to tow
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from cmhash.training import checkpoint as ckpt_io
+from cmhash.training.blocks import binarize
 from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
 from cmhash.training.method import get_method
@@ -475,3 +479,24 @@ def test_round_trip_through_the_export_bundle(tmp_path, prepared):
     trip = round_trip(method, prepared, prepared.split.query[:24], Encoder.load(tmp_path / "bundle", threads=1))
     assert bit_agreement(trip.image_codes, trip.ref_image) >= 0.999
     assert bit_agreement(trip.text_codes, trip.ref_text) >= 0.999
+
+
+def test_torchrun_two_processes_share_every_bank_row(tmp_path):
+    # Each process writes the bank rows of its own samples; the trainer combines the rows at
+    # the epoch end. The banks start N(0, 1) and hold tanh outputs once written, so a row
+    # the other process wrote and the sync missed would show values beyond +-1.
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cmhash.cli",
+         "train", "tegah/demo", f"train.out_dir={out}", "train.epochs=1", "data.n=200",
+         "data.split={query: 40, train: 128, seed: 0}", "train.batch_size=16", "train.progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = ckpt_io.read_checkpoint(out / "last")
+    assert ckpt.meta["world_size"] == 2
+    state = ckpt.method_state()
+    banks = [state[name] for name in ("F_bank", "G_bank", "L_bank")]
+    assert all(bank.shape == (128, 32) and float(bank.abs().max()) < 1.0 for bank in banks)
+    assert torch.equal(state["B_glob"], binarize(sum(banks)))
