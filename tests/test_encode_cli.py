@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -164,9 +163,25 @@ def test_shards_partition_the_collection(bundle, folder, tmp_path):
             parse_shard(bad)
 
 
+# `cmhash encode` in a process that dies (SIGKILL) with its fourth part file half written:
+# the real temporary file of the real atomic write, killed before the rename.
 KILLED_RUN = """
-import sys
+import os, signal, sys
+from cmhash import _files, offline
 from cmhash.cli import main
+
+parts = []
+
+def atomic_write(path, data):
+    if path.name.startswith("part-"):
+        parts.append(path)
+        if len(parts) == 4:
+            with _files.atomic_path(path) as tmp:
+                tmp.write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+    return _files.atomic_write(path, data)
+
+offline.atomic_write = atomic_write
 sys.exit(main(["encode", sys.argv[1], sys.argv[2], "--out", sys.argv[3], "--chunk-size", "6", "--batch-size", "4",
                "--workers", "2", "--json"]))
 """
@@ -176,9 +191,8 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(bundle, folder, tmp_path)
     reference = tmp_path / "ref"
     encode_collection(bundle, folder, reference, chunk_size=6)
     out = tmp_path / "job"
-    env = dict(os.environ, _CMHASH_TEST_KILL_AFTER_PARTS="3")
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(bundle), str(folder), str(out)],
-                            env=env, capture_output=True, text=True)
+                            capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len(list((out / "parts").glob("part-*.npz"))) == 3
     assert list((out / "parts").glob(".part-*.tmp"))  # the fourth part was half written

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cmhash._files import fsync
 from cmhash.errors import CmhashError
 
 FORMAT = "cmhash-checkpoint"
@@ -139,14 +140,6 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -175,15 +168,15 @@ def write_checkpoint(
     meta["sha256"] = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync(tmp / name)
+    fsync(tmp)
 
     if path.exists():  # complete (only ever made by the rename below): keep it as the fallback
         if old.exists():
             shutil.rmtree(old)
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
     return path

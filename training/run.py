@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cmhash._files import atomic_path
 from cmhash.metrics import retrieval_metrics
 from cmhash.text import Vocabulary
 
@@ -178,12 +179,11 @@ def with_cached_features(prepared: Prepared, method: HashingMethod, directory: s
     """Replace the images of every dataset by the frozen backbone's features, computed once.
 
     The file is keyed by a digest of the backbone's weights, its preprocessing and the rows'
-    identity, so a changed backbone or dataset never reads stale features. Written to a
-    temporary name and renamed, so a killed run leaves no half-written cache behind.
+    identity, so a changed backbone or dataset never reads stale features. Written
+    atomically, so a killed run leaves no half-written cache behind.
     """
     import hashlib
     import json
-    import os
 
     backbone = method.image_backbone()
     if backbone is None or not getattr(backbone, "frozen", False):
@@ -203,16 +203,14 @@ def with_cached_features(prepared: Prepared, method: HashingMethod, directory: s
     shape = (len(rows), backbone.output_dim)
     if not path.is_file():
         images = _image_rows(prepared.data, rows, build_transform(prepared.info.preprocessing))
-        tmp = path.with_suffix(".tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         backbone.eval()
-        with torch.inference_mode():
+        with atomic_path(path) as tmp, torch.inference_mode():
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
             for start in range(0, len(rows), batch_size):
                 batch = torch.stack([next(images) for _ in range(min(batch_size, len(rows) - start))])
                 out[start:start + len(batch)] = backbone(batch).float().numpy()
-        out.flush()
-        del out
-        os.replace(tmp, path)
+            out.flush()
+            del out
         log.info("cached %d backbone features in %s", len(rows), path)
     features = RowTensors(np.load(path, mmap_mode="r"), rows)
     datasets = {name: CrossModalDataset(prepared.data, getattr(prepared, name).indices, None, images=features)

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cmhash
+from cmhash._files import atomic_write
 from cmhash.errors import CmhashError
 from cmhash.metrics import mean_average_precision
 
@@ -475,8 +476,8 @@ class Trainer:
         writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.history)
-        _write_text(self.out_dir / "metrics.csv", text.getvalue())
-        _write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
+        atomic_write(self.out_dir / "metrics.csv", text.getvalue().encode())
+        atomic_write(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history).encode())
 
     def _save(self, path: Path) -> None:
         method, info = self.method, self.method.info
@@ -563,12 +564,6 @@ def _pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tensorboard(path: Path, purge_step: int):

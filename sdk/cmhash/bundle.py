@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from ._files import atomic_path, fsync
 from ._version import __version__
 from .errors import BundleChecksumError, BundleError, BundleNotFoundError, BundleVersionError
 from .preprocess import ImagePreprocessor
@@ -376,7 +377,10 @@ def write_bundle(
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+            fsync(target)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        fsync(staging / MANIFEST_NAME)
+        fsync(staging)
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
             os.replace(directory, old / "bundle")
@@ -387,6 +391,7 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync(directory.parent)
     return directory
 
 
@@ -397,19 +402,12 @@ def pack_archive(directory: str | os.PathLike, archive: str | os.PathLike | None
     bundle = load_bundle(directory)
     directory = Path(directory)
     archive = Path(archive) if archive is not None else directory.parent / f"{directory.name}.zip"
-    fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            entries = {MANIFEST_NAME: (directory / MANIFEST_NAME).read_bytes(), **dict(sorted(bundle.files.items()))}
-            for name, data in entries.items():
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.external_attr = (stat.S_IFREG | 0o644) << 16
-                zf.writestr(info, data)
-        os.replace(tmp, archive)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        entries = {MANIFEST_NAME: (directory / MANIFEST_NAME).read_bytes(), **dict(sorted(bundle.files.items()))}
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            zf.writestr(info, data)
     return archive
 
 

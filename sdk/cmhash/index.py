@@ -30,13 +30,13 @@ from __future__ import annotations
 import mmap as _mmap
 import os
 import struct
-import tempfile
 import threading
 import zlib
 
 import numpy as np
 
 from . import _hamming
+from ._files import atomic_write
 from .codes import as_packed
 from .errors import IndexFileError
 from .search import knn_search, range_search as _range_search
@@ -284,40 +284,14 @@ class HashIndex:
         payload_len = codes_bytes + _pad(codes_bytes) + count * 8
         parts = [memoryview(np.ascontiguousarray(codes).reshape(-1)), memoryview(bytes(_pad(codes_bytes))),
                  memoryview(np.ascontiguousarray(ids, dtype="<i8").view(np.uint8))]
+        chunks = [part[off : off + _CHUNK] for part in parts for off in range(0, len(part), _CHUNK)]  # views
         crc = 0
-        for part in parts:
-            for off in range(0, len(part), _CHUNK):
-                crc = zlib.crc32(part[off : off + _CHUNK], crc)
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
         head = _HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, self._bits, HEADER_SIZE,
                             count, next_id, payload_len, crc, bytes(8))
         head += struct.pack("<I", zlib.crc32(head))
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                for part in parts:
-                    for off in range(0, len(part), _CHUNK):
-                        f.write(part[off : off + _CHUNK])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:  # make the rename itself durable
-            dfd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        atomic_write(path, [head, *chunks])
 
     @classmethod
     def load(cls, path, mmap: bool = False) -> "HashIndex":

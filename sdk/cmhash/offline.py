@@ -27,9 +27,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._files import atomic_write
 from .errors import CmhashError, EncodeJobError
 from .inputs import Record, read_collection, text_input
 from .preprocess import load_image
@@ -44,7 +43,6 @@ from .preprocess import load_image
 JOB_FORMAT = "cmhash.encode"
 JOB_VERSION = 1
 DEFAULT_CHUNK = 1024
-_KILL_HOOK = "_CMHASH_TEST_KILL_AFTER_PARTS"  # tests: SIGKILL this process mid-write of the next part
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -128,15 +126,13 @@ def encode_collection(
     chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
     total = len(mine)
     done = sum(len(chunks[k]) for k in done_parts if k < len(chunks))
-    kill_after = int(os.environ.get(_KILL_HOOK, "-1"))
-    written = items_now = 0
+    items_now = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmhash-decode") as pool:
         for k, chunk in enumerate(chunks):
             if k in done_parts:
                 continue
             codes, ids, errors = _encode_chunk(encoder, modality, chunk, batch_size, pool)
-            _write_part(out / "parts" / f"part-{k:06d}.npz", codes, ids, errors, kill=written == kill_after)
-            written += 1
+            _write_part(out / "parts" / f"part-{k:06d}.npz", codes, ids, errors)
             items_now += len(chunk)
             done += len(chunk)
             if progress is not None:
@@ -173,27 +169,14 @@ def _prepare(out: Path, job: dict, resume: bool) -> set[int]:
         if out.exists() and any(out.iterdir()):
             raise EncodeJobError(f"{out} is not empty and holds no encoding job; choose a new or empty folder")
         (out / "parts").mkdir(parents=True, exist_ok=True)
-        _atomic_write(job_file, (json.dumps(job, indent=2) + "\n").encode())
+        atomic_write(job_file, (json.dumps(job, indent=2) + "\n").encode())
     done = set()
     for part in (out / "parts").glob("part-*.npz") if (out / "parts").exists() else []:
         done.add(int(part.stem.split("-")[1]))
     return done
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_part(path: Path, codes, ids, errors, kill: bool = False) -> None:
+def _write_part(path: Path, codes, ids, errors) -> None:
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -203,11 +186,7 @@ def _write_part(path: Path, codes, ids, errors, kill: bool = False) -> None:
         error_items=np.asarray([e["item"] for e in errors], dtype=str),
         error_reasons=np.asarray([e["reason"] for e in errors], dtype=str),
     )
-    if kill:  # fault injection for the resume test: die with the part half written
-        fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.write(fd, buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 # --- encoding ----------------------------------------------------------------------------------------
@@ -279,8 +258,8 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
     names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes, ids=ids, names=names)
-    _atomic_write(out / "codes.npz", buffer.getvalue())
-    _atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+    atomic_write(out / "codes.npz", buffer.getvalue())
+    atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
     summary = {
         "input": job["input"],
         "modality": job["modality"],
@@ -296,7 +275,7 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         "codes": str(out / "codes.npz"),
         "errors_file": str(out / "errors.jsonl"),
     }
-    _atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(out / "parts", ignore_errors=True)
     return summary
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ._files import atomic_write
 from .errors import TextInputError, UnsupportedInputError, VocabularyError
 
 RULES_VERSION = 1
@@ -269,17 +269,8 @@ class Vocabulary:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the canonical JSON atomically (temporary file + rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the canonical JSON atomically."""
+        return atomic_write(path, self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
