@@ -221,10 +221,10 @@ def cmd_export(args) -> int:
         print(f"verified on {inputs['image_items']} images and {inputs['text_items']} texts of {inputs['source']}"
               + (f" ({inputs['skipped']} unreadable, skipped)" if inputs["skipped"] else ""))
         for r in report["results"]:
-            print(f"  {r['modality']:5} {r['variant']:4} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
+            print(f"  {r['modality']:5} {r['variant']:12} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
                   f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
         for variant, m in report.get("map", {}).items():
-            print(f"  mAP {variant:8} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
+            print(f"  mAP {variant:12} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
         if not failed:
             print(f"bundle: {report['bundle']} ({sum(report['files'].values()) / 1e6:.1f} MB) in {report['seconds']:.1f} s")
     return 1 if failed else 0
