@@ -112,8 +112,8 @@ def each_simd_level():
 def test_all_metrics_match_references(bits, each_simd_level):
     rng = np.random.default_rng(bits)
     # 97 db items: not a multiple of any block or vector width; 7 classes -> 1 label byte,
-    # 70 classes -> 9 bytes (padded to 16 inside), covering both relevance paths.
-    for classes in (7, 70):
+    # 12 -> 2 bytes (the AVX-512 relevance test), 70 -> 9 bytes (padded to 16 inside).
+    for classes in (7, 12, 70):
         q, db, ql, dl = random_case(rng, 13, 97, bits, classes, density=0.08 if classes == 70 else 0.3)
         map_k, prec_k = (None, 1, 10, 50, 500), (1, 5, 96, 97, 1000)
         expect_ap = np.zeros((13, len(map_k)))
