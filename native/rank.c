@@ -137,8 +137,8 @@ static inline uint64_t load_u64(const uint8_t *p) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-/* any_common for 2-byte label rows (9 to 16 classes, NUS-WIDE's 10 and MIRFlickr's 24
- * pad to 2 and 4): 32 rows per mask test. */
+/* any_common for 2-byte label rows (9 to 16 classes, e.g. NUS-WIDE's 10): 32 rows per
+ * mask test. */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void any_common2_avx512(const uint8_t *a,
                                                                                     const uint8_t *db,
                                                                                     size_t m, uint8_t *rel) {
