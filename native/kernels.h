@@ -32,7 +32,8 @@ int cmh_simd_set(int level);         /* 0 on success, -1 when unsupported */
 /* The distance kernel for this code length at the current level. */
 cmh_dist_fn cmh_dist_kernel(size_t nbytes);
 
-/* out[j] = 1 when a AND db[j] has a set bit (two label sets share a label), else 0. */
+/* out[j] = 1 when a AND db[j] has a set bit (two label sets share a label), else 0; fast
+ * paths for the label widths Python pads to (1, 2, 4, 8 bytes). */
 void cmh_any_common(const uint8_t *a, const uint8_t *db, size_t n, size_t nbytes, uint8_t *out);
 
 #endif

@@ -28,7 +28,6 @@
 #include "pyargs.h"
 
 #include <stdlib.h>
-#include <string.h>
 
 #include "kernels.h"
 #include "threads.h"
@@ -129,79 +128,6 @@ static void workspace_free(workspace *w) {
     free(w);
 }
 
-static inline uint64_t load_u64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-/* any_common for 2-byte label rows (9 to 16 classes, e.g. NUS-WIDE's 10): 32 rows per
- * mask test. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void any_common2_avx512(const uint8_t *a,
-                                                                                    const uint8_t *db,
-                                                                                    size_t m, uint8_t *rel) {
-    uint16_t x;
-    memcpy(&x, a, 2);
-    const __m512i query = _mm512_set1_epi16((short)x);
-    const __m256i one = _mm256_set1_epi8(1);
-    size_t j = 0;
-    for (; j + 32 <= m; j += 32) {
-        const __mmask32 hit = _mm512_test_epi16_mask(_mm512_loadu_si512(db + 2 * j), query);
-        _mm256_storeu_si256((__m256i *)(rel + j), _mm256_maskz_mov_epi8(hit, one));
-    }
-    if (j < m) {
-        const __mmask32 tail = (__mmask32)((UINT64_C(1) << (m - j)) - 1);
-        const __mmask32 hit = _mm512_mask_test_epi16_mask(tail, _mm512_maskz_loadu_epi16(tail, db + 2 * j), query);
-        _mm256_mask_storeu_epi8(rel + j, tail, _mm256_maskz_mov_epi8(hit, one));
-    }
-}
-#endif
-
-/* rel[j] = 1 when label row a and row j of db (lbytes each) share a set bit. Fixed widths
- * get loops the compiler vectorises (Python pads label rows to 1, 2, 4, 8 or 8m bytes). */
-static void any_common(const uint8_t *a, const uint8_t *db, size_t m, size_t lbytes, uint8_t *rel) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (lbytes == 2 && cmh_simd_current() == CMH_SIMD_AVX512) {
-        any_common2_avx512(a, db, m, rel);
-        return;
-    }
-#endif
-    switch (lbytes) {
-    case 1: {
-        const uint8_t x = a[0];
-        for (size_t j = 0; j < m; j++) rel[j] = (x & db[j]) != 0;
-        return;
-    }
-    case 2: {
-        uint16_t x, y;
-        memcpy(&x, a, 2);
-        for (size_t j = 0; j < m; j++) {
-            memcpy(&y, db + 2 * j, 2);
-            rel[j] = (x & y) != 0;
-        }
-        return;
-    }
-    case 4: {
-        uint32_t x, y;
-        memcpy(&x, a, 4);
-        for (size_t j = 0; j < m; j++) {
-            memcpy(&y, db + 4 * j, 4);
-            rel[j] = (x & y) != 0;
-        }
-        return;
-    }
-    case 8: {
-        const uint64_t x = load_u64(a);
-        for (size_t j = 0; j < m; j++) rel[j] = (x & load_u64(db + 8 * j)) != 0;
-        return;
-    }
-    default:
-        cmh_any_common(a, db, m, lbytes, rel);
-    }
-}
-
 /* Stripe count for n >= 1 items: groups of CMH_INTERLEAVE, every stripe < 2^24 items. */
 static size_t stripe_count(size_t n) {
     const size_t per_group = CMH_INTERLEAVE * CMH_STRIPE_MAX;
@@ -266,7 +192,7 @@ static void count_group(const rank_ctx *c, workspace *w, const uint8_t *q, const
             if (len[t] > most) most = len[t];
             if (len[t]) {
                 c->dist(q, c->db + from * c->nbytes, len[t], c->nbytes, w->dist + t * CMH_BLOCK);
-                any_common(ql, c->dbl + from * c->lbytes, len[t], c->lbytes, w->rel + t * CMH_BLOCK);
+                cmh_any_common(ql, c->dbl + from * c->lbytes, len[t], c->lbytes, w->rel + t * CMH_BLOCK);
             }
         }
         if (most == 0) break;
