@@ -4,6 +4,7 @@ into onnxruntime's Attention, and int8-dynamic quantises everything but the hash
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -50,17 +51,26 @@ def vit():
     return tower, torch.randn(6, 3, 64, 64)
 
 
+@contextlib.contextmanager
+def traced_attention():
+    """What export traces: nn.MultiheadAttention's plain path (fused fast path off), no
+    gradients; the fast-path setting is restored afterwards."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def plain_export(tower, example) -> onnx.ModelProto:
     """The tower exported as is (nn.MultiheadAttention traced directly), for comparison."""
     buffer = io.BytesIO()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(tower, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
-                              output_names=["codes"], dynamic_axes={"x": {0: "batch"}, "codes": {0: "batch"}})
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with traced_attention(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tower, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["codes"], dynamic_axes={"x": {0: "batch"}, "codes": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -80,12 +90,8 @@ def test_export_copy_computes_the_same_and_leaves_the_tower_alone(vit):
     replaced = [m for m in copy.modules() if isinstance(m, ExportAttention)]
     assert len(replaced) == 2 and all(m.mha is not o for m, o in zip(replaced, originals))  # a real copy
     assert isinstance(copy.backbone.trunk, ClassTokenViT)  # the last block for the class token only
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            assert float((copy(x) - tower(x)).abs().max()) <= 1e-5
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with traced_attention():
+        assert float((copy(x) - tower(x)).abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("change", ["avg_pool", "token_outputs"])
@@ -103,13 +109,9 @@ def test_vits_that_read_every_token_keep_their_last_block_whole(vit, change):
         out = module(x)
         return out if change == "token_outputs" else (out,)
 
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            for got, expect in zip(outputs(twin), outputs(trunk), strict=True):
-                assert float((got - expect).abs().max()) <= 1e-5
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with traced_attention():
+        for got, expect in zip(outputs(twin), outputs(trunk), strict=True):
+            assert float((got - expect).abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["batch_second_float_mask", "bool_mask", "cross_attention", "weights", "encoder_layer"])
@@ -135,12 +137,8 @@ def test_export_attention_equals_multihead_attention(case):
             call = lambda m: m(x, memory, memory, need_weights=False)[0]  # noqa: E731
     twin = export_copy(nn.Sequential(module))[0]
     assert any(isinstance(m, ExportAttention) for m in twin.modules())
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            assert float((call(twin) - call(module)).abs().max()) <= 1e-5
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with traced_attention():
+        assert float((call(twin) - call(module)).abs().max()) <= 1e-5
 
 
 def test_exported_graph_has_static_heads_and_fuses_into_attention(vit):
