@@ -8,12 +8,35 @@ class CmhashError(Exception):
     """Base class of every error cmhash raises on purpose."""
 
 
+class InvalidArgumentError(CmhashError, ValueError):
+    """An argument out of its range: k < 1, a negative radius, a thread count of 0, duplicate
+    or negative ids."""
+
+
+class ArgumentTypeError(CmhashError, TypeError):
+    """An argument of the wrong type: a float where an int goes, ids that are not integers."""
+
+
+class ResourceLimitError(CmhashError, ValueError):
+    """A request whose result or input would exceed a size limit (see :mod:`cmhash.limits`);
+    the message names the limit and how to raise it."""
+
+
 class CodeFormatError(CmhashError, ValueError):
     """Codes of the wrong dtype, shape or bit length (e.g. 64-bit queries on a 32-bit index)."""
 
 
 class IndexFileError(CmhashError, ValueError):
     """An index file that is truncated, corrupted, of another format or of an unknown version."""
+
+
+class IndexChangedError(IndexFileError):
+    """The file under a memory-mapped index was modified or truncated in place after loading.
+    Replace index files atomically (``HashIndex.save`` does) and load the new file again."""
+
+
+class IndexFullError(CmhashError, OverflowError):
+    """Automatic ids have run out: the next one would not fit in int64. Pass explicit ids."""
 
 
 class UnsupportedInputError(CmhashError, TypeError):

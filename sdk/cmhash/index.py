@@ -38,7 +38,7 @@ import numpy as np
 from . import _hamming
 from ._files import atomic_write
 from .codes import as_packed
-from .errors import IndexFileError
+from .errors import ArgumentTypeError, IndexChangedError, IndexFileError, IndexFullError, InvalidArgumentError
 from .search import knn_search, range_search as _range_search
 
 __all__ = ["HashIndex"]
@@ -52,6 +52,7 @@ HEADER_SIZE = 64
 ALIGN = 64
 _MAX_BITS = _hamming.sysinfo()["max_bits"]
 _CHUNK = 1 << 24  # bytes per write/CRC step, so saving never copies the whole index
+_MAX_ID = np.iinfo(np.int64).max
 
 
 def _pad(n: int) -> int:
@@ -63,22 +64,56 @@ def _as_ids(ids, n: int | None, func: str, allow_negative: bool = False) -> np.n
     if arr.ndim == 0:
         arr = arr[None]
     if arr.ndim != 1:
-        raise ValueError(f"{func}: ids must be 1-D, got shape {arr.shape}")
+        raise InvalidArgumentError(f"{func}: ids must be 1-D, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        raise TypeError(f"{func}: ids must be integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{func}: ids must fit in int64")
+        raise ArgumentTypeError(f"{func}: ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > _MAX_ID:
+        raise InvalidArgumentError(f"{func}: ids must fit in int64")
     arr = arr.astype(np.int64)
     if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{func}: got {arr.shape[0]} ids for {n} codes")
+        raise InvalidArgumentError(f"{func}: got {arr.shape[0]} ids for {n} codes")
     if not allow_negative and arr.size and arr.min() < 0:
-        raise ValueError(f"{func}: ids must be >= 0 (-1 marks 'no result' in search output), got {arr.min()}")
+        raise InvalidArgumentError(f"{func}: ids must be >= 0 (-1 marks 'no result' in search output), got {arr.min()}")
     return arr
 
 
-def _has_duplicates(ids: np.ndarray) -> bool:
+def _first_duplicate(ids: np.ndarray) -> int | None:
     srt = np.sort(ids)  # sorting beats np.unique's hashing on large int64 arrays
-    return bool((srt[1:] == srt[:-1]).any())
+    dup = srt[1:][srt[1:] == srt[:-1]]
+    return int(dup[0]) if dup.size else None
+
+
+def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in the sorted array ``sorted_ids``."""
+    if not sorted_ids.size:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=sorted_ids.size - 1)
+    return sorted_ids[pos] == ids
+
+
+class _IdSet:
+    """The ids of an index, for duplicate checks, in about 8 bytes per id (a Python set of
+    ints costs 60-70). One sorted array plus a sorted tail of recent additions; the tail is
+    merged in when it outgrows a bound, so an add costs O(tail) and merges stay rare."""
+
+    TAIL = 1 << 16
+
+    def __init__(self, ids: np.ndarray):
+        self._base = np.sort(ids)
+        self._tail = np.empty(0, np.int64)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        return _member(self._base, ids) | _member(self._tail, ids)
+
+    def add(self, ids: np.ndarray) -> None:
+        tail = np.sort(np.concatenate([self._tail, ids]))
+        if tail.size > max(self.TAIL, self._base.size // 8):
+            self._base, tail = np.sort(np.concatenate([self._base, tail]), kind="stable"), tail[:0]  # two sorted runs: a merge
+        self._tail = tail
+
+    def discard(self, ids: np.ndarray) -> None:
+        self._base = self._base[~np.isin(self._base, ids)]
+        self._tail = self._tail[~np.isin(self._tail, ids)]
 
 
 class HashIndex:
@@ -97,6 +132,11 @@ class HashIndex:
 
     An index loaded with ``mmap=True`` is served read-only from the file; the first
     ``add`` or ``remove`` copies it into memory (copy-on-write), the file is never written.
+    The file must not be written in place while it is mapped: each search first checks
+    that its size and modification time are unchanged and raises ``IndexChangedError``
+    otherwise (a file truncated during a search itself can still end the process with
+    SIGBUS, as with any memory-mapped file). Replacing the file by rename, as ``save``
+    does, is safe: the mapping keeps the old file.
     """
 
     def __init__(self, bits: int):
@@ -110,8 +150,9 @@ class HashIndex:
         self._ids = np.empty(0, dtype=np.int64)
         self._count = 0
         self._next_id = 0
-        self._id_set: set[int] | None = set()  # None: not built yet (after load)
+        self._id_set: _IdSet | None = None  # built on the first add or remove
         self._mapped = False  # arrays are read-only views of a file
+        self._mapped_file: tuple | None = None  # (fd, stat identity) of the mapped file
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -143,6 +184,7 @@ class HashIndex:
 
     def _snapshot(self):
         with self._lock:
+            self._check_mapped_file()
             codes = self._codes[: self._count]
             ids = self._ids[: self._count]
         codes = codes.view()
@@ -151,10 +193,34 @@ class HashIndex:
         ids.flags.writeable = False
         return codes, ids
 
-    def _ensure_id_set(self) -> set:
+    def _ensure_id_set(self) -> _IdSet:
         if self._id_set is None:
-            self._id_set = set(self._ids[: self._count].tolist())
+            self._id_set = _IdSet(self._ids[: self._count])
         return self._id_set
+
+    def _check_mapped_file(self) -> None:
+        # A memory-mapped file changed in place would give other results, and one truncated
+        # would kill the process with SIGBUS: refuse to read it. A file replaced by rename
+        # (as save() does) is safe, since the mapping keeps the old file. Called under the lock.
+        if self._mapped_file is not None:
+            fd, identity = self._mapped_file
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != identity:
+                raise IndexChangedError(
+                    "HashIndex: the file under this memory-mapped index was modified or truncated after "
+                    "loading; never write an index file in place (save to a new file, or let HashIndex.save "
+                    "replace it atomically) and load it again"
+                )
+
+    def _release_mapping(self) -> None:
+        if self._mapped_file is not None:
+            os.close(self._mapped_file[0])
+            self._mapped_file = None
+
+    def __del__(self):
+        mapped = getattr(self, "_mapped_file", None)
+        if mapped is not None:
+            os.close(mapped[0])
 
     # -- mutation --------------------------------------------------------------------
     def add(self, codes, ids=None) -> np.ndarray:
@@ -170,24 +236,30 @@ class HashIndex:
 
         Raises:
             CodeFormatError: codes of another bit length or dtype.
-            ValueError: duplicate, negative or mis-sized ids (nothing is added then).
+            InvalidArgumentError: duplicate, negative or mis-sized ids (nothing is added then).
+            IndexFullError: automatic ids would pass 2**63 - 1.
         """
         new = as_packed(codes, "HashIndex.add", "codes", bits=self._bits)
         m = new.shape[0]
         with self._lock:
+            self._check_mapped_file()  # the first add copies the mapped arrays
             if ids is None:
+                if self._next_id + m - 1 > _MAX_ID:
+                    raise IndexFullError(
+                        f"HashIndex.add: automatic ids have run out (the next would be {self._next_id}, the "
+                        f"largest int64 is {_MAX_ID}); pass explicit ids"
+                    )
                 new_ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
             else:
                 new_ids = _as_ids(ids, m, "HashIndex.add")
-                if _has_duplicates(new_ids):
-                    srt = np.sort(new_ids)
-                    dup = int(srt[1:][srt[1:] == srt[:-1]][0])
-                    raise ValueError(f"HashIndex.add: duplicate ids in the batch, e.g. {dup}")
+                dup = _first_duplicate(new_ids)
+                if dup is not None:
+                    raise InvalidArgumentError(f"HashIndex.add: duplicate ids in the batch, e.g. {dup}")
             id_set = self._ensure_id_set()
-            clash = [i for i in new_ids.tolist() if i in id_set] if ids is not None else []
-            if clash:
-                raise ValueError(
-                    f"HashIndex.add: {len(clash)} id(s) already in the index, e.g. {clash[0]}; "
+            clash = new_ids[id_set.contains(new_ids)] if ids is not None else new_ids[:0]
+            if clash.size:
+                raise InvalidArgumentError(
+                    f"HashIndex.add: {clash.size} id(s) already in the index, e.g. {clash[0]}; "
                     "ids must be unique (remove the old entries first)"
                 )
             if m == 0:
@@ -200,11 +272,12 @@ class HashIndex:
                 codes_buf[: self._count] = self._codes[: self._count]
                 ids_buf[: self._count] = self._ids[: self._count]
                 self._codes, self._ids, self._mapped = codes_buf, ids_buf, False
+                self._release_mapping()
             # Only rows past the published count are written: snapshots never see them.
             self._codes[self._count : need] = new
             self._ids[self._count : need] = new_ids
             self._count = need
-            id_set.update(new_ids.tolist())
+            id_set.add(new_ids)
             if new_ids.size:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids
@@ -213,6 +286,7 @@ class HashIndex:
         """Remove the codes with these ids; unknown ids are ignored. Returns how many were removed."""
         gone = _as_ids(ids, None, "HashIndex.remove", allow_negative=True) if np.size(ids) else np.empty(0, np.int64)
         with self._lock:
+            self._check_mapped_file()
             cur = self._ids[: self._count]
             drop = np.isin(cur, gone)
             removed = int(drop.sum())
@@ -224,8 +298,8 @@ class HashIndex:
             self._ids = np.ascontiguousarray(cur[keep])
             self._count = self._ids.shape[0]
             self._mapped = False
-            id_set = self._ensure_id_set()
-            id_set.difference_update(cur[drop].tolist())
+            self._release_mapping()
+            self._ensure_id_set().discard(cur[drop])
             return removed
 
     # -- search ----------------------------------------------------------------------
@@ -242,7 +316,9 @@ class HashIndex:
 
         Raises:
             CodeFormatError: queries of another bit length (the message names both).
-            ValueError: k < 1.
+            InvalidArgumentError: k < 1.
+            ResourceLimitError: a result over ``cmhash.limits.MAX_RESULT_BYTES``.
+            IndexChangedError: the file under a memory-mapped index was changed in place.
         """
         q = self._queries(queries, "HashIndex.search")
         codes, ids = self._snapshot()
@@ -306,13 +382,19 @@ class HashIndex:
                 file, a checksum mismatch or impossible header values.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IndexFileError(f"{path}: is a directory, not an index file; give the path of a file written by HashIndex.save")
+        mapped_file = None
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(HEADER_SIZE)
             fields = cls._check_header(path, head, size)
             if mmap and size > 0 and fields["count"] > 0:
                 buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
                 data = memoryview(buf)
+                # Kept open so every search can check that the file is still the one mapped.
+                mapped_file = (os.dup(f.fileno()), (st.st_size, st.st_mtime_ns))
             else:
                 data = memoryview(head + f.read())
         payload = data[HEADER_SIZE:]
@@ -335,12 +417,12 @@ class HashIndex:
         index = cls(bits)
         if mmap:
             index._codes, index._ids, index._mapped = codes, ids.astype(np.int64, copy=False), True
+            index._mapped_file = mapped_file
         else:
             index._codes, index._ids = codes.copy(), ids.astype(np.int64)
         index._count = count
         index._next_id = max(fields["next_id"], int(ids.max()) + 1 if count else 0)
-        index._id_set = None
-        if _has_duplicates(index._ids[:count]):
+        if _first_duplicate(index._ids[:count]) is not None:
             raise IndexFileError(f"{path}: the file holds duplicate ids; re-create it with HashIndex.save")
         return index
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from . import _hamming
 from .codes import as_packed
+from .errors import ArgumentTypeError, InvalidArgumentError
+from .limits import check_result_size
 
 __all__ = ["hamming_distances", "knn_search", "range_search"]
 
@@ -23,9 +25,9 @@ def _threads(threads, func: str) -> int:
     if threads is None:
         return 0  # the native side reads 0 as "all CPUs"
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise TypeError(f"{func}: threads must be an int or None, got {type(threads).__name__}")
+        raise ArgumentTypeError(f"{func}: threads must be an int or None, got {type(threads).__name__}")
     if threads < 1:
-        raise ValueError(f"{func}: threads must be >= 1 (or None for all CPUs), got {threads}")
+        raise InvalidArgumentError(f"{func}: threads must be >= 1 (or None for all CPUs), got {threads}")
     return int(threads)
 
 
@@ -37,9 +39,9 @@ def _pair(queries, db, func: str):
 
 def _positive_int(value, func: str, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{func}: {name} must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{func}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{func}: {name} must be >= {minimum}, got {value}")
+        raise InvalidArgumentError(f"{func}: {name} must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -59,6 +61,7 @@ def hamming_distances(queries, db, threads: int | None = None) -> np.ndarray:
         CodeFormatError: codes that are not packed uint8 or of different lengths.
     """
     q, d = _pair(queries, db, "hamming_distances")
+    check_result_size("hamming_distances", f"{q.shape[0]} x {d.shape[0]} int32 distances", q.shape[0] * d.shape[0] * 4)
     out = np.empty((q.shape[0], d.shape[0]), dtype=np.int32)
     _hamming.distances(q, d, out, _threads(threads, "hamming_distances"))
     return out
@@ -81,10 +84,12 @@ def knn_search(queries, db, k: int, threads: int | None = None) -> tuple[np.ndar
 
     Raises:
         CodeFormatError: codes that are not packed uint8 or of different lengths.
-        ValueError: k < 1.
+        InvalidArgumentError: k < 1.
+        ResourceLimitError: a result over ``cmhash.limits.MAX_RESULT_BYTES``.
     """
     q, d = _pair(queries, db, "knn_search")
     k = _positive_int(k, "knn_search", "k", 1)
+    check_result_size("knn_search", f"{q.shape[0]} queries x k={k}, 12 bytes each", q.shape[0] * k * 12)
     distances = np.empty((q.shape[0], k), dtype=np.int32)
     labels = np.empty((q.shape[0], k), dtype=np.int64)
     _hamming.knn(q, d, k, distances, labels, _threads(threads, "knn_search"))
@@ -105,7 +110,7 @@ def range_search(queries, db, radius: int, threads: int | None = None):
 
     Raises:
         CodeFormatError: codes that are not packed uint8 or of different lengths.
-        ValueError: radius < 0.
+        InvalidArgumentError: radius < 0.
     """
     q, d = _pair(queries, db, "range_search")
     radius = _positive_int(radius, "range_search", "radius", 0)

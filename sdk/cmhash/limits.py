@@ -1,0 +1,38 @@
+"""Size limits checked before cmhash allocates a result, so that a typo (``k=10**12``) or a
+hostile input ends in a :class:`~cmhash.errors.ResourceLimitError` that says what to change,
+not in a ``MemoryError`` or the kernel's out-of-memory killer.
+
+Each limit is a module attribute, read at call time; raise it in code
+(``cmhash.limits.MAX_RESULT_BYTES = 64 << 30``) or, before the first import, with the
+environment variable of the same name prefixed by ``CMHASH_``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ResourceLimitError
+
+__all__ = ["MAX_RESULT_BYTES", "check_result_size"]
+
+
+def _from_env(name: str, default: int) -> int:
+    raw = os.environ.get(f"CMHASH_{name}")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ResourceLimitError(f"CMHASH_{name}={raw!r} is not an integer number of bytes") from None
+
+
+#: Largest array a search or distance call may allocate for its result, in bytes.
+MAX_RESULT_BYTES = _from_env("MAX_RESULT_BYTES", 8 << 30)
+
+
+def check_result_size(func: str, what: str, nbytes: int) -> None:
+    """Raise ResourceLimitError when a result of ``nbytes`` would exceed MAX_RESULT_BYTES."""
+    if nbytes > MAX_RESULT_BYTES:
+        raise ResourceLimitError(
+            f"{func}: the result ({what}) would take {nbytes / 2**30:.1f} GiB, over the limit of "
+            f"{MAX_RESULT_BYTES / 2**30:.1f} GiB; ask for less (fewer queries at a time, a smaller k) "
+            "or raise cmhash.limits.MAX_RESULT_BYTES (env CMHASH_MAX_RESULT_BYTES)"
+        )
