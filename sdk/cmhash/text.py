@@ -26,6 +26,7 @@ parts: each tag goes through the same rules (n-grams never span two tags), so
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import json
 import os
@@ -104,6 +105,42 @@ def _check_rules(rules: dict) -> dict:
     return rules
 
 
+class _Placeholders(collections.abc.Sequence):
+    """The names ``#0 .. #size-1`` of an anonymous vocabulary, made on demand: a file that
+    claims a billion columns costs nothing until a model of that width is checked against it."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(f"#{j}" for j in range(*i.indices(self._size)))
+        if not -self._size <= i < self._size:
+            raise IndexError(i)
+        return f"#{i % self._size}"
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, (tuple, _Placeholders)) else NotImplemented
+
+    def __contains__(self, word) -> bool:
+        return isinstance(word, str) and self._position(word) is not None
+
+    def index(self, word, *args) -> int:
+        position = self._position(word)
+        if position is None:
+            raise ValueError(f"{word!r} is not a column name of this anonymous vocabulary")
+        return position
+
+    def _position(self, word: str) -> int | None:
+        digits = word[1:]
+        if word[:1] == "#" and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+            return int(digits) if int(digits) < self._size else None
+        return None
+
+
 class Vocabulary:
     """An ordered term list (column i of the BoW is ``words[i]``) and its tokenisation rules.
 
@@ -113,17 +150,19 @@ class Vocabulary:
     def __init__(self, words: Sequence[str], *, rules: dict | None = None, min_count: int | None = None,
                  anonymous: bool = False):
         self.rules = _check_rules(dict(rules or DEFAULT_RULES))
-        self.words = tuple(words)
+        self.words = words if isinstance(words, _Placeholders) else tuple(words)
         self.min_count = min_count
         self.anonymous = anonymous
+        self._index: dict[str, int] = {}
+        if anonymous:
+            return  # placeholder names: nothing to check, and no per-column objects to build
         if not self.words:
             raise VocabularyError("a vocabulary needs at least one word; the texts held none (check the text "
                                   "and tags fields, or lower min_count)")
-        self._index: dict[str, int] = {}
         for i, word in enumerate(self.words):
             if not isinstance(word, str):
                 raise VocabularyError(f"vocabulary word {i} is {type(word).__name__}, not str")
-            if not anonymous and not self._is_term(word):
+            if not self._is_term(word):
                 raise VocabularyError(
                     f"vocabulary word {i} {word!r} is not one term under the rules {self.rules} (it tokenises "
                     f"to {tokenize(word, self.rules)}); it could never match"
@@ -169,7 +208,7 @@ class Vocabulary:
         column indices of a word list that was never published."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise VocabularyError(f"an anonymous vocabulary needs a positive number of columns, got {size!r}")
-        return cls([f"#{i}" for i in range(size)], anonymous=True)
+        return cls(_Placeholders(size), anonymous=True)
 
     @property
     def dim(self) -> int:
@@ -179,10 +218,10 @@ class Vocabulary:
         return len(self.words)
 
     def __contains__(self, word: str) -> bool:
-        return word in self._index
+        return word in (self.words if self.anonymous else self._index)
 
     def index(self, word: str) -> int:
-        return self._index[word]
+        return self.words.index(word) if self.anonymous else self._index[word]
 
     def tokenize(self, text: str | bytes | Sequence[str]) -> list[str]:
         """The terms of a text or tag list under this vocabulary's rules."""

@@ -188,3 +188,4 @@ def test_id_set_agrees_with_a_python_set_through_merges(monkeypatch):
             assert index.remove(gone) == len(reference & set(gone.tolist()))
             reference -= set(gone.tolist())
         assert sorted(index.ids.tolist()) == sorted(reference)
+
