@@ -4,6 +4,10 @@ The data goes to a temporary file beside the target (``.<name>.<random>.tmp``), 
 and replaces the target with ``os.replace``; the directory is then fsynced so the rename
 survives a power cut. A crash, a kill or an exception at any point leaves the previous
 file whole (and at worst a stray temporary, never a half-written target).
+
+Temporary files and folders are created private (``mkstemp``/``mkdtemp`` give 0600/0700)
+and opened up to what the process's umask allows before they take the target's place, so
+a bundle or an index written by one user can be read by another, as with any other writer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,32 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it; os.umask() would, for a moment, for every thread
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_up(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a private temporary file or folder the mode a plain create would have had."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def temp_dir_beside(target: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new folder next to ``target`` (same file system, so it can be renamed into place)."""
+    target = Path(target)
+    path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix))
+    open_up(path, directory=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path to write (and close) the new file at; on a normal exit it
@@ -36,6 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        open_up(tmp)
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

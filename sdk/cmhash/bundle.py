@@ -58,13 +58,12 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from ._files import atomic_path, fsync
+from ._files import atomic_path, fsync, temp_dir_beside
 from ._version import __version__
 from .errors import BundleChecksumError, BundleError, BundleNotFoundError, BundleVersionError
 from .preprocess import ImagePreprocessor
@@ -371,7 +370,7 @@ def write_bundle(
     validate_manifest(manifest, str(directory))
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    staging = temp_dir_beside(directory)
     try:
         for name, data in contents.items():
             target = staging / name
@@ -382,7 +381,7 @@ def write_bundle(
         fsync(staging / MANIFEST_NAME)
         fsync(staging)
         if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            old = temp_dir_beside(directory, suffix=".old")
             os.replace(directory, old / "bundle")
             os.replace(staging, directory)
             shutil.rmtree(old, ignore_errors=True)
