@@ -14,7 +14,7 @@ from typing import Iterable, Literal
 import numpy as np
 from bitarray import bitarray
 
-from .errors import CodeFormatError
+from .errors import ArgumentTypeError, CodeFormatError, InvalidArgumentError
 
 BIT_ORDER = "little"
 
@@ -54,7 +54,7 @@ def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.n
     if arr.dtype.kind not in "biuf":
         raise CodeFormatError(f"pack_codes: codes must be numeric or bool, got dtype {arr.dtype}")
     if input not in ("auto", "sign", "binary"):
-        raise ValueError(f"pack_codes: input must be 'auto', 'sign' or 'binary', got {input!r}")
+        raise InvalidArgumentError(f"pack_codes: input must be 'auto', 'sign' or 'binary', got {input!r}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise CodeFormatError("pack_codes: codes contain NaN or inf; check the model's outputs")
     is_binary = _only_zeros_and_ones(arr)
@@ -104,7 +104,7 @@ def from_bitarrays(codes: Iterable[bitarray]) -> np.ndarray:
     length = None
     for i, ba in enumerate(codes):
         if not isinstance(ba, bitarray):
-            raise TypeError(f"from_bitarrays: item {i} is {type(ba).__name__}, not bitarray")
+            raise ArgumentTypeError(f"from_bitarrays: item {i} is {type(ba).__name__}, not bitarray")
         if length is None:
             length = len(ba)
             if length == 0 or length % 8:

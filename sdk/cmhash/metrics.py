@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _hamming
 from .codes import ensure_packed
-from .errors import CodeFormatError
+from .errors import ArgumentTypeError, CodeFormatError, InvalidArgumentError
 
 __all__ = [
     "retrieval_metrics",
@@ -52,16 +52,16 @@ def _pack_labels(labels, func: str, name: str) -> np.ndarray:
     widths the native relevance test has fast loops for; zero padding changes nothing)."""
     arr = np.asarray(labels)
     if arr.ndim != 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{func}: {name} must be a 2-D multi-hot array (n, classes), got shape {arr.shape}; "
             "turn class ids into multi-hot rows first, e.g. np.eye(classes)[ids]"
         )
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{func}: {name} must be numeric or bool, got dtype {arr.dtype}")
+        raise InvalidArgumentError(f"{func}: {name} must be numeric or bool, got dtype {arr.dtype}")
     if arr.shape[1] == 0:
-        raise ValueError(f"{func}: {name} have zero classes; relevance needs at least one")
+        raise InvalidArgumentError(f"{func}: {name} have zero classes; relevance needs at least one")
     if arr.dtype.kind == "f" and np.isnan(arr).any():
-        raise ValueError(f"{func}: {name} contain NaN")
+        raise InvalidArgumentError(f"{func}: {name} contain NaN")
     packed = np.packbits(arr != 0, axis=1)
     width = packed.shape[1]
     target = width if width in (1, 2, 4) else (width + 7) // 8 * 8
@@ -75,9 +75,9 @@ def _check_k(k, func: str, name: str, allow_none: bool) -> int | None:
         return None
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
         what = "an int >= 1 or None" if allow_none else "an int >= 1"
-        raise TypeError(f"{func}: {name} must be {what}, got {k!r}")
+        raise ArgumentTypeError(f"{func}: {name} must be {what}, got {k!r}")
     if k <= 0:
-        raise ValueError(f"{func}: {name} must be >= 1, got {k}")
+        raise InvalidArgumentError(f"{func}: {name} must be >= 1, got {k}")
     return int(k)
 
 
@@ -85,9 +85,9 @@ def _check_threads(threads, func: str) -> int:
     if threads is None:
         return 0
     if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral):
-        raise TypeError(f"{func}: threads must be an int >= 1 or None (all CPUs), got {threads!r}")
+        raise ArgumentTypeError(f"{func}: threads must be an int >= 1 or None (all CPUs), got {threads!r}")
     if threads < 1:
-        raise ValueError(f"{func}: threads must be >= 1 or None (all CPUs), got {threads}")
+        raise InvalidArgumentError(f"{func}: threads must be >= 1 or None (all CPUs), got {threads}")
     return int(threads)
 
 
@@ -102,18 +102,18 @@ def _prepare(q_codes, db_codes, q_labels, db_labels, func: str):
     ql = _pack_labels(q_labels, func, "q_labels")
     dbl = _pack_labels(db_labels, func, "db_labels")
     if ql.shape[0] != q.shape[0]:
-        raise ValueError(f"{func}: {q.shape[0]} query codes but {ql.shape[0]} query label rows")
+        raise InvalidArgumentError(f"{func}: {q.shape[0]} query codes but {ql.shape[0]} query label rows")
     if dbl.shape[0] != db.shape[0]:
-        raise ValueError(f"{func}: {db.shape[0]} database codes but {dbl.shape[0]} database label rows")
+        raise InvalidArgumentError(f"{func}: {db.shape[0]} database codes but {dbl.shape[0]} database label rows")
     if np.shape(q_labels)[1] != np.shape(db_labels)[1]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{func}: query labels have {np.shape(q_labels)[1]} classes but database labels "
             f"{np.shape(db_labels)[1]}; both must use the same label vocabulary"
         )
     if q.shape[0] == 0:
-        raise ValueError(f"{func}: the query set is empty; a mean over no queries is undefined")
+        raise InvalidArgumentError(f"{func}: the query set is empty; a mean over no queries is undefined")
     if db.shape[0] == 0:
-        raise ValueError(f"{func}: the database is empty; there is nothing to rank")
+        raise InvalidArgumentError(f"{func}: the database is empty; there is nothing to rank")
     return q, db, ql, dbl
 
 
@@ -328,9 +328,9 @@ def precision_at_k(q_codes, db_codes, q_labels, db_labels, k, threads: int | Non
     single = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
     ks = [k] if single else list(k) if isinstance(k, (Sequence, np.ndarray)) else None
     if ks is None:
-        raise TypeError(f"{func}: k must be an int or a sequence of ints, got {k!r}")
+        raise ArgumentTypeError(f"{func}: k must be an int or a sequence of ints, got {k!r}")
     if not ks:
-        raise ValueError(f"{func}: k is an empty sequence")
+        raise InvalidArgumentError(f"{func}: k is an empty sequence")
     res = retrieval_metrics(q_codes, db_codes, q_labels, db_labels, map_k=(), precision_k=ks,
                             threads=threads)
     values = res["precision_per_query"].mean(axis=0)
@@ -362,15 +362,15 @@ def plot_pr_curves(curves: Mapping[str, tuple], path, title: str | None = None) 
             'plot_pr_curves needs matplotlib; install it with: pip install "cmhash-sdk[plot]"'
         ) from exc
     if not curves:
-        raise ValueError("plot_pr_curves: no curves given")
+        raise InvalidArgumentError("plot_pr_curves: no curves given")
     fig = Figure(figsize=(6, 4.5), dpi=120)
     ax = fig.add_subplot()
     for name, pair in curves.items():
         if len(pair) != 2:
-            raise ValueError(f"plot_pr_curves: curve {name!r} must be a (precision, recall) pair")
+            raise InvalidArgumentError(f"plot_pr_curves: curve {name!r} must be a (precision, recall) pair")
         precision, recall = (np.asarray(x, dtype=np.float64) for x in pair)
         if precision.shape != recall.shape or precision.ndim != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"plot_pr_curves: curve {name!r}: precision and recall must be 1-D arrays of one "
                 f"length, got {precision.shape} and {recall.shape}"
             )

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ._files import atomic_write
-from .errors import TextInputError, UnsupportedInputError, VocabularyError
+from .errors import InvalidArgumentError, TextInputError, UnsupportedInputError, VocabularyError
 
 RULES_VERSION = 1
 DEFAULT_RULES = {"version": RULES_VERSION, "normalization": "NFKC", "lowercase": True, "split": "non-alphanumeric", "ngram_max": 1}
@@ -184,7 +184,7 @@ class Vocabulary:
         """Terms that occur in at least ``min_count`` texts (document frequency), the
         ``max_size`` most frequent if given (ties by term), in alphabetical order."""
         if min_count < 1:
-            raise ValueError(f"min_count must be at least 1, got {min_count}")
+            raise InvalidArgumentError(f"min_count must be at least 1, got {min_count}")
         rules = rules_with(ngram_max=ngram_max)
         counts: Counter = Counter()
         for text in texts:

@@ -1,0 +1,28 @@
+"""Every error cmhash raises on purpose is a CmhashError (and the built-in a caller expects)."""
+
+import numpy as np
+import pytest
+
+import cmhash
+from cmhash import metrics
+from cmhash.errors import ArgumentTypeError, CmhashError, InvalidArgumentError
+
+CODES = cmhash.pack_codes(np.random.default_rng(0).standard_normal((6, 16)))
+LABELS = np.eye(6, 3, dtype=np.int64)
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS[:5], LABELS), InvalidArgumentError),
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS, LABELS[:, :2]), InvalidArgumentError),
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS, LABELS, k=0), InvalidArgumentError),
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS, LABELS, k=2.5), ArgumentTypeError),
+    (lambda: metrics.precision_at_k(CODES, CODES, LABELS, LABELS, k=[]), InvalidArgumentError),
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS.astype(float) * np.nan, LABELS), InvalidArgumentError),
+    (lambda: metrics.mean_average_precision(CODES, CODES, LABELS, LABELS, threads=0), InvalidArgumentError),
+    (lambda: cmhash.pack_codes(np.ones((2, 8)), input="bits"), InvalidArgumentError),
+    (lambda: cmhash.from_bitarrays([b"\x00"]), ArgumentTypeError),
+])
+def test_deliberate_errors_are_cmhash_errors(call, error):
+    with pytest.raises(error) as info:
+        call()
+    assert isinstance(info.value, CmhashError)
