@@ -15,7 +15,7 @@
 enum cmh_simd_level {
     CMH_SIMD_GENERIC = 0, /* portable C, no special instructions */
     CMH_SIMD_POPCNT = 1,  /* scalar POPCNT instruction */
-    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount for long codes, POPCNT otherwise */
+    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount (64-bit and 256+-bit codes), POPCNT otherwise */
     CMH_SIMD_AVX512 = 3,  /* AVX-512 VPOPCNTDQ + BW */
     CMH_SIMD_COUNT = 4
 };

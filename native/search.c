@@ -141,7 +141,25 @@ typedef void (*scan_fn)(cand_list *c, const uint16_t *d, size_t len, int64_t bas
 
 DEFINE_SCAN(generic, )
 #if CMH_X86
-DEFINE_SCAN(avx2, __attribute__((target("avx2"))))
+/* AVX2: the minimum of 64 distances is tested against the threshold with one saturating
+ * subtraction (nonzero where limit - d > 0); groups that can hold a candidate are
+ * scanned one by one. */
+__attribute__((target("avx2"))) static void scan_avx2(cand_list *c, const uint16_t *d, size_t len,
+                                                     int64_t base, size_t k, size_t cap,
+                                                     uint32_t *hist) {
+    size_t j = 0;
+    for (; j + 64 <= len; j += 64) {
+        const __m256i *v = (const __m256i *)(d + j);
+        __m256i m = _mm256_min_epu16(_mm256_min_epu16(_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)),
+                                     _mm256_min_epu16(_mm256_loadu_si256(v + 2), _mm256_loadu_si256(v + 3)));
+        __m256i below = _mm256_subs_epu16(_mm256_set1_epi16((short)c->limit), m);
+        if (_mm256_testz_si256(below, below)) continue;
+        for (size_t i = j; i < j + 64; i++)
+            if (d[i] < c->limit) PUSH_CANDIDATE(c, d[i], base + (int64_t)i);
+    }
+    for (; j < len; j++)
+        if (d[j] < c->limit) PUSH_CANDIDATE(c, d[j], base + (int64_t)j);
+}
 
 /* AVX-512: one compare gives a mask of the 32 distances below the threshold. */
 __attribute__((target("avx512f,avx512bw"))) static void scan_avx512(cand_list *c,
