@@ -13,6 +13,14 @@
 #define CMH_X86 0
 #endif
 
+/* Advanced SIMD is part of every ARM64 CPU: no run-time check is needed. */
+#if defined(__aarch64__)
+#define CMH_ARM64 1
+#include <arm_neon.h>
+#else
+#define CMH_ARM64 0
+#endif
+
 static inline uint64_t load64(const uint8_t *p) {
     uint64_t v;
     memcpy(&v, p, 8);
@@ -288,7 +296,79 @@ AVX512_ATTR static void distany_avx512(const uint8_t *q, const uint8_t *db, size
 }
 #endif /* CMH_X86 */
 
-static const char *const level_names[CMH_SIMD_COUNT] = {"generic", "popcnt", "avx2", "avx512"};
+#if CMH_ARM64
+/* ARM64 has no scalar popcount: __builtin_popcountll becomes a move to a vector register,
+ * vcnt, a horizontal add and a move back for every word. These kernels keep the codes in
+ * vector registers, count bits per byte with vcnt and add the byte counts of eight (or
+ * sixteen) codes together with a tree of pairwise adds, a few instructions per code. */
+
+/* v[i]: byte counts of code i (each <= 16). Returns the eight codes' totals. */
+static inline uint16x8_t sum8_neon(const uint8x16_t v[8]) {
+    uint8x16_t a = vpaddq_u8(vpaddq_u8(v[0], v[1]), vpaddq_u8(v[2], v[3])); /* codes 0-3, 4 bytes each */
+    uint8x16_t b = vpaddq_u8(vpaddq_u8(v[4], v[5]), vpaddq_u8(v[6], v[7])); /* codes 4-7 */
+    return vpaddlq_u8(vpaddq_u8(a, b)); /* two bytes per code (each <= 128), widened and added */
+}
+
+/* 64-bit codes: sixteen per step, two per vector. */
+static void dist8_neon(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, uint16_t *out) {
+    const uint8x16_t a = vreinterpretq_u8_u64(vdupq_n_u64(load64(q)));
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const uint8_t *p = db + 8 * j;
+        uint8x16_t v[8];
+        for (int i = 0; i < 8; i++) v[i] = vcntq_u8(veorq_u8(a, vld1q_u8(p + 16 * i)));
+        uint8x16_t s = vpaddq_u8(vpaddq_u8(vpaddq_u8(v[0], v[1]), vpaddq_u8(v[2], v[3])),
+                                 vpaddq_u8(vpaddq_u8(v[4], v[5]), vpaddq_u8(v[6], v[7])));
+        vst1q_u16(out + j, vmovl_u8(vget_low_u8(s)));
+        vst1q_u16(out + j + 8, vmovl_high_u8(s));
+    }
+    if (j < n) dist8_generic(q, db + 8 * j, n - j, nb, out + j);
+}
+
+/* 128-bit codes: eight per step. */
+static void dist16_neon(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, uint16_t *out) {
+    const uint8x16_t a = vld1q_u8(q);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        uint8x16_t v[8];
+        for (int i = 0; i < 8; i++) v[i] = vcntq_u8(veorq_u8(a, vld1q_u8(db + 16 * (j + i))));
+        vst1q_u16(out + j, sum8_neon(v));
+    }
+    if (j < n) dist16_generic(q, db + 16 * j, n - j, nb, out + j);
+}
+
+/* 256-bit codes: eight per step, each code's two halves added first. */
+static void dist32_neon(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, uint16_t *out) {
+    const uint8x16_t a0 = vld1q_u8(q), a1 = vld1q_u8(q + 16);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        uint8x16_t v[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *p = db + 32 * (j + i);
+            v[i] = vaddq_u8(vcntq_u8(veorq_u8(a0, vld1q_u8(p))), vcntq_u8(veorq_u8(a1, vld1q_u8(p + 16))));
+        }
+        vst1q_u16(out + j, sum8_neon(v));
+    }
+    if (j < n) dist32_generic(q, db + 32 * j, n - j, nb, out + j);
+}
+
+/* Any other length: 16-byte chunks counted into 16-bit lanes, the rest word by word. */
+static void distany_neon(const uint8_t *q, const uint8_t *db, size_t n, size_t nb, uint16_t *out) {
+    const size_t chunks = nb / 16, rest = nb % 16;
+    for (size_t j = 0; j < n; j++, db += nb) {
+        uint16x8_t acc = vdupq_n_u16(0);
+        for (size_t c = 0; c < chunks; c++)
+            acc = vpadalq_u8(acc, vcntq_u8(veorq_u8(vld1q_u8(q + 16 * c), vld1q_u8(db + 16 * c))));
+        unsigned d = vaddvq_u16(acc);
+        const uint8_t *qt = q + 16 * chunks, *dt = db + 16 * chunks;
+        if (rest >= 8) d += POP64(load64(qt) ^ load64(dt));
+        if (rest % 8) d += POP64(load_tail(qt + rest / 8 * 8, rest % 8) ^ load_tail(dt + rest / 8 * 8, rest % 8));
+        out[j] = (uint16_t)d;
+    }
+}
+#endif /* CMH_ARM64 */
+
+static const char *const level_names[CMH_SIMD_COUNT] = {"generic", "popcnt", "avx2", "avx512", "neon"};
 
 const char *cmh_simd_name(int level) {
     return (level >= 0 && level < CMH_SIMD_COUNT) ? level_names[level] : "unknown";
@@ -296,6 +376,9 @@ const char *cmh_simd_name(int level) {
 
 int cmh_simd_supported(int level) {
     if (level == CMH_SIMD_GENERIC) return 1;
+#if CMH_ARM64
+    if (level == CMH_SIMD_NEON) return 1;
+#endif
 #if CMH_X86
     __builtin_cpu_init();
     switch (level) {
@@ -348,6 +431,10 @@ cmh_dist_fn cmh_dist_kernel(size_t nbytes) {
     case CMH_SIMD_POPCNT:
         return pick_scalar(nbytes, dist4_popcnt, dist8_popcnt, dist16_popcnt, dist32_popcnt,
                            distany_popcnt);
+#endif
+#if CMH_ARM64
+    case CMH_SIMD_NEON:
+        return pick_scalar(nbytes, dist4_generic, dist8_neon, dist16_neon, dist32_neon, distany_neon);
 #endif
     default:
         return pick_scalar(nbytes, dist4_generic, dist8_generic, dist16_generic, dist32_generic,
