@@ -138,21 +138,31 @@ typedef void (*scan_fn)(cand_list *c, const uint16_t *d, size_t len, int64_t bas
 
 DEFINE_SCAN(generic, )
 #if CMH_X86
-/* AVX2: the minimum of 64 distances is tested against the threshold with one saturating
- * subtraction (nonzero where limit - d > 0); groups that can hold a candidate are
- * scanned one by one. */
+/* AVX2: d < limit where the saturating difference limit - d is nonzero. The minimum of
+ * 64 distances is tested first; in the rare groups that pass, a byte mask of the 16
+ * distances of each vector that pass leads to the candidates. */
 __attribute__((target("avx2"))) static void scan_avx2(cand_list *c, const uint16_t *d, size_t len,
                                                      int64_t base, size_t k, size_t cap,
                                                      uint32_t *hist) {
     size_t j = 0;
     for (; j + 64 <= len; j += 64) {
         const __m256i *v = (const __m256i *)(d + j);
+        const __m256i limit = _mm256_set1_epi16((short)c->limit);
         __m256i m = _mm256_min_epu16(_mm256_min_epu16(_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)),
                                      _mm256_min_epu16(_mm256_loadu_si256(v + 2), _mm256_loadu_si256(v + 3)));
-        __m256i below = _mm256_subs_epu16(_mm256_set1_epi16((short)c->limit), m);
+        __m256i below = _mm256_subs_epu16(limit, m);
         if (_mm256_testz_si256(below, below)) continue;
-        for (size_t i = j; i < j + 64; i++)
-            if (d[i] < c->limit) PUSH_CANDIDATE(c, d[i], base + (int64_t)i);
+        for (size_t g = 0; g < 4; g++) {
+            __m256i none = _mm256_cmpeq_epi16(_mm256_subs_epu16(limit, _mm256_loadu_si256(v + g)),
+                                              _mm256_setzero_si256());
+            uint32_t hits = ~(uint32_t)_mm256_movemask_epi8(none) & 0x55555555u; /* bit 2i: item i */
+            while (hits) {
+                const size_t i = j + 16 * g + (unsigned)__builtin_ctz(hits) / 2;
+                hits &= hits - 1;
+                if (d[i] < c->limit) /* the threshold may have tightened in this group */
+                    PUSH_CANDIDATE(c, d[i], base + (int64_t)i);
+            }
+        }
     }
     for (; j < len; j++)
         if (d[j] < c->limit) PUSH_CANDIDATE(c, d[j], base + (int64_t)j);
