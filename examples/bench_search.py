@@ -94,26 +94,37 @@ def make_case(bits: int, nq: int, n: int):
     return db, q
 
 
-def faiss_times(faiss, args, cases, threads) -> dict:
-    """{(bits, threads): (best, median)} of FAISS IndexBinaryFlat.search on every case."""
+def measure(faiss, args, cases, threads, levels) -> dict:
+    """{(bits, threads, who): (best, median) seconds}, who being "faiss" or a cmhash level.
+    Runs are interleaved (FAISS, then each level, `repeat` times) so that every ratio
+    compares runs made under the same load."""
     out = {}
+    before = h.get_simd_level()
     for bits, nq in cases:
         db, q = make_case(bits, nq, args.n)
         index = faiss.IndexBinaryFlat(bits)
         index.add(db)
         for t in threads:
             faiss.omp_set_num_threads(t)
-            out[(bits, t)] = timings(lambda: index.search(q, args.k), args.repeat)
+            runs = {who: [] for who in ["faiss", *levels]}
+            for _ in range(args.repeat):
+                runs["faiss"].append(timings(lambda: index.search(q, args.k), 1)[0])
+                for level in levels:
+                    h.set_simd_level(level)
+                    runs[level].append(timings(lambda: knn_search(q, db, args.k, threads=t), 1)[0])
+            out.update({(bits, t, who): (min(v), float(np.median(v))) for who, v in runs.items()})
+    h.set_simd_level(before)
     return out
 
 
-def faiss_avx2_times(args) -> tuple[str, dict]:
-    """FAISS pinned to AVX2, which must be chosen before FAISS loads: a child process."""
+def measure_with_faiss_avx2(args, levels) -> tuple[str, dict]:
+    """measure() in a child process with FAISS pinned to AVX2, which must be chosen before
+    FAISS loads."""
     cmd = [sys.executable, __file__, "--faiss-child", "--n", str(args.n), "--nq", str(args.nq),
-           "--nq256", str(args.nq256), "--k", str(args.k), "--repeat", str(args.repeat)]
+           "--nq256", str(args.nq256), "--k", str(args.k), "--repeat", str(args.repeat), "--levels", *levels]
     proc = subprocess.run(cmd, env={**os.environ, **FAISS_AVX2_ENV}, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["level"], {(bits, t): tuple(v) for bits, t, v in result["times"]}
+    return result["level"], {tuple(key): tuple(v) for key, v in result["times"]}
 
 
 def main():
@@ -138,16 +149,15 @@ def main():
 
     cases = [(64, args.nq), (256, args.nq256)]
     threads = (1, 2)
-    if args.faiss_child:
-        times = faiss_times(faiss, args, cases, threads)
-        print(json.dumps({"level": faiss_level(faiss), "times": [[b, t, v] for (b, t), v in times.items()]}))
-        return
-
     available = h.simd_levels()
     levels = args.levels or [lv for lv in available if lv != "generic"] or ["generic"]
     unknown = [lv for lv in levels if lv not in available]
     if unknown:
         raise SystemExit(f"--levels: this CPU cannot run {', '.join(unknown)} (it has {', '.join(available)})")
+    if args.faiss_child:
+        times = measure(faiss, args, cases, threads, levels)
+        print(json.dumps({"level": faiss_level(faiss), "times": [[list(key), v] for key, v in times.items()]}))
+        return
     cores = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {cpu_model()}, {cores} cores, load average {load:.1f} at start; cmhash levels "
@@ -155,8 +165,8 @@ def main():
           f"({faiss_level(faiss)}), numpy {np.__version__}")
     print(f"n={args.n:,} random codes, k={args.k}, {args.repeat} runs each\n")
 
-    faiss_pinned_level, faiss_pinned = (None, {}) if args.no_faiss_avx2 else faiss_avx2_times(args)
-    faiss_default = faiss_times(faiss, args, cases, threads)
+    pinned_level, pinned = (None, {}) if args.no_faiss_avx2 else measure_with_faiss_avx2(args, levels)
+    times = measure(faiss, args, cases, threads, levels)
     before = h.get_simd_level()
     rows, checks = [], []
     for bits, nq in cases:
@@ -171,12 +181,14 @@ def main():
             fD, fI = index.search(q, args.k)
             for level in levels:
                 h.set_simd_level(level)
-                ours = timings(lambda: knn_search(q, db, args.k, threads=t), args.repeat)
                 D, I = knn_search(q, db, args.k, threads=t)
                 name = f"{bits}-bit, {t} thread{'s' if t > 1 else ''}, {level}"
                 checks.append((f"{name}: faiss", same_up_to_ties(D, I, fD, fI)))
                 checks.append((f"{name}: numpy", np.array_equal(nD, D[: len(npq)])))
-                rows.append((bits, t, level, nq, ours, faiss_default[(bits, t)], faiss_pinned.get((bits, t)),
+                vs_pinned = None
+                if pinned:  # ours over FAISS, both timed in the child
+                    vs_pinned = (pinned[(bits, t, "faiss")], pinned[(bits, t, level)])
+                rows.append((bits, t, level, nq, times[(bits, t, level)], times[(bits, t, "faiss")], vs_pinned,
                              nq / base))
         h.set_simd_level(before)
         if bits == 64:
@@ -186,10 +198,11 @@ def main():
     best_level = available[-1]
     print(f"{'case':<30}{'ours q/s':>10}{'faiss q/s':>11}{'vs faiss':>16}{'faiss avx2':>12}{'vs avx2':>16}"
           f"{'numpy q/s':>11}  target")
-    for bits, t, level, nq, ours, fdef, fpin, nps in rows:
+    for bits, t, level, nq, ours, fdef, pin, nps in rows:
         name = f"{bits}-bit, {t} thread{'s' if t > 1 else ''}, {level}"
         vs_def = (fdef[0] / ours[0], fdef[1] / ours[1])
-        vs_pin = (fpin[0] / ours[0], fpin[1] / ours[1]) if fpin else None
+        fpin = pin[0] if pin else None
+        vs_pin = (pin[0][0] / pin[1][0], pin[0][1] / pin[1][1]) if pin else None
         target = ""
         if level == "avx2" and vs_pin:
             goal = TARGETS[bits]["avx2"]
@@ -201,10 +214,11 @@ def main():
                     else f"{'-':>12}{'-':>16}")
         print(f"{name:<30}{nq / ours[0]:>10,.0f}{nq / fdef[0]:>11,.0f}{vs_def[0]:>8.2f}x ({vs_def[1]:.2f})"
               f"{pin_cols}{nps:>11,.1f}  {target}")
-    print(f"\nratios: best of {args.repeat} runs over best of {args.repeat}, (median over median); "
-          f"faiss: {faiss_level(faiss)}" + (f", faiss avx2: {faiss_pinned_level}" if faiss_pinned_level else ""))
-    if faiss_pinned_level is not None and "AVX2" not in faiss_pinned_level.upper():
-        print(f"WARNING: FAISS did not take the AVX2 pin (it runs {faiss_pinned_level})")
+    print(f"\nratios: FAISS time over ours, best of {args.repeat} interleaved runs (median in brackets); "
+          f"faiss: {faiss_level(faiss)}" + (f"; faiss avx2: {pinned_level}, timed with ours again in a "
+                                             f"second process" if pinned_level else ""))
+    if pinned_level is not None and "AVX2" not in pinned_level.upper():
+        print(f"WARNING: FAISS did not take the AVX2 pin (it runs {pinned_level})")
     lo, lf, l1 = lat
     ratio = lo / lf
     print(f"\nsingle query latency (median of {args.single}, 64-bit, {h.get_simd_level()}): ours {lo * 1e3:.3f} ms "

@@ -424,10 +424,9 @@ struct cmh_range {
     size_t *counts;  /* hits per query: [q] over queries, [t * nq + q] over db */
     int failed;
 };
-typedef struct cmh_range range_ctx;
 
 static void range_worker(void *p, size_t tid, size_t nt) {
-    range_ctx *c = (range_ctx *)p;
+    cmh_range *c = (cmh_range *)p;
     size_t qb, qe, jb, je;
     plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
     size_t *counts = c->plan.split_db ? c->counts + tid * c->nq : c->counts;
@@ -459,7 +458,7 @@ static void range_worker(void *p, size_t tid, size_t nt) {
 
 /* Gather each query's hits from the thread buffers (in thread order, so in position
  * order) into the outputs, sorted stably by distance. */
-int cmh_range_fill(range_ctx *c, int64_t *lims, int32_t *od, int64_t *oi) {
+int cmh_range_fill(cmh_range *c, int64_t *lims, int32_t *od, int64_t *oi) {
     const size_t nt = c->plan.nthreads;
     lims[0] = 0;
     for (size_t i = 0; i < c->nq; i++) {
@@ -542,9 +541,9 @@ int cmh_knn(const uint8_t *q, size_t nq, const uint8_t *db, size_t n, size_t nby
 cmh_range *cmh_range_run(const uint8_t *q, size_t nq, const uint8_t *db, size_t n, size_t nbytes,
                          size_t radius, size_t threads) {
     const size_t bits = nbytes * 8;
-    range_ctx *c = calloc(1, sizeof *c);
+    cmh_range *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    *c = (range_ctx){
+    *c = (cmh_range){
         .q = q, .db = db, .nq = nq, .n = n, .nb = nbytes,
         .radius = (uint16_t)(radius < bits ? radius : bits), .kern = cmh_dist_kernel(nbytes),
         .plan = plan_work(nq, n, threads),
