@@ -12,12 +12,15 @@
 
 #define CMH_MAX_BYTES 8191 /* 65,528 bits: every distance fits in uint16 */
 
+/* Levels 1-3 are x86-64 only and 4 is ARM64 only; a CPU supports a subset, listed from
+ * slowest to fastest by increasing number. */
 enum cmh_simd_level {
     CMH_SIMD_GENERIC = 0, /* portable C, no special instructions */
     CMH_SIMD_POPCNT = 1,  /* scalar POPCNT instruction */
-    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount for long codes, POPCNT otherwise */
+    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount (64-bit and 256+-bit codes), POPCNT otherwise */
     CMH_SIMD_AVX512 = 3,  /* AVX-512 VPOPCNTDQ + BW */
-    CMH_SIMD_COUNT = 4
+    CMH_SIMD_NEON = 4,    /* ARM64 Advanced SIMD: vcnt byte counts summed by pairwise adds */
+    CMH_SIMD_COUNT = 5
 };
 
 typedef void (*cmh_dist_fn)(const uint8_t *q, const uint8_t *db, size_t n, size_t nbytes,

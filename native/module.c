@@ -16,7 +16,7 @@ static int level_from_name(PyObject *name, const char *func) {
     if (!s) return -2;
     for (int level = 0; level < CMH_SIMD_COUNT; level++)
         if (strcmp(s, cmh_simd_name(level)) == 0) return level;
-    PyErr_Format(PyExc_ValueError, "%s(): unknown SIMD level '%s' (choose from generic, popcnt, avx2, avx512)",
+    PyErr_Format(PyExc_ValueError, "%s(): unknown SIMD level '%s' (choose from generic, popcnt, avx2, avx512, neon)",
                  func, s);
     return -2;
 }
@@ -46,7 +46,8 @@ static PyObject *get_simd_level(PyObject *self, PyObject *noargs) {
 
 PyDoc_STRVAR(set_simd_level_doc,
              "set_simd_level(name, /) -> None\n\n"
-             "Use the kernels of `name` ('generic', 'popcnt', 'avx2', 'avx512') from now on.\n"
+             "Use the kernels of `name` ('generic', 'popcnt', 'avx2', 'avx512' on x86-64;\n"
+             "'generic', 'neon' on ARM64) from now on.\n"
              "ValueError for an unknown name, RuntimeError when this CPU cannot run it.");
 static PyObject *set_simd_level(PyObject *self, PyObject *name) {
     if (!PyUnicode_Check(name)) {
@@ -110,7 +111,8 @@ PyMODINIT_FUNC PyInit__hamming(void) {
         if (level < 0 || cmh_simd_set(level) < 0) {
             PyErr_Format(PyExc_RuntimeError,
                          "CMHASH_SIMD=%s: not a level this CPU can run (choose from generic, popcnt, "
-                         "avx2, avx512, as cmhash._hamming.simd_levels() lists)", env);
+                         "avx2, avx512 on x86-64, generic, neon on ARM64, as "
+                         "cmhash._hamming.simd_levels() lists)", env);
             Py_DECREF(m);
             return NULL;
         }

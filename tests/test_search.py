@@ -97,6 +97,24 @@ def test_knn_distances_range_match_reference(level, nbytes):
                     assert np.array_equal(g, e), (n, radius)
 
 
+@pytest.mark.parametrize("nbytes", [4, 8, 16, 32, 64])
+def test_every_remainder_of_the_vector_steps(level, nbytes):
+    """The vector kernels take 7, 8 or 16 codes per step and the kNN scans test 32 or 64
+    distances at once: database sizes 0 to 140 leave every remainder, for k below and
+    above the size, with and without ties."""
+    rng = np.random.default_rng(nbytes + 100)
+    for ties in (False, True):
+        q, db = make_data(rng, 2, 140, nbytes, ties)
+        R_full = ref_distances(q, db)
+        for n in range(141):
+            R = R_full[:, :n]
+            assert np.array_equal(hamming_distances(q, db[:n], threads=1), R), n
+            for k in (1, 7, n + 2):
+                D, I = knn_search(q, db[:n], k, threads=1)
+                eD, eI = ref_knn(R, k)
+                assert np.array_equal(D, eD) and np.array_equal(I, eI), (n, k, ties)
+
+
 @pytest.mark.parametrize("nbytes", [1, 3, 8, 32])
 @pytest.mark.parametrize("nq", [1, 2])
 def test_few_queries_split_the_database(level, nbytes, nq):
