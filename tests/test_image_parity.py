@@ -135,6 +135,18 @@ def test_training_and_encoder_see_identical_pixels_and_give_identical_codes(coll
     assert not differing, f"codes differ between training's pixels and the SDK's for {differing}"
 
 
+def test_training_evaluation_pixels_equal_open_clips_transform(collection):
+    """Training's evaluation transform is the runtime's; on the decoded crafted images it is
+    also open_clip's own evaluation transform, bit for bit (what training used before)."""
+    open_clip = pytest.importorskip("open_clip")
+    folder, _ = collection
+    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl", "vocabulary": None})
+    ours, reference = build_transform(preprocess_config(SIZE)), open_clip.image_transform(SIZE, is_train=False)
+    for i in range(len(data)):
+        image = data.images.load(i)
+        assert np.array_equal(ours(image).numpy(), reference(image).numpy()), data.images.paths[i].name
+
+
 # What a viewer shows for each EXIF orientation, from the pixels as stored (numpy only).
 UPRIGHT = {
     2: np.fliplr,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -274,7 +274,7 @@ class ImagePreprocessor:
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> "ImagePreprocessor":
-        known = {"image_size", "mean", "std", "interpolation", "resize_mode", "fill_color"}
+        known = {f.name for f in fields(cls)} - {"max_pixels"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown image preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
