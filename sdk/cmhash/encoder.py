@@ -138,11 +138,9 @@ class Encoder:
             raise UnsupportedInputError(
                 f"hash_images takes a uint8 array of shape (N, H, W, C), got {images.shape}; use hash for one image"
             )
-        pre = self.preprocessor
         outputs = []
         for chunk in _chunks(images, _positive(batch_size)):
-            pixels = np.stack([pre.pixels(item) for item in chunk])
-            outputs.append(self._run("image", pixels, return_continuous))
+            outputs.append(self._run("image", self.preprocessor(chunk), return_continuous))
         return self._finish(outputs, return_continuous)
 
     # --- texts -------------------------------------------------------------------------------
