@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from cmhash.encoder import Encoder  # noqa: E402
 from cmhash.errors import ImageDecodeError  # noqa: E402
 from cmhash.training.data import CrossModalDataset, build_transform, load_data, preprocess_config  # noqa: E402
-from fixtures.towers import WORDS, make_bundle  # noqa: E402
+from fixtures.towers import make_bundle  # noqa: E402
 
 SIZE = 32
 BITS = 64
@@ -118,7 +118,7 @@ def test_training_and_encoder_see_identical_pixels_and_give_identical_codes(coll
     preprocess = preprocess_config(SIZE)  # what a method records for its image tower
     assert encoder.bundle.image_preprocessor().to_dict() == preprocess
 
-    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl", "vocabulary": None})
+    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl"})
     data = data.with_vocabulary(data.build_vocabulary(range(len(data))))
     dataset = CrossModalDataset(data, range(len(data)), build_transform(preprocess))  # the query/database sets
     training = np.stack([dataset[k][0].numpy() for k in range(len(dataset))])
@@ -140,7 +140,7 @@ def test_training_evaluation_pixels_equal_open_clips_transform(collection):
     also open_clip's own evaluation transform, bit for bit (what training used before)."""
     open_clip = pytest.importorskip("open_clip")
     folder, _ = collection
-    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl", "vocabulary": None})
+    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl"})
     ours, reference = build_transform(preprocess_config(SIZE)), open_clip.image_transform(SIZE, is_train=False)
     for i in range(len(data)):
         image = data.images.load(i)
@@ -162,7 +162,7 @@ UPRIGHT = {
 def test_the_decoding_rules_hold_on_the_training_side(collection):
     """Beyond agreeing, the shared decoder does what a viewer does."""
     folder, _ = collection
-    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl", "vocabulary": None})
+    data = load_data({"source": "manifest", "path": folder / "manifest.jsonl"})
     position = {p.name: i for i, p in enumerate(data.images.paths)}
     load = lambda name: np.asarray(data.images.load(position[name]))  # noqa: E731
     for k, upright in UPRIGHT.items():
