@@ -26,7 +26,7 @@ import torch
 
 from cmhash.backends import ModelSpec, create_backend
 from cmhash.export import export_tower, quantize_int8, quantize_int8_dynamic
-from cmhash.preprocess import ImagePreprocessor, load_image
+from cmhash.preprocess import ImagePreprocessor
 from cmhash.training.method import DatasetInfo, get_method
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     tower = cls(config, info).image_tower().eval()
     pre = ImagePreprocessor.from_dict(cls.image_preprocessing(config))
     photos = sorted(Path(args.photos).glob("*.jpg"))[: args.calibration + 64]
-    pixels = np.stack([pre.transform(load_image(p)) for p in photos])
+    pixels = np.stack([pre.pixels(p) for p in photos])
     calibration, verify = pixels[: args.calibration], pixels[args.calibration :]
 
     seconds, models, notes = {}, {}, {}

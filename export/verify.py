@@ -31,7 +31,7 @@ from cmhash.codes import pack_codes
 from cmhash.errors import CmhashError, ExportError
 from cmhash.inputs import read_collection, text_input
 from cmhash.metrics import mean_average_precision
-from cmhash.preprocess import ImagePreprocessor, load_image
+from cmhash.preprocess import ImagePreprocessor
 
 log = logging.getLogger("cmhash.export")
 
@@ -79,7 +79,7 @@ def inputs_from_path(path: str | Path, pre: ImagePreprocessor, vocabulary, text_
                 raise ExportError(record.problem)
             if record.image is None:
                 raise ExportError("no image")
-            image = pre.transform(load_image(record.image, max_pixels=pre.max_pixels))
+            image = pre.pixels(record.image)
             if want_text:
                 item = text_input(record, vocabulary, text_dim)
                 bow = item if isinstance(item, np.ndarray) else _encode_words(item, vocabulary, text_dim)

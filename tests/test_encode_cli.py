@@ -124,6 +124,18 @@ def test_file_list_and_manifest_inputs(bundle, folder, tmp_path):
                           enc.hash_texts([["a cat", "sky", "sea"], ["dog"]]))
 
 
+def test_tag_indices_outside_the_model_are_listed_not_wrapped(bundle, tmp_path):
+    """A negative column index is out of range (as in training), never numpy's last column."""
+    dim = Encoder.load(bundle).text_dim
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": i, "tags": tags}) for i, tags in
+                                  enumerate([[0, 2], [-1, 2], ["-1"], [dim]])) + "\n")
+    summary = encode_collection(bundle, manifest, tmp_path / "o", modality="text")
+    assert (summary["encoded"], summary["errors"]) == (1, 3)
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert sum("tag index -1 is outside" in r for r in reasons) == 2 and f"tag index {dim} is outside" in reasons[2]
+
+
 def test_text_folder_and_list_with_bad_bytes(bundle, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()

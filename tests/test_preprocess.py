@@ -21,8 +21,8 @@ from cmhash.errors import (
     UnsupportedInputError,
 )
 from cmhash.preprocess import (
-    OPENAI_DATASET_MEAN,
-    OPENAI_DATASET_STD,
+    CLIP_MEAN,
+    CLIP_STD,
     ImagePreprocessor,
     load_image,
     preprocessor_from_open_clip,
@@ -320,8 +320,8 @@ def test_config_round_trips_through_json():
     assert ImagePreprocessor.from_dict(data) == pre
     assert ImagePreprocessor().to_dict() == {
         "image_size": 224,
-        "mean": list(OPENAI_DATASET_MEAN),
-        "std": list(OPENAI_DATASET_STD),
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
         "interpolation": "bicubic",
         "resize_mode": "shortest",
         "fill_color": 0,

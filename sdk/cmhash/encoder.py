@@ -23,7 +23,7 @@ from .backends import Backend, ModelSpec, create_backend
 from .bundle import Bundle, load_bundle
 from .codes import pack_codes
 from .errors import CodeFormatError, TextInputError, UnsupportedInputError
-from .preprocess import DEFAULT_MAX_PIXELS, load_image
+from .preprocess import DEFAULT_MAX_PIXELS
 from .text import check_bow
 
 
@@ -138,11 +138,9 @@ class Encoder:
             raise UnsupportedInputError(
                 f"hash_images takes a uint8 array of shape (N, H, W, C), got {images.shape}; use hash for one image"
             )
-        pre = self.preprocessor
         outputs = []
         for chunk in _chunks(images, _positive(batch_size)):
-            pixels = np.stack([pre.transform(load_image(item, max_pixels=pre.max_pixels)) for item in chunk])
-            outputs.append(self._run("image", pixels, return_continuous))
+            outputs.append(self._run("image", self.preprocessor(chunk), return_continuous))
         return self._finish(outputs, return_continuous)
 
     # --- texts -------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ a collection the same way.
   relative path); for texts, every ``.txt`` file, whose whole content is one text.
 - **manifest** (``.jsonl`` / ``.ndjson`` / ``.json`` lines, or ``.csv`` with a header): one
   record per line with ``image`` (a path, relative to the manifest's folder), ``text``
-  and/or ``tags`` (words, or column indices of the vocabulary), ``labels`` (names) and an
-  optional ``id``. CSV cells separate several tags or labels with ``|`` (as in training).
+  and/or ``tags`` (words, or column indices of the vocabulary), ``labels`` (names or
+  indices) and an optional ``id``. CSV cells separate several tags or labels with ``|``.
+  :func:`read_manifest` is the one reader of manifests: training's loader uses it too.
 - **file list** (any other file): one entry per line, blank lines skipped; for images a path
   (relative to the list's folder), for texts the line itself.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,8 +44,8 @@ class Record:
     text: str | None = None
     tags: tuple = ()
     labels: tuple[str, ...] | None = None
-    problem: str | None = None  # why this record cannot be encoded (listed, not raised)
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
+    problem: str | None = None  # why this record cannot be used (listed, not raised)
+    where: str | None = None  # "manifest.jsonl:3" for a manifest row, for messages
 
     @property
     def has_text(self) -> bool:
@@ -69,7 +70,7 @@ def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Re
     if kind == "folder":
         records = _read_folder(path, modality)
     elif kind == "manifest":
-        records = _read_manifest(path)
+        records = read_manifest(path)
     else:
         records = _read_list(path, modality)
     if not records:
@@ -121,12 +122,23 @@ def _resolve(root: Path, entry: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def read_manifest_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, record) for each row of a manifest, in order: the one parser of
-    manifests, shared with training's loader. CSV (suffix ``.csv``, a header row; ``tags``
-    and ``labels`` cells hold several values separated by ``|``) or JSONL (anything else,
-    one JSON object per non-empty line). A JSONL line that does not parse stands as its
-    problem, a string; each caller decides whether that skips the row or stops."""
+def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Record]:
+    """The records of a manifest, in order, one per row: the one reader of manifests, for
+    ``cmhash encode``, the export's verification and training. Image paths are relative to
+    ``image_root`` (default: the manifest's folder). A row that cannot be read (bad JSON,
+    a field of the wrong type) keeps its ``problem``; each caller decides whether that skips
+    the row or stops."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return [_manifest_record(number, f"{path.name}:{lineno}", rec, root)
+            for number, (lineno, rec) in enumerate(_read_manifest_rows(path))]
+
+
+def _read_manifest_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed row): CSV (suffix ``.csv``, a header row; ``tags`` and
+    ``labels`` cells hold several values separated by ``|``) or JSONL (anything else, one
+    JSON object per non-empty line). A JSONL line that does not parse stands as its problem,
+    a string."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -150,15 +162,10 @@ def read_manifest_rows(path: Path) -> list[tuple[int, Any]]:
     return rows
 
 
-def _read_manifest(path: Path) -> list[Record]:
-    rows = read_manifest_rows(path)
-    return [_manifest_record(number, f"{path.name}:{lineno}", rec, path.parent)
-            for number, (lineno, rec) in enumerate(rows)]
-
-
 def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:
     if not isinstance(rec, dict):
-        return Record(number, where, problem=rec if isinstance(rec, str) else "each line must be a JSON object")
+        return Record(number, where, problem=rec if isinstance(rec, str) else "each line must be a JSON object",
+                      where=where)
     name = str(rec["id"]) if rec.get("id") not in (None, "") else (str(rec.get("image")) if rec.get("image") else where)
     problems = []
     image = _resolve(root, str(rec["image"])) if rec.get("image") else None
@@ -174,11 +181,16 @@ def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:
     if labels is not None:
         labels = tuple(str(x) for x in (labels if isinstance(labels, list) else [labels]))
     return Record(number, name, image=image, text=text, tags=tuple(tags), labels=labels,
-                  problem="; ".join(problems) or None, raw=rec)
+                  problem="; ".join(problems) or None, where=where)
 
 
-def _is_index(x: Any) -> bool:
-    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, str) and x.strip().isdigit())
+def is_index(x: Any) -> bool:
+    """Whether a manifest's tag or label is a column index (an int, or a string of digits,
+    possibly negative so that it is reported as out of range rather than read as a word)."""
+    if isinstance(x, str):
+        x = x.strip()
+        return x.removeprefix("-").isdigit()
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def text_input(record: Record, vocabulary, dim: int):
@@ -188,12 +200,13 @@ def text_input(record: Record, vocabulary, dim: int):
     if not record.has_text:
         raise TextInputError("the record has no 'text' or 'tags'")
     tags: Sequence = record.tags
-    if tags and all(_is_index(t) for t in tags):
+    if tags and all(is_index(t) for t in tags):
         if record.text:
             raise TextInputError("a record cannot mix a raw text with tag column indices")
         idx = sorted({int(t) for t in tags})
-        if idx[-1] >= dim:
-            raise TextInputError(f"tag index {idx[-1]} is outside the model's {dim} text columns")
+        if idx[0] < 0 or idx[-1] >= dim:
+            bad = idx[0] if idx[0] < 0 else idx[-1]
+            raise TextInputError(f"tag index {bad} is outside the model's {dim} text columns (0..{dim - 1})")
         bow = np.zeros(dim, dtype=np.float32)
         bow[idx] = 1.0
         return bow

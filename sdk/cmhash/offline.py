@@ -38,7 +38,6 @@ import numpy as np
 from ._files import atomic_write
 from .errors import CmhashError, EncodeJobError
 from .inputs import Record, read_collection, text_input
-from .preprocess import load_image
 
 JOB_FORMAT = "cmhash.encode"
 JOB_VERSION = 1
@@ -213,8 +212,7 @@ def _image_input(encoder, record: Record):
             return None, record.problem
         if record.image is None:
             return None, "the record has no 'image'"
-        pre = encoder.preprocessor
-        return pre.transform(load_image(record.image, max_pixels=pre.max_pixels)), None
+        return encoder.preprocessor.pixels(record.image), None
     except CmhashError as exc:
         return None, f"{type(exc).__name__}: {exc}"
     except OSError as exc:

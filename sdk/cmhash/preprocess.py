@@ -1,14 +1,18 @@
-"""Image loading and preprocessing, shared by training and the runtime.
+"""Image loading and preprocessing: the one path from an image to model input, shared by
+training and the runtime.
 
-Training and inference must see the same pixels, so both decode with :func:`load_image`
-and the runtime's :class:`ImagePreprocessor` reproduces open_clip's evaluation transform
-(``open_clip.image_transform(size, is_train=False, ...)``) with Pillow and numpy only:
-resize (Pillow, the same call torchvision makes on a PIL image), centre crop (torchvision's
-rounding), ``/ 255`` and ``(x - mean) / std`` in float32. On RGB input the two agree bit for
-bit (tests/test_preprocess.py measures it on real photos).
+Training and inference must see the same pixels, so every path that turns an image into
+model input (training's data sources and evaluation transform, ``Encoder``, ``cmhash
+encode``, the export's verification) decodes with :func:`load_image` and transforms with
+:class:`ImagePreprocessor` (:meth:`ImagePreprocessor.pixels` does both). The transform
+reproduces open_clip's evaluation transform (``open_clip.image_transform(size,
+is_train=False, ...)``) with Pillow and numpy only: resize (Pillow, the same call
+torchvision makes on a PIL image), centre crop (torchvision's rounding), ``/ 255`` and
+``(x - mean) / std`` in float32. On RGB input the two agree bit for bit
+(tests/test_preprocess.py measures it on real photos); training's random augmentation is
+open_clip's own, applied to the same decoded image.
 
-How :func:`load_image` turns any image into RGB (training uses the same function, so the
-rule is the same on both sides):
+How :func:`load_image` turns any image into RGB:
 
 1. EXIF orientation is applied first (``ImageOps.exif_transpose``); an unreadable EXIF block
    leaves the image as stored.
@@ -32,7 +36,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -41,8 +45,12 @@ from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, UnsupportedInputError
 
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+# Normalisation statistics: CLIP's (open_clip's OPENAI_DATASET_MEAN / _STD) and ImageNet's
+# (torchvision's pretrained models). Training imports these; they are defined only here.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Pillow's own warning threshold (about 0.25 GiB of RGB pixels); a photo is far below it.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -221,8 +229,8 @@ class ImagePreprocessor:
     """
 
     image_size: int | tuple[int, int] = 224
-    mean: tuple[float, float, float] = OPENAI_DATASET_MEAN
-    std: tuple[float, float, float] = OPENAI_DATASET_STD
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
@@ -266,7 +274,7 @@ class ImagePreprocessor:
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> "ImagePreprocessor":
-        known = {"image_size", "mean", "std", "interpolation", "resize_mode", "fill_color"}
+        known = {f.name for f in fields(cls)} - {"max_pixels"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown image preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
@@ -286,10 +294,15 @@ class ImagePreprocessor:
         else:
             items = [images]
         height, width = self.output_size
-        rows = [self.transform(load_image(item, max_pixels=self.max_pixels)) for item in items]
+        rows = [self.pixels(item) for item in items]
         if not rows:
             return np.zeros((0, 3, height, width), dtype=np.float32)
         return np.stack(rows)
+
+    def pixels(self, source: Any) -> np.ndarray:
+        """One image source (anything :func:`load_image` takes) -> float32 (3, H, W): decode,
+        then transform. Every inference path goes through here."""
+        return self.transform(load_image(source, max_pixels=self.max_pixels))
 
     def transform(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image (as :func:`load_image` returns) -> float32 (3, H, W)."""
@@ -386,11 +399,11 @@ def preprocessor_from_open_clip(
     fill_color: int = 0,
 ) -> ImagePreprocessor:
     """An :class:`ImagePreprocessor` from ``open_clip.image_transform``'s arguments, with its
-    defaults (OpenAI mean/std, bicubic, shortest) for the ``None`` ones."""
+    defaults (CLIP mean/std, bicubic, shortest) for the ``None`` ones."""
     return ImagePreprocessor(
         image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size,
-        mean=tuple(mean) if mean else OPENAI_DATASET_MEAN,
-        std=tuple(std) if std else OPENAI_DATASET_STD,
+        mean=tuple(mean) if mean else CLIP_MEAN,
+        std=tuple(std) if std else CLIP_STD,
         interpolation=interpolation or "bicubic",
         resize_mode=resize_mode or "shortest",
         fill_color=fill_color,

@@ -82,7 +82,7 @@ def test_labels_outside_label_set(manifest_dir):
     with pytest.raises(DataError) as err:
         load_manifest(path, label_names=["dog", "cat"])
     assert "2 labels outside the label set" in str(err.value)
-    assert "data.jsonl:2: 'dgo'" in str(err.value) and "data.jsonl:3: 7" in str(err.value)
+    assert "data.jsonl:2: 'dgo'" in str(err.value) and "data.jsonl:3: '7'" in str(err.value)
 
 
 def test_manifest_without_text_or_with_index_tags_and_no_vocabulary(manifest_dir):
@@ -171,3 +171,80 @@ def test_load_data_dispatch(tmp_path):
         load_data({"source": "imagenet"})
     with pytest.raises(ConfigError, match="no option"):
         load_data({"source": "shapes", "n": 5, "colour": "red"})
+
+
+def test_every_bad_manifest_row_is_listed_at_once(manifest_dir):
+    path = manifest_dir / "data.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"image": "img/0.png", "text": "x", "labels": ["a"]}),
+        "{not json",
+        json.dumps({"image": "img/1.png", "text": 3, "labels": ["a"]}),
+        json.dumps({"image": "img/2.png", "tags": "sea", "labels": ["a"]}),
+        json.dumps(["a list"]),
+        json.dumps({"text": "no image", "labels": ["a"]}),
+    ]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert "5 problem(s)" in message
+    for expected in ("data.jsonl:2: not valid JSON", "data.jsonl:3: 'text' must be a string",
+                     "data.jsonl:4: 'tags' must be a list", "data.jsonl:5: each line must be a JSON object",
+                     "data.jsonl:6: no 'image' field"):
+        assert expected in message
+
+
+def test_training_and_cmhash_encode_read_a_manifest_row_alike(manifest_dir):
+    """One reader: the records cmhash encode reads are the rows training trains on."""
+    from cmhash.inputs import read_collection
+
+    path = manifest_dir / "data.csv"
+    path.write_text("image,text,tags,labels\nimg/0.png,blue sky,sun|sea,sky|sea\nimg/1.png,,sand,sand\n")
+    data = load_manifest(path)
+    records = read_collection(path, "image")
+    assert data.images.paths == [r.image for r in records]
+    assert data.texts == [([r.text] if r.text else []) + list(r.tags) for r in records]
+    assert [sorted(np.array(data.label_names)[row > 0]) for row in data.labels] == [sorted(r.labels) for r in records]
+
+
+def test_negative_tag_indices_are_out_of_range_not_words(manifest_dir):
+    path = _jsonl(manifest_dir / "data.jsonl", [{"image": "img/0.png", "tags": [-1, 2], "labels": ["a"]}])
+    with pytest.raises(DataError, match="tag index outside the vocabulary"):
+        load_manifest(path, vocabulary=Vocabulary.anonymous_of_size(4))
+
+
+def test_images_are_decoded_by_the_runtime(manifest_dir):
+    """An EXIF-rotated photo is upright in training, as in the SDK."""
+    from cmhash.preprocess import load_image
+
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:10, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(manifest_dir / "img" / "rotated.jpg", quality=95, exif=exif.tobytes())
+    path = _jsonl(manifest_dir / "data.jsonl", [{"image": "img/rotated.jpg", "text": "x", "labels": ["a"]}])
+    image = load_manifest(path).images.load(0)
+    assert image.mode == "RGB" and image.size == (30, 40)
+    assert np.array_equal(np.asarray(image), np.asarray(load_image(manifest_dir / "img" / "rotated.jpg")))
+
+
+def test_preprocessing_is_validated_once_by_the_runtime():
+    from cmhash.preprocess import ImagePreprocessor
+
+    for bad in (dict(image_size=0), dict(image_size=32, interpolation="lanczos"),
+                dict(image_size=32, resize_mode="crop"), dict(image_size=32, mean=(0.5, 0.5))):
+        with pytest.raises(ConfigError, match="image preprocessing"):
+            preprocess_config(**bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        build_transform({**preprocess_config(32), "antialias": True})
+    p = preprocess_config(32, interpolation="bilinear", resize_mode="squash")
+    assert ImagePreprocessor.from_dict(p).to_dict() == p
+
+
+def test_evaluation_transform_is_the_runtimes_bit_for_bit():
+    from cmhash.preprocess import ImagePreprocessor
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (45, 70, 3), np.uint8))
+    for p in (preprocess_config(32), preprocess_config(24, interpolation="bilinear", resize_mode="squash")):
+        out = build_transform(p)(image)
+        assert out.dtype == torch.float32
+        assert np.array_equal(out.numpy(), ImagePreprocessor.from_dict(p).transform(image))

@@ -13,8 +13,12 @@ import numpy as np
 import scipy.sparse as sp
 from PIL import Image
 
-from ..errors import DataError, MissingImagesError
+from cmhash.errors import EncodeJobError
+from cmhash.inputs import is_index, read_manifest
+from cmhash.preprocess import load_image
 from cmhash.text import Vocabulary
+
+from ..errors import DataError, MissingImagesError
 
 MAX_LISTED_ERRORS = 10
 
@@ -37,8 +41,10 @@ class ImageFiles:
         return len(self.paths)
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB")
+        # The runtime's decoder, so that training sees the pixels the SDK sees (EXIF
+        # orientation, transparency on white, 16-bit grey, first frame); a damaged file
+        # raises ImageDecodeError naming it.
+        return load_image(self.paths[i])
 
 
 def check_image_files(paths: Sequence[Path], root: Path | None = None, open_files: bool = True) -> None:
@@ -241,32 +247,12 @@ def load_mirflickr25k(arrays: str | Path, image_root: str | Path, label_names: S
 # --------------------------------------------------------------------------------------
 # A user's manifest (JSONL or CSV).
 
-def _read_manifest_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs, parsed by the runtime's manifest reader (one format for
-    training and ``cmhash encode``); training stops at the first row it cannot read."""
-    from cmhash.errors import EncodeJobError
-    from cmhash.inputs import read_manifest_rows
-
-    try:
-        rows = read_manifest_rows(path)
-    except EncodeJobError as exc:
-        raise DataError(str(exc)) from None
-    for lineno, rec in rows:
-        if isinstance(rec, str):
-            raise DataError(f"{path}:{lineno}: {rec}")
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-    return rows
-
-
-def _is_index(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, str) and x.strip().lstrip("-").isdigit()
-
-
 def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | None = None,
                   vocabulary: Vocabulary | str | Path | None = None, image_root: str | Path | None = None,
                   ngram_max: int = 1, check_images: bool = True, name: str | None = None) -> CrossModalData:
-    """A manifest of the user's own data, one record per sample.
+    """A manifest of the user's own data, one record per sample, read by the runtime's
+    manifest reader (:func:`cmhash.inputs.read_manifest`: one format for training and
+    ``cmhash encode``).
 
     Fields: ``image`` (path, relative to ``image_root`` or else to the manifest's folder),
     ``text`` (raw text) and/or ``tags`` (words, or column indices into a given
@@ -281,40 +267,31 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    records = _read_manifest_records(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    try:
+        records = read_manifest(path, image_root=root)
+    except EncodeJobError as exc:
+        raise DataError(str(exc)) from None
     if not records:
         raise DataError(f"{path}: the manifest is empty; it needs one record per sample "
                         f"with fields image, text and/or tags, labels")
     if isinstance(vocabulary, (str, Path)):
         vocabulary = Vocabulary.load(vocabulary)
-    root = Path(image_root) if image_root is not None else path.parent
     known = read_label_names(label_names) if label_names is not None else None
 
-    errors: list[str] = []
-    if not any("text" in rec or "tags" in rec for _, rec in records):
+    errors = [f"{r.where}: {r.problem}" for r in records if r.problem]
+    if not any(r.has_text for r in records) and not errors:
         errors.append("no record has a 'text' or 'tags' field, so there is no text modality")
     label_lists, image_paths, text_parts = [], [], []
-    for lineno, rec in records:
-        where = f"{path.name}:{lineno}"
-        if not rec.get("image"):
-            errors.append(f"{where}: no 'image' field")
-        image_paths.append(root / str(rec.get("image", "")))
-        labels = rec.get("labels", [])
-        if not isinstance(labels, list):
-            labels = [labels]
-        label_lists.append((where, labels))
-        tags = rec.get("tags", []) or []
-        if not isinstance(tags, list):
-            errors.append(f"{where}: 'tags' must be a list")
-            tags = []
-        text = rec.get("text")
-        if text is not None and not isinstance(text, str):
-            errors.append(f"{where}: 'text' must be a string")
-            text = None
-        text_parts.append((where, text, tags))
+    for r in records:
+        if r.image is None and not r.problem:
+            errors.append(f"{r.where}: no 'image' field")
+        image_paths.append(r.image or root)
+        label_lists.append((r.where, list(r.labels or ())))
+        text_parts.append((r.where, r.text, list(r.tags)))
 
     # Labels: names or indices, all inside the label set.
-    index_labels = [all(_is_index(x) for x in labels) and labels for _, labels in label_lists]
+    index_labels = [all(is_index(x) for x in labels) and labels for _, labels in label_lists]
     if known is None:
         if any(index_labels):
             errors.append("labels are given as indices, so label_names must be given too")
@@ -328,7 +305,7 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     bad_labels = []
     for row, (where, labels) in enumerate(label_lists):
         for x in labels:
-            j = int(x) if _is_index(x) and str(x) not in position else position.get(str(x))
+            j = int(x) if is_index(x) and x not in position else position.get(x)
             if j is None or not 0 <= j < len(known):
                 bad_labels.append(f"{where}: {x!r}")
             else:
@@ -339,7 +316,7 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
     # Text: words (kept raw until there is a vocabulary) or tag indices (need a vocabulary).
     texts, index_rows = [], []
     for where, text, tags in text_parts:
-        if tags and all(_is_index(t) for t in tags):
+        if tags and all(is_index(t) for t in tags):
             if vocabulary is None:
                 errors.append(f"{where}: tags are column indices, which need a vocabulary "
                               f"(e.g. Vocabulary.anonymous_of_size(size))")
