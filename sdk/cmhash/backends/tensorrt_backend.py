@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
-from . import Backend, ModelSpec
+from .base import Backend, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "model")
 DEFAULT_MAX_BATCH = 64
@@ -137,6 +137,23 @@ class _Cuda:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    devices = ("cuda",)
+    # int8-dynamic holds onnxruntime (com.microsoft) operators and dynamic quantisation,
+    # which TensorRT does not read; the QDQ "int8" is TensorRT's.
+    variants = ("fp32", "fp16", "int8")
+    options = ("precision", "cache_dir", "max_batch")
+    exact_fp32 = False  # TensorRT may run fp32 layers in TF32: bits are its fp32 contract
+    install_hint = "pip install tensorrt cuda-python (and a CUDA GPU)"
+
+    @classmethod
+    def available(cls, device: str = "cuda") -> tuple[bool, str]:
+        return tensorrt_available()
+
+    @classmethod
+    def create(cls, model, spec, *, device, device_index, threads, variant, **options):
+        # A reduced-precision file carries its own types (fp16 casts, Q/DQ): built strongly typed.
+        options.setdefault("precision", "fp32" if variant == "fp32" else "model")
+        return cls(model, spec, device_index=device_index, **options)
 
     def __init__(
         self,
