@@ -286,13 +286,3 @@ def quantize_int8_dynamic(model_bytes: bytes, what: str) -> tuple[bytes, dict]:
             "activations": "uint8, quantised per call", "fused": {k: v for k, v in fused.items() if v},
             "quantized": {k: v for k, v in counts.items() if v}, "float_nodes": len(head)}
     return name_nodes(quantized).SerializeToString(), info
-
-
-# --- TensorRT ------------------------------------------------------------------------------------
-
-
-def tensorrt_precision(variant: str) -> str:
-    """The TensorRT backend precision for a bundle variant: fp32 as is; fp16 and int8 files
-    carry their own types (fp16 casts, explicit Q/DQ), built strongly typed, which both
-    TensorRT 10 and 11 support (11 has no FP16/INT8 builder flags)."""
-    return "fp32" if variant == "fp32" else "model"

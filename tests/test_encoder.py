@@ -505,6 +505,11 @@ def test_a_bundle_with_reference_data_checks_itself(bundle, tmp_path, capsys):
     assert main(["verify", str(checked), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["variants"] == {"fp32": True}
 
+    script = ("import sys; from cmhash.cli import main; rc = main(['verify', sys.argv[1]]); "
+              "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", script, str(checked)], capture_output=True, text=True)
+    assert out.returncode == 0 and "fp32: passes here" in out.stdout, out.stderr  # the runtime alone
+
     flipped = with_reference(bundle[0], tmp_path / "flipped", bundle[1], flip_text=True)
     with pytest.raises(ReferenceCheckError, match="text fp32 on onnxruntime: 0.00% of bits.*no variant of this bundle"):
         Encoder.load(flipped, threads=1, verify=True)

@@ -443,10 +443,10 @@ def test_cli_export_without_torch_names_the_extra(tmp_path):
 
 
 def test_tensorrt_precision_per_variant():
-    from cmhash.export.variants import tensorrt_precision
+    from cmhash.backends.tensorrt_backend import default_precision
 
-    assert tensorrt_precision("fp32") == "fp32"
-    assert tensorrt_precision("fp16") == tensorrt_precision("int8") == "model"  # typed by the file, TRT 10 and 11
+    assert default_precision("fp32") == "fp32"
+    assert default_precision("fp16") == default_precision("int8") == "model"  # typed by the file, TRT 10 and 11
 
 
 @pytest.mark.skipif("not __import__('cmhash.backends.tensorrt_backend', fromlist=['x']).tensorrt_available()[0]",

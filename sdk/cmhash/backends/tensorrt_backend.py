@@ -64,6 +64,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+def default_precision(variant: str) -> str:
+    """The precision a bundle variant is built in: fp32 as is; the fp16 and int8 files carry
+    their own types (fp16 casts, explicit Q/DQ), so they are built strongly typed, which
+    TensorRT 10 and 11 both support (11 has no FP16/INT8 builder flags)."""
+    return "fp32" if variant == "fp32" else "model"
+
+
 def builder_settings(trt_major: int, precision: str) -> dict:
     """How to ask TensorRT ``trt_major`` for ``precision``: builder flags (by name) and
     whether the network is strongly typed. Pure, so it is tested without a GPU."""
@@ -151,8 +158,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def create(cls, model, spec, *, device, device_index, threads, variant, **options):
-        # A reduced-precision file carries its own types (fp16 casts, Q/DQ): built strongly typed.
-        options.setdefault("precision", "fp32" if variant == "fp32" else "model")
+        options.setdefault("precision", default_precision(variant))
         return cls(model, spec, device_index=device_index, **options)
 
     def __init__(
