@@ -16,12 +16,13 @@ bits. The ``.npz`` files hold plain arrays and are read with ``allow_pickle=Fals
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .backends import backend_class, backends_for
-from .errors import BundleError
+from .errors import BundleError, ReferenceCheckError
 
 DEFAULT_BIT_FLOOR = 0.97
 FP32_TOLERANCE = 1e-4
@@ -181,14 +182,10 @@ def check_bundle(
     return report
 
 
-def describe_failure(bundle_source: str, results: list[dict]) -> str:
+def describe_failure(results: list[dict]) -> str:
     failed = [r for r in results if not r["passed"]]
     return "; ".join(f"{r['modality']} {r['variant']} on {r['backend']}: {r['bit_agreement']:.2%} of bits, "
                      f"max |delta| {r['max_abs_delta']:.2e} (needs {r['criterion']})" for r in failed)
-
-
-__all__ = ["Contract", "agreement", "judge", "reference_file", "read_reference", "check_bundle", "check_models",
-           "unchecked_reason", "DEFAULT_BIT_FLOOR", "FP32_TOLERANCE", "FP32_BIT_FLOOR", "DEFAULT_REFERENCE_ITEMS"]
 
 
 def require_agreement(bundle, backends: dict, variant: str, *, backend: str, device: str, threads: int | None,
@@ -197,10 +194,6 @@ def require_agreement(bundle, backends: dict, variant: str, *, backend: str, dev
     reference sets; below the contract, raise :class:`ReferenceCheckError` naming the
     variants that do pass on this machine. A bundle without reference data is loaded with
     a warning that says why it could not be checked."""
-    import warnings
-
-    from .errors import ReferenceCheckError
-
     reason = unchecked_reason(bundle)
     if reason:
         warnings.warn(f"verify=True: cannot check: {reason}", UserWarning, stacklevel=3)
@@ -215,5 +208,5 @@ def require_agreement(bundle, backends: dict, variant: str, *, backend: str, dev
               else "no variant of this bundle does; use fp32 on another backend or device, or re-export")
     raise ReferenceCheckError(
         f"the {variant} models of {bundle.source} do not reproduce their reference codes on this machine "
-        f"({describe_failure(bundle.source, results)}); {advice}",
+        f"({describe_failure(results)}); {advice}",
         {"variant": variant, "results": results + report["results"], "passing_variants": passing})
