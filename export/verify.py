@@ -10,9 +10,9 @@ Inputs come from (first that applies):
 3. Nothing given: the training data of the checkpoint's run, rebuilt by
    ``cmhash.training.run.prepare_data`` from the config saved in the checkpoint.
 
-A variant passes when its codes agree with the PyTorch tower's: fp32 within 1e-4 on every
-tanh value and on at least 99.9 % of the bits; fp16 and int8 on at least ``bit_floor``
-(97 %) of the bits. With labels and both modalities on the same items, the mAP of each
+A variant passes when its codes agree with the PyTorch tower's under the contract of
+:class:`cmhash.reference.Contract` (fp32 within 1e-4 on every tanh value and on at least
+99.9 % of the bits; fp16 and int8 on at least ``bit_floor``, 97 %, of the bits). With labels and both modalities on the same items, the mAP of each
 variant's codes (the first fifth of the items as queries, the rest as the database) is
 reported beside PyTorch's.
 """
@@ -166,38 +166,6 @@ def run_backend(backend, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
     outs = [np.asarray(backend.run(np.ascontiguousarray(batch[i : i + batch_size], dtype=np.float32)), dtype=np.float32)
             for i in range(0, len(batch), batch_size)]
     return np.concatenate(outs)
-
-
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """How far a variant's tanh outputs are from PyTorch's, and how many bits agree."""
-    if reference.shape != candidate.shape:
-        raise ExportError(f"outputs of shape {candidate.shape} cannot be compared with PyTorch's {reference.shape}")
-    if not np.isfinite(candidate).all():
-        return {"items": int(len(reference)), "max_abs_delta": float("inf"), "mean_abs_delta": float("inf"),
-                "bit_agreement": 0.0, "identical_codes": 0.0, "non_finite": True}
-    delta = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    same = (reference >= 0) == (candidate >= 0)  # sign with 0 -> +1, as the codes
-    return {
-        "items": int(len(reference)),
-        "max_abs_delta": float(delta.max()) if delta.size else 0.0,
-        "mean_abs_delta": float(delta.mean()) if delta.size else 0.0,
-        "bit_agreement": float(same.mean()) if same.size else 1.0,
-        "identical_codes": float(same.all(axis=1).mean()) if same.size else 1.0,
-    }
-
-
-def judge(result: dict, variant: str, backend: str, *, fp32_tolerance: float, fp32_bit_floor: float, bit_floor: float) -> dict:
-    """Add the criterion and ``passed`` to an :func:`agreement` result."""
-    if variant == "fp32" and backend == "onnxruntime":
-        result["criterion"] = f"max_abs_delta <= {fp32_tolerance:g} and bit_agreement >= {fp32_bit_floor:g}"
-        result["passed"] = result["max_abs_delta"] <= fp32_tolerance and result["bit_agreement"] >= fp32_bit_floor
-    elif variant == "fp32":  # TensorRT may compute fp32 layers in TF32: bits are the contract
-        result["criterion"] = f"bit_agreement >= {fp32_bit_floor:g}"
-        result["passed"] = result["bit_agreement"] >= fp32_bit_floor
-    else:
-        result["criterion"] = f"bit_agreement >= {bit_floor:g}"
-        result["passed"] = result["bit_agreement"] >= bit_floor
-    return result
 
 
 def retrieval_map(image_out: np.ndarray, text_out: np.ndarray, labels: np.ndarray) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import zipfile
 
+import numpy as np
 import pytest
 
 import cmhash
@@ -64,7 +65,7 @@ def rewrite_manifest(directory, change):
 
 def test_write_then_load_round_trip(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
-    assert bundle.format_version == FORMAT_VERSION == "1.1"
+    assert bundle.format_version == FORMAT_VERSION == "1.2"
     assert (bundle.method, bundle.bits, bundle.modalities) == ("egath", 16, ("image", "text"))
     assert bundle.label_names == ["animals", "sea"]
     assert dict(bundle.files) == FILES
@@ -127,6 +128,70 @@ def test_write_validates_before_writing_anything(tmp_path):
 def test_manifest_schema_errors_name_the_key(bundle_dir, change, message):
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     change(data)
+    with pytest.raises(BundleError, match=message):
+        validate_manifest(data)
+
+
+REFERENCE = {"contract": {"bit_floor": 0.97, "fp32_tolerance": 1e-4, "fp32_bit_floor": 0.999},
+             "modalities": {"image": {"file": "reference/image.npz", "items": 2},
+                            "text": {"file": "reference/text.npz", "items": 2}}}
+
+
+def reference_bundle(directory, inputs_shape=(2, 3, 32, 32), outputs_shape=(2, 16)):
+    from cmhash.reference import reference_file
+
+    rng = np.random.default_rng(0)
+    files = {**FILES,
+             "reference/image.npz": reference_file(rng.standard_normal(inputs_shape).astype(np.float16),
+                                                   rng.standard_normal(outputs_shape)),
+             "reference/text.npz": reference_file(np.eye(2, VOCAB.dim, dtype=np.uint8), rng.standard_normal((2, 16)))}
+    return write_bundle(directory, manifest(reference=json.loads(json.dumps(REFERENCE))), files)
+
+
+def test_reference_sets_are_listed_checksummed_and_read_as_float32(tmp_path):
+    from cmhash.reference import read_reference, unchecked_reason
+
+    bundle = load_bundle(reference_bundle(tmp_path / "b"))
+    assert unchecked_reason(bundle) is None
+    inputs, outputs = read_reference(bundle, "text")
+    assert inputs.dtype == outputs.dtype == np.float32 and inputs.shape == (2, VOCAB.dim) and inputs.sum() == 2
+    (tmp_path / "b" / "reference" / "image.npz").write_bytes(b"not an npz")
+    with pytest.raises(BundleChecksumError, match="reference/image.npz fails its checksum"):
+        load_bundle(tmp_path / "b")
+    wrong = load_bundle(reference_bundle(tmp_path / "c", inputs_shape=(2, 3, 16, 16)))
+    with pytest.raises(BundleError, match=r"reference/image.npz holds inputs \(2, 3, 16, 16\)"):
+        read_reference(wrong, "image")
+
+
+def test_a_pickled_reference_set_is_refused(tmp_path):
+    import io
+
+    from cmhash.reference import read_reference
+
+    directory = reference_bundle(tmp_path / "b")
+    buffer = io.BytesIO()
+    np.savez(buffer, inputs=np.array([{"a": 1}] * 2, dtype=object), outputs=np.zeros((2, 16), np.float32))
+    loaded = load_bundle(directory)
+    files = {**loaded.files, "reference/text.npz": buffer.getvalue()}
+    pickled = load_bundle(write_bundle(tmp_path / "p", manifest(reference=REFERENCE), files))
+    with pytest.raises(BundleError, match="not a reference set"):
+        read_reference(pickled, "text")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("contract"), "contract must give"),
+        (lambda r: r["contract"].update(bit_floor="high"), "contract must give"),
+        (lambda r: r["modalities"].pop("text"), "must cover the bundle's modalities"),
+        (lambda r: r["modalities"]["image"].update(file="reference/other.npz"), "not listed"),
+        (lambda r: r["modalities"]["text"].update(items=0), "positive int"),
+        (lambda r: r.update(modalities=[]), "'reference' must be an object"),
+    ],
+)
+def test_reference_schema_errors_name_the_key(tmp_path, change, message):
+    data = json.loads((reference_bundle(tmp_path / "b") / MANIFEST_NAME).read_text())
+    change(data["reference"])
     with pytest.raises(BundleError, match=message):
         validate_manifest(data)
 

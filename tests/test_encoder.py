@@ -2,6 +2,7 @@
 references, every input form, bad input, backends, and the light-import promises."""
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,15 @@ from PIL import Image
 
 import cmhash
 from cmhash import pack_codes
+from cmhash.backends import (
+    BACKENDS,
+    REGISTRY,
+    Backend,
+    backend_class,
+    backends_for,
+    create_backend,
+    default_device,
+)
 from cmhash.backends.tensorrt_backend import builder_settings, cache_key, tensorrt_available
 from cmhash.encoder import Encoder
 from cmhash.errors import (
@@ -22,6 +32,7 @@ from cmhash.errors import (
     ImageDecodeError,
     ImageTooLargeError,
     ModelSignatureError,
+    ReferenceCheckError,
     TextInputError,
     UnsupportedInputError,
 )
@@ -385,6 +396,136 @@ def test_tensorrt_cache_key_covers_everything_an_engine_depends_on():
                          ("precision", "fp16"), ("input_shape", ("batch", 3, 256, 256)), ("max_batch", 32)]:
         keys.add(cache_key(**{**base, field: other}))
     assert len(keys) == 7 and cache_key(**base) == cache_key(**base)
+
+
+# --- the backend registry ----------------------------------------------------------------------
+
+
+def test_the_registry_declares_what_each_backend_runs():
+    assert list(REGISTRY) == ["tensorrt", "onnxruntime"] and BACKENDS == ("auto", "tensorrt", "onnxruntime")
+    assert backends_for("int8-dynamic") == ["onnxruntime"]  # com.microsoft ops: TensorRT does not read them
+    assert backends_for("int8", "cpu") == ["onnxruntime"] and backends_for("fp16", "cuda:1") == ["tensorrt", "onnxruntime"]
+    assert REGISTRY["onnxruntime"].available("cpu")[0]
+    trt_ok, trt_reason = REGISTRY["tensorrt"].available("cuda")
+    assert trt_ok or "pip install" in trt_reason or "GPU" in trt_reason
+    assert backends_for(available=True) == (["tensorrt"] if trt_ok else []) + ["onnxruntime"]
+    assert default_device("tensorrt", "cpu") == "cuda" and default_device("onnxruntime", "cpu") == "cpu"
+    assert not REGISTRY["tensorrt"].exact_fp32 and REGISTRY["onnxruntime"].exact_fp32
+    with pytest.raises(ValueError, match="choose one of auto, tensorrt, onnxruntime"):
+        backend_class("openvino")
+
+
+class NumpyBackend(Backend):
+    """A backend written in one class, as a new backend file would be: it evaluates the
+    fixture towers (Conv -> ReLU -> mean -> Gemm -> tanh, or Gemm -> tanh) from the
+    model's own ONNX weights in numpy, fp32 only."""
+
+    name = "numpy"
+    devices = ("cpu",)
+    variants = ("fp32",)
+
+    @classmethod
+    def available(cls, device="cpu"):
+        return True, f"numpy {np.__version__}"
+
+    @classmethod
+    def create(cls, model, spec, *, device, device_index, threads, variant, **options):
+        return cls(model, spec)
+
+    def __init__(self, model, spec):
+        import onnx
+        from onnx import numpy_helper
+
+        self.spec = spec
+        self.weights = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(model).graph.initializer}
+
+    def run(self, batch):
+        w = self.weights
+        if "conv_w" in w:
+            from fixtures.towers import Weights
+
+            weights = Weights(w["conv_w"], w["conv_b"], w["image_w"], w["image_b"], None, None)
+            return image_reference(weights, batch).astype(np.float32)
+        return np.tanh(batch @ w["text_w"].T + w["text_b"]).astype(np.float32)
+
+
+def test_a_backend_is_one_class_and_one_registry_entry(bundle, encoder, monkeypatch):
+    from cmhash.bench import bench_bundle
+
+    monkeypatch.setitem(REGISTRY, "numpy", NumpyBackend)
+    images = photos_or_generated(6)
+    with Encoder.load(bundle[0], backend="numpy") as enc:
+        assert enc.backend == "numpy"
+        assert bit_share(enc.hash_images(images), encoder.hash_images(images)) >= 0.99
+        assert np.array_equal(enc.hash_texts(["a cat", "the sea"]), encoder.hash_texts(["a cat", "the sea"]))
+    assert backends_for("fp32", "cpu") == ["onnxruntime", "numpy"] and backends_for("int8") == ["tensorrt", "onnxruntime"]
+    rows = bench_bundle(bundle[0], backends=["numpy"], batch_sizes=[2], warmup=1, repeats=2)
+    assert {(r["backend"], r["modality"]) for r in rows} == {("numpy", "image"), ("numpy", "text")}
+    with pytest.raises(BackendUnavailableError, match="the fp16 variant does not run on numpy"):
+        create_backend("numpy", b"", None, variant="fp16")
+    with pytest.raises(BackendUnavailableError, match="runs on the CPU"):
+        create_backend("numpy", b"", None, device="cuda")
+    with pytest.raises(TypeError, match="numpy takes no options"):
+        create_backend("numpy", b"", None, cache_dir="x")
+
+
+def bit_share(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.unpackbits(a, axis=1) == np.unpackbits(b, axis=1)).mean())
+
+
+# --- checking a bundle on this machine ------------------------------------------------------------
+
+
+def with_reference(source: Path, target: Path, weights, *, flip_text: bool = False) -> Path:
+    """``source`` rewritten with reference sets whose outputs are the numpy towers' (the
+    text codes flipped when asked: a reference the models cannot reproduce)."""
+    from cmhash.bundle import load_bundle, write_bundle
+    from cmhash.reference import Contract, reference_file
+
+    loaded = load_bundle(source)
+    rng = np.random.default_rng(7)
+    pixels = ImagePreprocessor(image_size=SIZE)(photos_or_generated(8))
+    bow = (rng.random((8, len(WORDS))) < 0.3).astype(np.uint8)
+    text_out = text_reference(weights, bow)
+    files = dict(loaded.files)
+    files["reference/image.npz"] = reference_file(pixels, image_reference(weights, pixels))
+    files["reference/text.npz"] = reference_file(bow, -text_out if flip_text else text_out)
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in ("files", "format_version")}
+    manifest["reference"] = {"contract": Contract().to_dict(), "modalities": {
+        "image": {"file": "reference/image.npz", "items": 8}, "text": {"file": "reference/text.npz", "items": 8}}}
+    return write_bundle(target, manifest, files)
+
+
+def test_a_bundle_with_reference_data_checks_itself(bundle, tmp_path, capsys):
+    from cmhash.cli import main
+
+    checked = with_reference(bundle[0], tmp_path / "checked", bundle[1])
+    enc = Encoder.load(checked, threads=1, verify=True)
+    assert enc.verification["passed"] and {r["modality"] for r in enc.verification["results"]} == {"image", "text"}
+    assert main(["verify", str(checked), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variants"] == {"fp32": True}
+
+    script = ("import sys; from cmhash.cli import main; rc = main(['verify', sys.argv[1]]); "
+              "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", script, str(checked)], capture_output=True, text=True)
+    assert out.returncode == 0 and "fp32: passes here" in out.stdout, out.stderr  # the runtime alone
+
+    flipped = with_reference(bundle[0], tmp_path / "flipped", bundle[1], flip_text=True)
+    with pytest.raises(ReferenceCheckError, match="text fp32 on onnxruntime: 0.00% of bits.*no variant of this bundle"):
+        Encoder.load(flipped, threads=1, verify=True)
+    assert main(["verify", str(flipped)]) == 1
+    assert "fp32: FAILS here; variants that pass: none" in capsys.readouterr().out
+
+
+def test_a_bundle_without_reference_data_says_it_cannot_check(bundle, capsys):
+    from cmhash.cli import main
+
+    with pytest.warns(UserWarning, match="cannot check: .* carries no reference inputs and codes"):
+        enc = Encoder.load(bundle[0], verify=True)
+    assert enc.verification == {"checkable": False, "reason": enc.verification["reason"]}
+    assert enc.hash_text("a cat").shape == (4,)  # loaded all the same
+    assert main(["verify", str(bundle[0])]) == 3
+    assert "cannot check" in capsys.readouterr().err and "re-export" in enc.verification["reason"]
 
 
 # --- light imports ----------------------------------------------------------------------------

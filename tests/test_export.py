@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,22 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("open_clip")
 pytest.importorskip("safetensors")
 
+import cmhash  # noqa: E402
 from cmhash import pack_codes  # noqa: E402
 from cmhash.bundle import load_bundle  # noqa: E402
 from cmhash.cli import main  # noqa: E402
 from cmhash.encoder import Encoder  # noqa: E402
-from cmhash.errors import BackendUnavailableError, BundleError, ExportError, VerificationError  # noqa: E402
-from cmhash.export import export_checkpoint, export_tower, float_nodes, quantize_int8  # noqa: E402
+from cmhash.errors import (  # noqa: E402
+    BackendUnavailableError,
+    BundleChecksumError,
+    BundleError,
+    ExportError,
+    ReferenceCheckError,
+    VerificationError,
+)
+from cmhash.export import export_checkpoint, export_tower, float_nodes, keep_passing, quantize_int8  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
+from cmhash.reference import check_bundle, read_reference, reference_file  # noqa: E402
 from fixtures.roundtrip import bit_agreement  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -146,8 +156,8 @@ def test_bundle_contents_and_variants(exported, trained):
     assert bundle.method == "toy" and bundle.bits == 32
     assert bundle.label_names == trained["data"].label_names
     assert bundle.variants("image") == bundle.variants("text") == ("fp32", "fp16", "int8")
-    assert sorted(bundle.files) == ["image.fp16.onnx", "image.int8.onnx", "image.onnx", "text.fp16.onnx",
-                                    "text.int8.onnx", "text.onnx", "vocab.json"]
+    assert sorted(bundle.files) == ["image.fp16.onnx", "image.int8.onnx", "image.onnx", "reference/image.npz",
+                                    "reference/text.npz", "text.fp16.onnx", "text.int8.onnx", "text.onnx", "vocab.json"]
     provenance = bundle.manifest["provenance"]
     assert provenance["training_config"]["method"] == "toy"
     assert provenance["metrics"]["last"]["map_i2t"] > 0
@@ -229,17 +239,114 @@ def test_int8_keeps_layernorm_gelu_softmax_and_the_hash_head_in_float():
     assert ((got >= 0) == (block(data).detach().numpy() >= 0)).mean() >= 0.97
 
 
+# --- the bundle checks itself --------------------------------------------------------------------------
+
+
+def test_bundle_carries_reference_inputs_and_pytorch_codes(exported, trained):
+    bundle = load_bundle(exported[0])
+    reference = bundle.manifest["reference"]
+    assert reference["contract"] == {"bit_floor": 0.97, "fp32_tolerance": 1e-4, "fp32_bit_floor": 0.999}
+    assert {m: e["file"] for m, e in reference["modalities"].items()} == {"image": "reference/image.npz",
+                                                                          "text": "reference/text.npz"}
+    method = trained["method"]
+    for modality, tower in (("image", method.image_tower()), ("text", method.text_tower())):
+        inputs, outputs = read_reference(bundle, modality)
+        assert len(inputs) == reference["modalities"][modality]["items"] == 16
+        assert np.abs(torch_codes(tower, torch.from_numpy(inputs)) - outputs).max() <= 1e-6  # PyTorch's own
+    for variant in ("fp32", "fp16", "int8"):
+        enc = Encoder.load(exported[0], variant=variant, threads=1, verify=True)
+        assert enc.verification["passed"] and len(enc.verification["results"]) == 2
+
+
+def test_cmhash_verify_prints_every_variant_and_exits_by_the_chosen_one(exported, capsys):
+    assert main(["verify", str(exported[0]), "--variant", "int8", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["variants"] == {"fp32": True, "fp16": True, "int8": True} and report["chosen"]["passed"]
+    assert {(r["modality"], r["variant"]) for r in report["results"]} == {
+        (m, v) for m in ("image", "text") for v in ("fp32", "fp16", "int8")}
+    assert main(["verify", str(exported[1]["archive"]), "--threads", "1"]) == 0  # the zip archive too
+    assert "fp32: passes here" in capsys.readouterr().out
+
+
+def test_a_variant_below_the_contract_on_this_machine_names_the_ones_that_pass(exported, tmp_path, capsys):
+    copy = Path(shutil.copytree(exported[0], tmp_path / "strict"))
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["reference"]["contract"]["bit_floor"] = 1.0  # int8 is lossy: not every bit agrees on the reference set
+    manifest_path.write_text(json.dumps(manifest))
+    report = check_bundle(copy, threads=1)
+    int8_bits = [r["bit_agreement"] for r in report["results"] if r["variant"] == "int8"]
+    assert min(int8_bits) < 1.0 and report["variants"]["int8"] is False and report["variants"]["fp32"] is True
+    passing = [v for v, ok in report["variants"].items() if ok]
+    with pytest.raises(ReferenceCheckError, match="int8 models .* do not reproduce") as info:
+        Encoder.load(copy, variant="int8", threads=1, verify=True)
+    assert f"variants that do: {', '.join(passing)}" in str(info.value)
+    assert info.value.report["passing_variants"] == passing
+    assert isinstance(info.value, cmhash.CmhashError)
+    assert main(["verify", str(copy), "--variant", "int8", "--threads", "1"]) == 1
+    assert "int8: FAILS here" in capsys.readouterr().out
+    assert main(["verify", str(copy), "--variant", "fp32", "--threads", "1"]) == 0
+
+
+def test_a_tampered_reference_file_fails_its_checksum(exported, tmp_path, capsys):
+    copy = Path(shutil.copytree(exported[0], tmp_path / "tampered"))
+    inputs, outputs = read_reference(load_bundle(copy), "text")
+    (copy / "reference" / "text.npz").write_bytes(reference_file(inputs, -outputs))  # every code flipped
+    with pytest.raises(BundleChecksumError, match="reference/text.npz fails its checksum"):
+        Encoder.load(copy, verify=True)
+    assert main(["verify", str(copy)]) == 2
+    assert "reference/text.npz fails its checksum" in capsys.readouterr().err
+
+
 # --- failures ------------------------------------------------------------------------------------------
 
 
-def test_below_the_floor_is_a_typed_error_and_nothing_is_written(trained, tmp_path):
+def test_a_failing_variant_is_left_out_and_the_rest_written(trained, tmp_path, caplog):
+    out = tmp_path / "bundle"
+    report = export_checkpoint(trained["checkpoint"], out, fp16=True, int8=True, verify_data=MANIFEST, verify_items=96,
+                               bit_floor=1.0)  # int8 cannot agree on every bit; fp32 has its own contract
+    failed = {(r["modality"], r["variant"]) for r in report["results"] if not r["passed"]}
+    assert failed and {variant for _, variant in failed} <= {"int8", "fp16"} and "int8" in report["dropped"]
+    assert set(report["dropped"]) == {variant for _, variant in failed} and not report["passed"]
+    assert "the int8 variant is left out" in caplog.text
+    bundle = load_bundle(out)
+    assert bundle.variants("image") == bundle.variants("text") == tuple(report["variants"])
+    assert "int8" not in report["variants"] and "fp32" in report["variants"]
+    assert not any(".int8." in name for name in bundle.files)
+    assert "int8" in bundle.manifest["provenance"]["export"]["verification"]["dropped"]
+
+
+def test_strict_fails_the_whole_export_and_writes_nothing(trained, tmp_path):
     out = tmp_path / "bundle"
     with pytest.raises(VerificationError, match="int8") as info:
-        export_checkpoint(trained["checkpoint"], out, int8=True, verify_data=MANIFEST, verify_items=96, bit_floor=1.0)
-    report = info.value.report
-    failed = {(r["modality"], r["variant"]) for r in report["results"] if not r["passed"]}
-    assert failed and all(variant == "int8" for _, variant in failed)
+        export_checkpoint(trained["checkpoint"], out, int8=True, verify_data=MANIFEST, verify_items=96, bit_floor=1.0,
+                          strict=True)
+    assert not info.value.report["passed"] and "int8" in info.value.report["dropped"]
     assert not out.exists()
+    assert main(["export", str(trained["checkpoint"]), "--out", str(out), "--int8", "--verify-data", str(MANIFEST),
+                 "--verify-items", "96", "--bit-floor", "1.0", "--strict"]) == 1
+    assert not out.exists()
+
+
+def test_fp32_failing_is_always_fatal(trained, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(VerificationError, match="fp32") as info:  # no fp32 run is bit-exact to 0.0
+        export_checkpoint(trained["checkpoint"], out, fp16=True, verify_data=MANIFEST, verify_items=32,
+                          fp32_tolerance=0.0)
+    assert "fp32" in info.value.report["dropped"]
+    assert not out.exists()
+
+
+def test_keep_passing_drops_a_variant_from_every_modality():
+    def row(modality, variant, passed, ref_passed=True):
+        return {"modality": modality, "variant": variant, "backend": "onnxruntime", "items": 100, "bit_agreement": 0.95,
+                "max_abs_delta": 0.3, "criterion": "bit_agreement >= 0.97", "passed": passed and ref_passed,
+                "reference": {"items": 16, "bit_agreement": 0.9 if not ref_passed else 1.0, "passed": ref_passed}}
+
+    assert keep_passing([row("image", "fp32", True), row("text", "fp32", True)]) == {}
+    dropped = keep_passing([row("image", "int8", True), row("text", "int8", False), row("image", "fp16", True, False)])
+    assert set(dropped) == {"int8", "fp16"}
+    assert dropped["int8"].startswith("text int8 on onnxruntime") and "16 reference items" in dropped["fp16"]
 
 
 def test_damaged_verification_inputs_are_skipped_with_reasons(trained, tmp_path):
@@ -336,10 +443,10 @@ def test_cli_export_without_torch_names_the_extra(tmp_path):
 
 
 def test_tensorrt_precision_per_variant():
-    from cmhash.export.variants import tensorrt_precision
+    from cmhash.backends.tensorrt_backend import default_precision
 
-    assert tensorrt_precision("fp32") == "fp32"
-    assert tensorrt_precision("fp16") == tensorrt_precision("int8") == "model"  # typed by the file, TRT 10 and 11
+    assert default_precision("fp32") == "fp32"
+    assert default_precision("fp16") == default_precision("int8") == "model"  # typed by the file, TRT 10 and 11
 
 
 @pytest.mark.skipif("not __import__('cmhash.backends.tensorrt_backend', fromlist=['x']).tensorrt_available()[0]",

@@ -19,6 +19,7 @@ from .errors import (
     CodeFormatError,
     ImageDecodeError,
     IndexFileError,
+    ReferenceCheckError,
     TextInputError,
     UnsupportedInputError,
 )
@@ -45,4 +46,5 @@ __all__ = [
     "TextInputError",
     "UnsupportedInputError",
     "BackendUnavailableError",
+    "ReferenceCheckError",
 ]

@@ -54,21 +54,21 @@ def bench_bundle(
     threads: int | None = None,
 ) -> list[dict]:
     """One row per (modality, backend, variant, batch size); see the module docstring."""
-    from .bundle import ONNXRUNTIME_ONLY_VARIANTS, load_bundle
+    from .backends import backend_class, default_device
+    from .bundle import load_bundle
     from .encoder import Encoder
 
     bundle = load_bundle(path)
     rows = []
     for backend in backends:
-        dev = "cuda" if backend == "tensorrt" else device
+        dev = default_device(backend, device)
         for modality in modalities or bundle.modalities:
             for variant in variants or bundle.variants(modality):
                 if variant not in bundle.variants(modality):
                     continue
-                if backend == "tensorrt" and variant in ONNXRUNTIME_ONLY_VARIANTS:
+                if variant not in backend_class(backend).variants:
                     continue
-                options = {"threads": threads} if backend == "onnxruntime" else {}
-                with Encoder.load(path, backend=backend, device=dev, variant=variant, **options) as enc:
+                with Encoder.load(path, backend=backend, device=dev, variant=variant, threads=threads) as enc:
                     shape = tuple(bundle.modality(modality)["input"]["shape"][1:])
                     for batch in batch_sizes:
                         x = example_inputs(shape, batch, modality)

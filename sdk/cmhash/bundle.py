@@ -40,6 +40,16 @@ A variant takes and gives exactly what the main file does (float32 input and out
 the arithmetic inside differs. ``Encoder.load(path, variant="int8")`` picks one.
 ``int8-dynamic`` holds onnxruntime-only (com.microsoft) operators: CPU onnxruntime, not TensorRT.
 
+Reference inputs and codes (format 1.2; readers of 1.0 and 1.1 ignore them), for checking
+on the device that its backend reproduces what PyTorch gave (:mod:`cmhash.reference`)::
+
+    "reference": {"contract": {"bit_floor": 0.97, "fp32_tolerance": 0.0001, "fp32_bit_floor": 0.999},
+                  "modalities": {"image": {"file": "reference/image.npz", "items": 16},
+                                 "text": {"file": "reference/text.npz", "items": 16}}}
+
+Each ``.npz`` holds ``inputs`` (the model inputs, preprocessed) and ``outputs`` (PyTorch's
+tanh values); it is listed under ``files`` and checksummed like the models.
+
 ``output.values`` is ``"tanh"`` (continuous values in [-1, 1], signed at hashing) or
 ``"sign"`` (already ±1; no continuous output). A text modality without a vocabulary
 takes bag-of-words vectors only (e.g. MIRFlickr, whose tag words are not published).
@@ -69,13 +79,12 @@ from .errors import BundleChecksumError, BundleError, BundleNotFoundError, Bundl
 from .preprocess import ImagePreprocessor
 from .text import Vocabulary
 
-FORMAT_VERSION = "1.1"  # 1.1 added optional per-modality "variants"
+FORMAT_VERSION = "1.2"  # 1.1 added optional per-modality "variants", 1.2 the optional "reference"
 SUPPORTED_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text")
 OUTPUT_VALUES = ("tanh", "sign")
 VARIANTS = ("fp32", "fp16", "int8", "int8-dynamic")  # fp32 is the modality's own "file"
-ONNXRUNTIME_ONLY_VARIANTS = ("int8-dynamic",)  # com.microsoft ops, dynamic quantisation
 # Guards against zip bombs: a bundle holds a few models, not terabytes.
 MAX_BUNDLE_BYTES = 16 * 2**30
 MAX_BUNDLE_FILES = 1000
@@ -281,7 +290,28 @@ def validate_manifest(manifest: Any, source: str = "bundle") -> dict:
         fail("'label_names' must be a list of strings")
     if not isinstance(manifest.get("provenance", {}), dict):
         fail("'provenance' must be an object")
+    if "reference" in manifest:
+        _validate_reference(manifest["reference"], modalities, files, fail)
     return manifest
+
+
+def _validate_reference(reference: Any, modalities: dict, files: dict, fail) -> None:
+    if not isinstance(reference, dict) or not isinstance(reference.get("modalities"), dict):
+        fail("'reference' must be an object with 'contract' and 'modalities'")
+    contract = reference.get("contract")
+    if not isinstance(contract, dict) or not all(
+            isinstance(contract.get(k), (int, float)) and not isinstance(contract.get(k), bool)
+            for k in ("bit_floor", "fp32_tolerance", "fp32_bit_floor")):
+        fail("reference.contract must give bit_floor, fp32_tolerance and fp32_bit_floor as numbers")
+    if set(reference["modalities"]) != set(modalities):
+        fail(f"reference.modalities must cover the bundle's modalities {sorted(modalities)}, "
+             f"got {sorted(reference['modalities'])}")
+    for name, entry in reference["modalities"].items():
+        if not isinstance(entry, dict) or entry.get("file") not in files:
+            fail(f"reference.modalities.{name}.file is not listed in 'files'")
+        items = entry.get("items")
+        if not isinstance(items, int) or isinstance(items, bool) or items < 1:
+            fail(f"reference.modalities.{name}.items must be a positive int, got {items!r}")
 
 
 def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:

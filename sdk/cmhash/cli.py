@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .backends import BACKENDS, backends_for
+from .bundle import VARIANTS
 from .errors import CmhashError
 
 
@@ -206,6 +208,7 @@ def cmd_export(args) -> int:
             calibration_data=args.calibration_data,
             verify_items=args.verify_items,
             bit_floor=args.bit_floor,
+            strict=args.strict,
             overwrite=args.overwrite,
             archive=args.archive,
         )
@@ -228,6 +231,39 @@ def cmd_export(args) -> int:
         if not failed:
             print(f"bundle: {report['bundle']} ({sum(report['files'].values()) / 1e6:.1f} MB) in {report['seconds']:.1f} s")
     return 1 if failed else 0
+
+
+def cmd_verify(args) -> int:
+    """Exit 0 when the chosen variant reproduces the bundle's reference codes here, 1 when
+    it does not, 3 when the bundle carries no reference data to check with."""
+    from .reference import check_bundle
+
+    report = check_bundle(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
+                          bit_floor=args.bit_floor)
+    if report["checkable"] and args.variant not in report["variants"]:
+        raise CmhashError(f"{args.bundle} has no {args.variant} variant that {args.backend} runs "
+                          f"(checked: {', '.join(report['variants']) or 'none'}); pick another --variant or --backend")
+    chosen = report["variants"].get(args.variant)
+    report["chosen"] = {"variant": args.variant, "passed": chosen}
+    if args.json:
+        _print_json(report)
+    elif not report["checkable"]:
+        print(f"cmhash verify: cannot check: {report['reason']}", file=sys.stderr)
+    else:
+        contract = report["contract"]
+        print(f"{args.bundle}: reference codes recomputed on this machine ({report['device']}, backend {args.backend}; "
+              f"{', '.join(f'{n} {m}' for m, n in report['items'].items())} items; "
+              f"floor {contract['bit_floor']:g} of bits, fp32 {contract['fp32_bit_floor']:g})")
+        for r in report["results"]:
+            print(f"  {r['variant']:12} {r['modality']:5} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
+                  f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
+        for variant, why in report["skipped"].items():
+            print(f"  {variant:12} not checked: {why}")
+        passing = [v for v, ok in report["variants"].items() if ok]
+        print(f"{args.variant}: {'passes' if chosen else 'FAILS'} here; variants that pass: {', '.join(passing) or 'none'}")
+    if not report["checkable"]:
+        return 3
+    return 0 if chosen else 1
 
 
 def cmd_encode(args) -> int:
@@ -263,14 +299,9 @@ def cmd_bench(args) -> int:
     from .bundle import load_bundle
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    backends = ["onnxruntime"]
-    if args.tensorrt:
-        backends.append("tensorrt")
-    else:
-        from .backends.tensorrt_backend import tensorrt_available
-
-        if tensorrt_available()[0]:
-            backends.append("tensorrt")
+    backends = backends_for(available=True)  # every backend that runs here
+    if args.tensorrt and "tensorrt" not in backends:
+        backends.append("tensorrt")  # required: loading it then says what is missing
     common = dict(batch_sizes=batch_sizes, warmup=args.warmup, repeats=args.repeats)
     rows = []
     checkpoint = args.checkpoint
@@ -362,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
     export.add_argument("--verify-items", type=int, default=256, help="items to verify on (default 256)")
     export.add_argument("--bit-floor", type=float, default=0.97, help="fp16/int8 fail below this bit agreement (0.97)")
+    export.add_argument("--strict", action="store_true",
+                        help="fail the whole export when any variant fails verification (default: leave it out)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     export.add_argument("--archive", action="store_true", help="also write BUNDLE.zip")
     export.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -378,11 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--resume", action="store_true", help="continue a killed or finished job in --out")
     encode.add_argument("--chunk-size", type=int, default=1024, help="items per resumable part (default 1024)")
     encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8", "int8-dynamic"])
-    encode.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    encode.add_argument("--backend", default="auto", choices=BACKENDS)
     encode.add_argument("--device", default="cpu")
     encode.add_argument("--threads", type=int, help="onnxruntime threads")
     encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
     encode.set_defaults(func=cmd_encode)
+
+    verify = sub.add_parser("verify", help="recompute a bundle's reference codes on this machine, per variant")
+    verify.add_argument("bundle")
+    verify.add_argument("--variant", default="fp32", choices=VARIANTS, help="the variant whose failure exits 1 (fp32)")
+    verify.add_argument("--backend", default="auto", choices=BACKENDS)
+    verify.add_argument("--device", default="cpu")
+    verify.add_argument("--threads", type=int, help="onnxruntime threads")
+    verify.add_argument("--bit-floor", type=float, help="override the bundle's floor for reduced-precision variants")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")
     bench.add_argument("bundle")

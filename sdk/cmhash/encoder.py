@@ -24,6 +24,7 @@ from .bundle import Bundle, load_bundle
 from .codes import pack_codes
 from .errors import CodeFormatError, TextInputError, UnsupportedInputError
 from .preprocess import DEFAULT_MAX_PIXELS
+from .reference import require_agreement
 from .text import check_bow
 
 
@@ -42,6 +43,7 @@ class Encoder:
         )
         self.vocabulary = bundle.vocabulary() if "text" in bundle.modalities else None
         self.text_dim = bundle.modality("text")["input"]["shape"][1] if "text" in bundle.modalities else None
+        self.verification: dict | None = None  # what Encoder.load(..., verify=True) found
 
     @classmethod
     def load(
@@ -53,12 +55,13 @@ class Encoder:
         *,
         variant: str = "fp32",
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        verify: bool = False,
         **backend_options,
     ) -> "Encoder":
         """Load and verify a bundle and make a backend for each of its models.
 
         Args:
-            path: a bundle directory or its zip archive.
+            path: a bundle directory or its zip archive (or a loaded :class:`Bundle`).
             backend: ``"auto"`` (TensorRT on a GPU where it runs, else onnxruntime),
                 ``"onnxruntime"`` or ``"tensorrt"``.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"``.
@@ -69,9 +72,14 @@ class Encoder:
                 reduced-precision variant is built as a strongly typed network
                 (``precision="model"``) unless ``precision`` is given.
             max_image_pixels: refuse larger images (decompression-bomb guard).
+            verify: run the bundle's reference inputs through the loaded models and
+                raise :class:`ReferenceCheckError` (naming the variants that do pass here)
+                when their codes disagree with PyTorch's beyond the bundle's contract; a
+                bundle without reference data loads with a warning saying so. The outcome
+                is kept in :attr:`verification`.
             backend_options: TensorRT's ``precision``, ``cache_dir``, ``max_batch``.
         """
-        bundle = load_bundle(path)
+        bundle = path if isinstance(path, Bundle) else load_bundle(path)
         backends: dict[str, Backend] = {}
         try:
             for modality in bundle.modalities:
@@ -88,7 +96,11 @@ class Encoder:
                     backend, bundle.model_bytes(modality, variant), model_spec, device=device, threads=threads,
                     variant=variant, **backend_options,
                 )
-            return cls(bundle, backends, max_image_pixels, variant)
+            encoder = cls(bundle, backends, max_image_pixels, variant)
+            if verify:
+                encoder.verification = require_agreement(bundle, backends, variant, backend=backend, device=device,
+                                                         threads=threads, **backend_options)
+            return encoder
         except BaseException:
             for made in backends.values():
                 made.close()

@@ -89,6 +89,17 @@ class BackendUnavailableError(CmhashError, RuntimeError):
     """An inference backend or device that is not installed or not present on this machine."""
 
 
+class ReferenceCheckError(CmhashError, RuntimeError):
+    """A bundle's models that, on this machine and backend, do not reproduce the reference
+    codes stored at export (``Encoder.load(..., verify=True)``, ``cmhash verify``).
+
+    ``report`` holds the figures per modality and variant, and ``passing_variants``."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
 class ExportError(CmhashError, RuntimeError):
     """An export that cannot be done: an unreadable checkpoint, a tower that does not export
     to a valid ONNX graph, no real inputs to verify or calibrate with, a missing extra."""

@@ -1,72 +1,70 @@
 """Inference backends: run one exported tower (ONNX) on a batch and return its outputs.
 
-Two implementations behind one small interface (:class:`Backend`):
+The registry below lists every backend, in the order ``"auto"`` prefers them. Each is one
+module holding a :class:`Backend` subclass that declares its capabilities (name, devices,
+the bundle variants it runs, its options, an availability check); the encoder, the
+command line, the benchmark and the export all ask this registry, never a backend by name.
 
-- ``"onnxruntime"`` (:mod:`.onnxruntime_backend`): CPU everywhere, CUDA where the
-  ``onnxruntime-gpu`` build and a GPU are present.
 - ``"tensorrt"`` (:mod:`.tensorrt_backend`): TensorRT 10+ engines built from the ONNX file on
   first use and cached; needs the ``tensorrt`` and ``cuda-python`` packages and a GPU.
+- ``"onnxruntime"`` (:mod:`.onnxruntime_backend`): CPU everywhere, CUDA where the
+  ``onnxruntime-gpu`` build and a GPU are present.
 
-``"auto"`` takes TensorRT when the device is a GPU and TensorRT can run there, else
-onnxruntime. Heavy imports happen here only when a backend is made, never at
-``import cmhash``.
+``"auto"`` takes the first backend that runs the variant on the device and is available
+here. Heavy imports (onnxruntime, tensorrt) happen only when a backend is made or checked,
+never at ``import cmhash``.
+
+Adding a backend: write ``<name>_backend.py`` with a :class:`Backend` subclass and add the
+class to :data:`REGISTRY`.
 """
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass
-
-import numpy as np
-
-from ..bundle import ONNXRUNTIME_ONLY_VARIANTS
 from ..errors import BackendUnavailableError
+from ..bundle import VARIANTS
+from .base import Backend, ModelSpec, parse_device
+from .onnxruntime_backend import OnnxRuntimeBackend
+from .tensorrt_backend import TensorRTBackend
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+REGISTRY: dict[str, type[Backend]] = {cls.name: cls for cls in (TensorRTBackend, OnnxRuntimeBackend)}
+BACKENDS = ("auto", *REGISTRY)  # what a user may ask for
+DEVICE_WORDS = {"cpu": "the CPU ('cpu')", "cuda": "a GPU ('cuda')"}
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the manifest promises about one model: the one input and the output we read."""
-
-    what: str  # for messages, e.g. "image model image.onnx"
-    input_name: str
-    input_shape: tuple  # ("batch", 3, 224, 224)
-    output_name: str
-    bits: int
+__all__ = ["REGISTRY", "BACKENDS", "Backend", "ModelSpec", "backend_class", "backends_for", "create_backend",
+           "default_device", "gpu_available", "parse_device"]
 
 
-class Backend(abc.ABC):
-    """Runs one model. ``run`` takes float32 (N, ...) matching the input spec and returns
-    float32 (N, bits)."""
-
-    name: str = ""
-
-    @abc.abstractmethod
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
-
-    def close(self) -> None:
-        """Free what the backend holds (sessions, GPU memory)."""
+def backend_class(name: str) -> type[Backend]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}") from None
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' -> ('cpu', 0); 'cuda' -> ('cuda', 0); 'cuda:1' -> ('cuda', 1); 'auto' kept."""
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'cpu', 'cuda', 'cuda:1' or 'auto', got {device!r}")
-    if device in ("cpu", "auto"):
-        return device, 0
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:<index>' or 'auto'")
+def backends_for(variant: str = "fp32", device: str | None = None, *, available: bool = False) -> list[str]:
+    """Names of the backends that run ``variant`` (on ``device``'s kind, when given), in
+    preference order; with ``available``, only those that can run here now."""
+    kind = None if device is None else parse_device(device)[0]
+    names = []
+    for name, cls in REGISTRY.items():
+        if variant not in cls.variants or (kind not in (None, "auto") and kind not in cls.devices):
+            continue
+        if available and not cls.available(device if kind not in (None, "auto") else cls.devices[0])[0]:
+            continue
+        names.append(name)
+    return names
+
+
+def default_device(name: str, requested: str = "cpu") -> str:
+    """``requested`` when backend ``name`` runs there, else its preferred device (a GPU
+    backend benchmarked beside a CPU one)."""
+    cls = backend_class(name)
+    return requested if parse_device(requested)[0] in (*cls.devices, "auto") else cls.devices[0]
 
 
 def gpu_available() -> bool:
-    """A CUDA GPU that onnxruntime or TensorRT could use is present."""
-    from .onnxruntime_backend import cuda_provider_available
-    from .tensorrt_backend import tensorrt_available
-
-    return cuda_provider_available() or tensorrt_available()[0]
+    """A CUDA GPU that some backend could use is present."""
+    return any(cls.available("cuda")[0] for cls in REGISTRY.values() if "cuda" in cls.devices)
 
 
 def create_backend(
@@ -82,45 +80,38 @@ def create_backend(
     """Make a backend for one model.
 
     Args:
-        kind: ``"auto"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        kind: ``"auto"`` or a name in :data:`REGISTRY` (``"onnxruntime"``, ``"tensorrt"``).
         model: the ONNX file's bytes (verified by the bundle loader).
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
         threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
         variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``,
-            ``"int8-dynamic"``: onnxruntime only, also with ``kind="auto"``). A reduced
-            precision file carries its own types (fp16 casts, Q/DQ), so TensorRT builds it
-            strongly typed (``precision="model"``) unless told otherwise.
-        options: backend-specific (TensorRT: ``precision``, ``cache_dir``, ``max_batch``).
+            ``"int8-dynamic"``); ``"auto"`` takes a backend that runs it.
+        options: backend-specific (each backend's ``options``; TensorRT: ``precision``,
+            ``cache_dir``, ``max_batch``).
     """
-    if kind not in BACKENDS:
-        raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if kind != "auto":
+        backend_class(kind)  # an unknown name: the error lists the registry
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     device_kind, device_index = parse_device(device)
     if device_kind == "auto":
         device_kind = "cuda" if gpu_available() else "cpu"
     if kind == "auto":
-        from .tensorrt_backend import tensorrt_available
-
-        usable = device_kind == "cuda" and variant not in ONNXRUNTIME_ONLY_VARIANTS
-        kind = "tensorrt" if usable and tensorrt_available()[0] else "onnxruntime"
-    if kind == "tensorrt":
-        if device_kind != "cuda":
-            raise BackendUnavailableError("the TensorRT backend runs on a GPU; pass device='cuda'")
-        from .tensorrt_backend import TensorRTBackend
-
-        if variant in ONNXRUNTIME_ONLY_VARIANTS:
-            raise BackendUnavailableError(
-                "the int8-dynamic variant runs on onnxruntime only (onnxruntime operators, dynamic "
-                "quantisation); TensorRT takes the QDQ 'int8' variant")
-        if variant != "fp32":
-            options.setdefault("precision", "model")
-        return TensorRTBackend(model, spec, device_index=device_index, **options)
-    if options:
-        raise TypeError(f"onnxruntime takes no options {sorted(options)}")
-    from .onnxruntime_backend import OnnxRuntimeBackend
-
-    # onnxruntime 1.32's NCHWc layout pass crashes (SIGSEGV) on some float16 graphs with convolutions;
-    # float16 on a CPU gains nothing from it anyway.
-    disabled = ["NchwcTransformer"] if variant == "fp16" else []
-    return OnnxRuntimeBackend(model, spec, device=device_kind, device_index=device_index, threads=threads,
-                              disabled_optimizers=disabled)
+        usable = backends_for(variant, device_kind, available=True)
+        kind = usable[0] if usable else "onnxruntime"  # onnxruntime then says what is missing
+    cls = REGISTRY[kind]
+    if device_kind not in cls.devices:
+        raise BackendUnavailableError(
+            f"the {kind} backend runs on {' or '.join(DEVICE_WORDS[d] for d in cls.devices)}, not on "
+            f"{DEVICE_WORDS[device_kind]}; pass device='{cls.devices[0]}' or another backend "
+            f"({', '.join(backends_for(variant, device_kind)) or 'none'})")
+    if variant not in cls.variants:
+        raise BackendUnavailableError(
+            f"the {variant} variant does not run on {kind} (it runs on "
+            f"{', '.join(backends_for(variant)) or 'no backend'}); {kind} takes {', '.join(cls.variants)}")
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        raise TypeError(f"{kind} takes no options {unknown}" + (f" (it takes {list(cls.options)})" if cls.options else ""))
+    return cls.create(model, spec, device=device_kind, device_index=device_index, threads=threads, variant=variant,
+                      **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
-from . import Backend, ModelSpec
+from .base import Backend, ModelSpec
 
 
 def _onnxruntime():
@@ -29,6 +29,25 @@ def cuda_provider_available() -> bool:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    devices = ("cpu", "cuda")
+    install_hint = "pip install onnxruntime (or onnxruntime-gpu for CUDA)"
+
+    @classmethod
+    def available(cls, device: str = "cpu") -> tuple[bool, str]:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            return False, f"onnxruntime does not import ({exc}); {cls.install_hint}"
+        if device.startswith("cuda") and not cuda_provider_available():
+            return False, "this onnxruntime has no CUDA provider; pip install onnxruntime-gpu"
+        return True, f"onnxruntime {onnxruntime.__version__}"
+
+    @classmethod
+    def create(cls, model, spec, *, device, device_index, threads, variant, **options):
+        # onnxruntime 1.32's NCHWc layout pass crashes (SIGSEGV) on some float16 graphs with
+        # convolutions; float16 on a CPU gains nothing from it anyway.
+        disabled = ["NchwcTransformer"] if variant == "fp16" else []
+        return cls(model, spec, device=device, device_index=device_index, threads=threads, disabled_optimizers=disabled)
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
-from . import Backend, ModelSpec
+from .base import Backend, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "model")
 DEFAULT_MAX_BATCH = 64
@@ -62,6 +62,13 @@ def tensorrt_available() -> tuple[bool, str]:
     if int(err) != 0 or count == 0:
         return False, "no CUDA GPU is present"
     return True, trt.__version__
+
+
+def default_precision(variant: str) -> str:
+    """The precision a bundle variant is built in: fp32 as is; the fp16 and int8 files carry
+    their own types (fp16 casts, explicit Q/DQ), so they are built strongly typed, which
+    TensorRT 10 and 11 both support (11 has no FP16/INT8 builder flags)."""
+    return "fp32" if variant == "fp32" else "model"
 
 
 def builder_settings(trt_major: int, precision: str) -> dict:
@@ -137,6 +144,22 @@ class _Cuda:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    devices = ("cuda",)
+    # int8-dynamic holds onnxruntime (com.microsoft) operators and dynamic quantisation,
+    # which TensorRT does not read; the QDQ "int8" is TensorRT's.
+    variants = ("fp32", "fp16", "int8")
+    options = ("precision", "cache_dir", "max_batch")
+    exact_fp32 = False  # TensorRT may run fp32 layers in TF32: bits are its fp32 contract
+    install_hint = "pip install tensorrt cuda-python (and a CUDA GPU)"
+
+    @classmethod
+    def available(cls, device: str = "cuda") -> tuple[bool, str]:
+        return tensorrt_available()
+
+    @classmethod
+    def create(cls, model, spec, *, device, device_index, threads, variant, **options):
+        options.setdefault("precision", default_precision(variant))
+        return cls(model, spec, device_index=device_index, **options)
 
     def __init__(
         self,
