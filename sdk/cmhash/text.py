@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._files import atomic_write
+from .files import atomic_write
 from .errors import TextInputError, UnsupportedInputError, VocabularyError
 
 RULES_VERSION = 1
