@@ -15,7 +15,7 @@ from cmhash.backends import ModelSpec, create_backend
 from cmhash.bundle import ONNXRUNTIME_ONLY_VARIANTS, image_modality, load_bundle, pack_archive, text_modality, write_bundle
 from cmhash.errors import BackendUnavailableError, ExportError, VerificationError
 
-from .loading import Trained, load_trained
+from .loading import Trained
 from .onnx_export import IMAGE_INPUT, OPSET, OUTPUT_NAME, TEXT_INPUT, export_tower
 from .variants import quantize_int8, quantize_int8_dynamic, tensorrt_precision, to_fp16
 from .verify import (
@@ -100,7 +100,7 @@ def export_checkpoint(
     if not 0.0 < bit_floor <= 1.0:
         raise ValueError(f"bit_floor must be in (0, 1], got {bit_floor}")
 
-    trained = load_trained(checkpoint)
+    trained = Trained.load(checkpoint)
     method = trained.method
     pre, vocabulary = trained.image_preprocessor(), trained.vocabulary()
     label_names = list(trained.meta.get("label_names") or [])
