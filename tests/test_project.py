@@ -113,3 +113,24 @@ def test_plain_wheel_works_without_source_tree_or_torch(plain_wheel_python, tmp_
     assert listed.returncode == 0 and COMMANDS <= set(re.findall(r"^    (\w+) ", listed.stdout, re.M)), listed.stdout
     train = subprocess.run([cmhash, "train", "egath/demo"], capture_output=True, text=True, cwd=tmp_path)
     assert train.returncode == 2 and 'pip install "cmhash-sdk[train]"' in train.stderr, train.stderr
+
+
+def test_renamed_public_names_keep_their_old_names_for_one_release():
+    import cmhash._files
+    import cmhash.files
+
+    assert cmhash._files.atomic_write is cmhash.files.atomic_write
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    import cmhash.training.methods.hfah
+    from cmhash.training.methods import tegah
+
+    sys.modules.pop("cmhash.training.models", None)  # its warning fires on import
+    with pytest.warns(DeprecationWarning, match="cmhash.training.methods"):
+        import cmhash.training.models.hfah
+    assert cmhash.training.models.hfah is cmhash.training.methods.hfah  # the same classes, one registry
+    assert tegah.Tegah is tegah.TEGAH and tegah.TegahConfig is tegah.TEGAHConfig
+    from cmhash.training import run
+
+    with pytest.warns(DeprecationWarning, match="load_config"):
+        assert run.load_config(run.resolve_config("egath/nuswide10-16")).model.bits == 16

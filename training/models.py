@@ -15,4 +15,5 @@ warnings.warn("cmhash.training.models is now cmhash.training.methods; the old na
               DeprecationWarning, stacklevel=2)
 
 for _module in pkgutil.iter_modules(methods.__path__):
-    sys.modules[f"{__name__}.{_module.name}"] = importlib.import_module(f"{methods.__name__}.{_module.name}")
+    globals()[_module.name] = sys.modules[f"{__name__}.{_module.name}"] = importlib.import_module(
+        f"{methods.__name__}.{_module.name}")
