@@ -229,10 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmhash {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    # commands of the layers above, each beside its code (see the module docstring)
-    for name, add in sorted(registered_commands().items()):
-        add(sub)
-
     index = sub.add_parser("index", help="build or inspect a HashIndex file")
     isub = index.add_subparsers(dest="index_cmd", required=True)
     build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
@@ -281,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the JSON record here")
     bench.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     bench.set_defaults(func=cmd_bench)
+
+    # commands of the layers above, each defined beside its code (see the module docstring)
+    for name, add in sorted(registered_commands().items()):
+        if name in sub.choices:
+            print(f"cmhash: warning: a registered command {name!r} is ignored: cmhash has its own", file=sys.stderr)
+            continue
+        add(sub)
     return parser
 
 
