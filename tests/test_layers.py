@@ -74,9 +74,9 @@ def _resolve(module: str, is_package: bool, level: int, target: str | None) -> s
 def imports_of(module: str, source: str, is_package: bool, file: str = "<string>") -> list[Edge]:
     """Every import in ``source`` (anywhere in the file), as edges to absolute names.
 
-    ``from package import name`` gives ``package.name`` when that is a module, else
-    ``package.name`` too (an attribute): the layer is that of ``package`` either way, and the
-    private-name rule reads the last part.
+    ``from package import name`` gives the edge ``package.name``, whether ``name`` is a
+    submodule or an attribute: its layer is the package's either way, and the private-name
+    rule reads every part of it.
     """
     edges = []
     for node in ast.walk(ast.parse(source)):
@@ -111,7 +111,7 @@ def forbidden(edges: list[Edge]) -> list[str]:
             continue
         if LAYERS.index(target) > LAYERS.index(source):
             problems.append(f"{edge}: {source} imports {target}, a layer above it")
-        elif source != "runtime" and target == "runtime" and _private(edge.target):
+        elif source not in ("native", "runtime") and target in ("native", "runtime") and _private(edge.target):
             problems.append(f"{edge}: {source} uses a private name of the runtime (make it public or keep it inside)")
     return problems
 
@@ -209,6 +209,7 @@ def test_runtime_importing_training_and_private_names_are_forbidden():
     assert forbidden([Edge("export/api.py", 1, "cmhash.export.api", "cmhash.bundle._helper")])
     assert not forbidden([Edge("export/api.py", 1, "cmhash.export.api", "cmhash.__version__")])
     assert not forbidden([Edge("sdk/cmhash/index.py", 1, "cmhash.index", "cmhash._hamming")])
+    assert forbidden([Edge("training/run.py", 1, "cmhash.training.run", "cmhash._hamming")])
     assert not forbidden([Edge("export/api.py", 1, "cmhash.export.api", "cmhash.training.run.load_trained")])
 
 
