@@ -14,7 +14,7 @@ import numpy as np
 from cmhash import Encoder, HashIndex
 from cmhash.export import export_checkpoint
 from cmhash.training.data import captions
-from cmhash.training.run import load_config, prepare_data, resolve_config, train
+from cmhash.training.run import load_config, prepare_data, train
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     out = Path(args.out)
 
     # 1. train the shipped demo config (generated coloured shapes with captions), briefly
-    config = load_config(resolve_config("egath/demo"),
+    config = load_config("egath/demo",
                          [f"train.out_dir={out / 'run'}", f"train.epochs={args.epochs}", "train.eval_every=0"])
     result = train(config)
     print(f"trained: mAP I->T {result.best['map_i2t']:.3f}, T->I {result.best['map_t2i']:.3f}")

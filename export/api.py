@@ -33,7 +33,7 @@ from cmhash.reference import (
     reference_file,
 )
 
-from .loading import Trained, load_trained
+from .loading import Trained
 from .onnx_export import IMAGE_INPUT, OPSET, OUTPUT_NAME, TEXT_INPUT, export_tower
 from .variants import quantize_int8, quantize_int8_dynamic, to_fp16
 from .verify import (
@@ -116,7 +116,7 @@ def export_checkpoint(
     contract = Contract(bit_floor, fp32_tolerance, fp32_bit_floor)
     backends = verification_backends(tensorrt, tensorrt_cache_dir)
 
-    trained = load_trained(checkpoint)
+    trained = Trained.load(checkpoint)
     inputs = _real_inputs(verify_data, trained, verify_items)
     _complete(inputs, trained, verify_items)
     _check_input_shapes(inputs, trained.image_preprocessor(), trained.text_dim)

@@ -10,7 +10,7 @@ import torch
 
 from cmhash.bench import DEFAULT_BATCH_SIZES, example_inputs, summarize, time_calls
 
-from .loading import load_trained
+from .loading import Trained
 
 
 def bench_checkpoint(
@@ -23,7 +23,7 @@ def bench_checkpoint(
     device: str = "cpu",
     threads: int | None = None,
 ) -> list[dict]:
-    trained = load_trained(checkpoint)
+    trained = Trained.load(checkpoint)
     if threads is not None:
         torch.set_num_threads(threads)
     towers = {"image": trained.method.image_tower(), "text": trained.method.text_tower()}

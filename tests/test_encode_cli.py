@@ -179,7 +179,7 @@ def test_shards_partition_the_collection(bundle, folder, tmp_path):
 # the real temporary file of the real atomic write, killed before the rename.
 KILLED_RUN = """
 import os, signal, sys
-from cmhash import _files, offline
+from cmhash import files, offline
 from cmhash.cli import main
 
 parts = []
@@ -188,10 +188,10 @@ def atomic_write(path, data):
     if path.name.startswith("part-"):
         parts.append(path)
         if len(parts) == 4:
-            with _files.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 tmp.write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
-    return _files.atomic_write(path, data)
+    return files.atomic_write(path, data)
 
 offline.atomic_write = atomic_write
 sys.exit(main(["encode", sys.argv[1], sys.argv[2], "--out", sys.argv[3], "--chunk-size", "6", "--batch-size", "4",

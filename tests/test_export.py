@@ -58,7 +58,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-epoch checkpoint of ``toy`` on real photos and tags, and its datasets."""
-    from cmhash.training.config import load_config
+    from cmhash.training.run import load_config
     from cmhash.training.data import CrossModalDataset, build_transform, load_mirflickr_mini, make_split, preprocess_config
     from cmhash.training.method import DatasetInfo
     from cmhash.training.trainer import Trainer, build_method

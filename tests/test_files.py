@@ -1,11 +1,11 @@
-"""cmhash._files: the atomic write every saved file goes through (index, bundle archive,
+"""cmhash.files: the atomic write every saved file goes through (index, bundle archive,
 vocabulary, encode parts, training metrics and feature caches)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cmhash._files import atomic_path, atomic_write
+from cmhash.files import atomic_path, atomic_write
 
 
 def test_atomic_write_replaces_the_file_from_bytes_or_chunks(tmp_path):

@@ -1,14 +1,20 @@
-"""The project's own promises: README and CI agree, a plain wheel works without the
-source tree and without torch."""
+"""The project's own promises: README and CI agree, docs/cli.md documents every command,
+commands register from their own layer, a plain wheel works without the source tree and
+without torch."""
 
+import argparse
 import re
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from cmhash.cli import build_parser, registered_commands
+
 ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = {"demo", "train", "eval", "export", "encode", "index", "search", "bench"}
 
 
 def readme_commands() -> list[str]:
@@ -27,6 +33,54 @@ def test_readme_opens_with_demo_and_test_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci = (ROOT / ".ci" / "run").read_text()
     assert readme_commands()[1] in ci.splitlines()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_commands_of_training_and_export_register_from_their_own_packages():
+    commands = registered_commands()
+    assert {"demo", "train", "eval", "export"} <= set(commands)
+    for name in ("train", "eval"):
+        assert commands[name].__module__ == "cmhash.training.cli"
+    for name in ("demo", "export"):
+        assert commands[name].__module__ == "cmhash.export.cli"
+    assert COMMANDS <= set(_subcommands(build_parser()))
+
+
+def test_docs_cli_documents_every_command_and_option():
+    text = (ROOT / "docs" / "cli.md").read_text()
+    sections = dict(re.findall(r"^## `cmhash (\S+)`\n(.*?)(?=^## |\Z)", text, re.M | re.S))
+    for name, parser in _subcommands(build_parser()).items():
+        assert name in sections, f"docs/cli.md has no section '## `cmhash {name}`'"
+        nested = [parser, *(_subcommands(parser).values() if any(isinstance(a, argparse._SubParsersAction)
+                                                                 for a in parser._actions) else [])]
+        for sub in nested:
+            for action in sub._actions:
+                for option in action.option_strings:
+                    if option not in ("-h", "--help"):  # described, not only in the usage line
+                        assert f"`{option}" in sections[name], f"docs/cli.md: `cmhash {name}` does not describe {option}"
+
+
+def test_help_lists_every_command_without_importing_torch():
+    script = ("import sys\nfrom cmhash.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "heavy = sorted(m for m in ('torch', 'onnx', 'open_clip') if m in sys.modules)\nprint('heavy', heavy)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "heavy []" in out.stdout
+    listed = set(re.findall(r"^    (\w+) ", out.stdout, re.M))
+    assert COMMANDS <= listed, out.stdout
+
+
+@pytest.mark.parametrize("argv, extra", [(["train", "egath/demo"], "train"), (["eval", "runs/x"], "train"),
+                                         (["demo"], "train"), (["export", "ckpt", "--out", "b"], "export")])
+def test_a_command_without_its_extra_names_the_extra_in_one_line(argv, extra, tmp_path):
+    script = f"import sys; sys.modules['torch'] = None; from cmhash.cli import main; sys.exit(main({argv!r}))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and f'pip install "cmhash-sdk[{extra}]"' in out.stderr, out.stderr
 
 
 @pytest.mark.slow
@@ -53,3 +107,30 @@ def test_plain_wheel_works_without_source_tree_or_torch(plain_wheel_python, tmp_
     out = subprocess.run([plain_wheel_python, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+    # the wheel's cmhash command lists the commands of every layer, and names the extra they need
+    cmhash = Path(plain_wheel_python).parent / "cmhash"
+    listed = subprocess.run([cmhash, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert listed.returncode == 0 and COMMANDS <= set(re.findall(r"^    (\w+) ", listed.stdout, re.M)), listed.stdout
+    train = subprocess.run([cmhash, "train", "egath/demo"], capture_output=True, text=True, cwd=tmp_path)
+    assert train.returncode == 2 and 'pip install "cmhash-sdk[train]"' in train.stderr, train.stderr
+
+
+def test_renamed_public_names_keep_their_old_names_for_one_release():
+    import cmhash._files
+    import cmhash.files
+
+    assert cmhash._files.atomic_write is cmhash.files.atomic_write
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    import cmhash.training.methods.hfah
+    from cmhash.training.methods import tegah
+
+    sys.modules.pop("cmhash.training.models", None)  # its warning fires on import
+    with pytest.warns(DeprecationWarning, match="cmhash.training.methods"):
+        import cmhash.training.models.hfah
+    assert cmhash.training.models.hfah is cmhash.training.methods.hfah  # the same classes, one registry
+    assert tegah.Tegah is tegah.TEGAH and tegah.TegahConfig is tegah.TEGAHConfig
+    from cmhash.training import run
+
+    with pytest.warns(DeprecationWarning, match="load_config"):
+        assert run.load_config(run.resolve_config("egath/nuswide10-16")).model.bits == 16

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cmhash._files import fsync
+from cmhash.files import fsync
 from cmhash.errors import CmhashError
 
 FORMAT = "cmhash-checkpoint"

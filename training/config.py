@@ -1,5 +1,10 @@
 """Run configuration: one YAML file plus ``key=value`` overrides, validated before training.
 
+This module is the bottom of training's core (config, then method, then trainer): it knows
+the sections and how to check them, not which methods exist. The one call that needs a
+method's own ``Config`` class, :func:`parse_config`, is handed the lookup by its caller
+(:func:`cmhash.training.run.load_config` passes the method registry's).
+
 Sections of a run config (top level)::
 
     method: egath            # a registered method name (see cmhash.training.method.list_methods)
@@ -20,9 +25,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
+
+from cmhash import codes
 
 from .errors import ConfigError
 
@@ -30,11 +37,8 @@ SECTIONS = ("method", "data", "model", "train", "eval")
 
 
 def check_bits(bits: Any, where: str = "bits") -> int:
-    """Code lengths are positive multiples of 8: codes are packed 8 bits per byte."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0 or bits % 8:
-        raise ConfigError(f"{where} must be a positive multiple of 8 (codes are packed 8 bits per byte; "
-                          f"the papers use 16, 32, 64), got {bits!r}")
-    return bits
+    """The runtime's code-length rule (:func:`cmhash.codes.check_bits`), failing as a ConfigError."""
+    return codes.check_bits(bits, where, ConfigError)
 
 
 # --------------------------------------------------------------------------- dataclasses <-> dicts
@@ -248,10 +252,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
-def build_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a raw config mapping (e.g. parsed YAML) into a RunConfig."""
-    from .method import get_method  # method.py imports this module
+def parse_config(raw: Mapping[str, Any], method_config: Callable[[str], type[MethodConfig]]) -> RunConfig:
+    """Validate a raw config mapping (e.g. parsed YAML) into a RunConfig.
 
+    ``method_config(name)`` returns the ``Config`` dataclass of the method called ``name``
+    (raising ValueError for an unknown name); it builds the ``model`` section.
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a run config must be a mapping with sections {', '.join(SECTIONS)}, got {raw!r}")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -261,7 +267,7 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
     if not isinstance(name, str):
         raise ConfigError(f"'method' must name a training method, got {name!r}")
     try:
-        method_cls = get_method(name)
+        model_cls = method_config(name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     data = raw.get("data") or {}
@@ -269,15 +275,15 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"'data' must be a mapping, got {data!r}")
     return RunConfig(
         method=name,
-        model=method_cls.Config.from_dict(raw.get("model")),
+        model=model_cls.from_dict(raw.get("model")),
         data=dict(data),
         train=from_mapping(TrainConfig, raw.get("train"), "train"),
         eval=from_mapping(EvalConfig, raw.get("eval"), "eval"),
     )
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config (or start from an empty one), apply overrides, validate."""
+def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML run config file (or an empty one) as a mapping, with ``overrides`` applied."""
     raw: Any = {}
     if path is not None:
         path = Path(path)
@@ -289,4 +295,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
-    return build_config(apply_overrides(raw, overrides))
+    return apply_overrides(raw, overrides)

@@ -44,3 +44,20 @@ class MissingImagesError(CmhashError, FileNotFoundError):
             parts.append(f"{len(self.unreadable)} of {total} image files cannot be read as images: {shown}{more}")
         parts.append("Put the images in place (or point image_root at them) before training.")
         super().__init__(". ".join(parts))
+
+
+class NonFiniteLossError(CmhashError, FloatingPointError):
+    """A loss (or loss term) became NaN or infinite; training stops before the optimiser step.
+
+    ``epoch``, ``step`` (within the epoch) and ``global_step`` count from 1, like the logs;
+    ``where`` names the backward step (``ctx.backward_step(name=...)``) or "epoch mean".
+    """
+
+    def __init__(self, term: str, value: float, where: str, epoch: int, step: int, global_step: int, rank: int = 0) -> None:
+        self.term, self.value, self.where = term, value, where
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        super().__init__(
+            f"loss term {term!r} of {where} is {value} at epoch {epoch}, step {step} (global step {global_step}"
+            f"{f', rank {rank}' if rank else ''}); training stopped. The 'last' checkpoint holds the last "
+            "good epoch: lower the learning rate, check the inputs, or disable amp"
+        )

@@ -37,40 +37,41 @@ fp16 GradScaler, averages the gradients over processes in a torchrun job and ste
 given optimisers. A method with an alternating schedule (HFAH: label, text, image,
 discriminator steps) simply calls it once per sub-step with that sub-step's optimisers.
 
-Built-in methods live in ``cmhash.training.models.<name>`` and register themselves with
+Built-in methods live in ``cmhash.training.methods.<name>`` and register themselves with
 ``@register_method("<name>")``; :func:`get_method` imports that module on first use.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import importlib.util
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cmhash.text import Vocabulary
 
+from . import distributed
 from .config import MethodConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import StepContext
+from .errors import NonFiniteLossError
 
 __all__ = [
     "Batch",
     "DatasetInfo",
     "HashingMethod",
     "MethodConfig",
+    "StepContext",
     "get_method",
     "list_methods",
     "register_method",
 ]
 
-BUILTIN_PACKAGE = "cmhash.training.models"
+BUILTIN_PACKAGE = "cmhash.training.methods"
 
 
 class Batch(NamedTuple):
@@ -105,6 +106,98 @@ class DatasetInfo:
             raise ValueError(f"DatasetInfo has {len(self.label_names)} label names for {self.n_labels} labels")
         if self.vocabulary is not None and Vocabulary.from_dict(self.vocabulary).dim != self.text_dim:
             raise ValueError(f"DatasetInfo's vocabulary does not have text_dim={self.text_dim} terms")
+
+
+class StepContext:
+    """What a method's hooks get from the trainer: device, precision, collectives, counters."""
+
+    def __init__(self, device: torch.device, env: distributed.DistEnv, amp_dtype: torch.dtype | None) -> None:
+        self.device = device
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.amp_dtype = amp_dtype  # None: full precision
+        # fp16 needs loss scaling; bf16 has float32's range and does not.
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.epoch = 0
+        self.step = 0  # within the epoch
+        self.global_step = 0
+        self._train_batches: Callable[[], Iterator[Batch]] | None = None
+        self._sync_sample_buffers: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision around forward passes when ``train.amp`` is on (CUDA); otherwise a no-op."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def backward_step(
+        self,
+        loss: torch.Tensor,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        name: str = "loss",
+        terms: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Clear the optimisers' gradients, backpropagate ``loss``, average gradients over
+        processes and step the optimisers.
+
+        Raises :class:`NonFiniteLossError` (on every process at once) before any weight
+        changes when ``loss`` or one of the named ``terms`` is not finite; the error names
+        the first such term, else ``name``.
+        """
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        self._check_finite(name, {**(terms or {}), name: loss})
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.world_size > 1:
+            params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+            distributed.average_gradients(params, self.world_size)
+        for opt in optimizers:
+            if self.scaler is not None:
+                self.scaler.step(opt)  # skips the step when fp16 gradients overflowed
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def _check_finite(self, where: str, values: Mapping[str, torch.Tensor]) -> None:
+        names = list(values)  # the named terms first: they say more than the total
+        stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+        bad = (~torch.isfinite(stacked)).float()
+        if self.world_size > 1:  # all processes must stop together, or the others hang
+            distributed.all_reduce_(bad, "max")
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise NonFiniteLossError(
+                names[i], float(stacked[i]), f"backward step {where!r}",
+                self.epoch + 1, self.step + 1, self.global_step + 1, self.rank,
+            )
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce over processes ('sum', 'mean', 'max', 'min'); a no-op in one process."""
+        if self.world_size > 1:
+            distributed.all_reduce_(tensor, op)
+        return tensor
+
+    def sync_sample_buffers(self) -> None:
+        """Make row i of every ``method.sample_buffers()`` tensor the row written by the process
+        that processed sample i (in this epoch, or in ``on_fit_start``'s pass).
+
+        The trainer does this itself after ``on_fit_start`` and before ``on_epoch_end``; call it
+        inside a hook only when all rows are needed earlier. A no-op in one process.
+        """
+        self._sync_sample_buffers()
+
+    def train_batches(self) -> Iterator[Batch]:
+        """One pass over this process's shard of the training set (only inside ``on_fit_start``)."""
+        if self._train_batches is None:
+            raise RuntimeError("ctx.train_batches() is only available inside on_fit_start")
+        return self._train_batches()
 
 
 class HashingMethod(abc.ABC):
@@ -236,7 +329,7 @@ def register_method(name: str) -> Callable[[type[HashingMethod]], type[HashingMe
 
 
 def _builtin_names() -> list[str]:
-    """Module names under cmhash.training.models (not imported)."""
+    """Module names under cmhash.training.methods (not imported)."""
     try:
         spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     except ModuleNotFoundError:

@@ -1,9 +1,14 @@
 """From a run config to a trained model and back: the one path every method and the CLI use.
 
-``train(config)`` prepares the data the config's ``data`` section describes, builds the method
-and runs the :class:`~cmhash.training.trainer.Trainer`. ``load_trained(checkpoint)`` rebuilds
-a trained method from a checkpoint directory alone (for evaluation and export), and
-``evaluate`` scores it on any data.
+``load_config(name_or_path, overrides)`` reads a run config (a YAML file or a shipped config
+such as ``egath/mirflickr25k-64``), ``train(config)`` prepares the data the config's ``data``
+section describes, builds the method and runs the :class:`~cmhash.training.trainer.Trainer`.
+``load_trained(checkpoint)`` rebuilds a trained method from a checkpoint directory alone (for
+evaluation and export), and ``evaluate`` scores it on any data.
+
+Shipped configs live in ``configs/<method>/<name>.yaml``, one per method and dataset. A name
+may end in ``-<bits>``: ``egath/mirflickr25k-16`` is ``egath/mirflickr25k`` with
+``model.bits=16`` and ``-16`` appended to its ``train.out_dir``.
 
 The ``data`` section holds a source's loader options (see :func:`cmhash.training.data.load_data`)
 plus these keys of its own::
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -30,12 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cmhash._files import atomic_path
+from cmhash.files import atomic_path
 from cmhash.metrics import retrieval_metrics
 from cmhash.text import Vocabulary
 
 from . import checkpoint as ckpt_io
-from .config import RunConfig, build_config, load_config
+from .config import RunConfig, apply_overrides, parse_config, read_config
 from .data import CrossModalData, CrossModalDataset, Split, build_transform, load_data, make_split
 from .errors import ConfigError
 from .method import DatasetInfo, HashingMethod, get_method
@@ -43,8 +50,8 @@ from .trainer import FitResult, Trainer, build_method, encode_dataset
 
 log = logging.getLogger("cmhash.training")
 
-__all__ = ["Prepared", "RowTensors", "prepare_data", "train", "load_trained", "evaluate", "demo",
-           "resolve_config", "load_config", "CONFIG_DIR", "DATA_KEYS"]
+__all__ = ["Prepared", "RowTensors", "prepare_data", "train", "load_trained", "evaluate", "encode_both",
+           "load_config", "build_config", "list_configs", "CONFIG_DIR", "DATA_KEYS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: <method>/<name>.yaml
 
@@ -88,16 +95,54 @@ def _preprocessed_images(data: CrossModalData, rows: np.ndarray, transform: Call
     return RowTensors(torch.stack(list(_image_rows(data, rows, transform))), rows)
 
 
-def resolve_config(name: str | Path) -> Path:
-    """A config file path, or a shipped config named like ``egath/demo`` (see ``CONFIG_DIR``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / (str(name).removesuffix(".yaml") + ".yaml")
-    if shipped.is_file():
-        return shipped
-    available = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.glob("*/*.yaml"))
-    raise ConfigError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {', '.join(available)}")
+def list_configs() -> list[str]:
+    """The shipped config names (``egath/demo``, ``egath/mirflickr25k``, ...); each also
+    takes a ``-<bits>`` suffix."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("*/*.yaml"))
+
+
+def _shipped(name: str) -> tuple[Path, int | None]:
+    """The file of a shipped config name, and the bits its ``-<bits>`` suffix asks for."""
+    name = name.removesuffix(".yaml")
+    if (CONFIG_DIR / f"{name}.yaml").is_file():
+        return CONFIG_DIR / f"{name}.yaml", None
+    match = re.fullmatch(r"(.+)-(\d+)", name)
+    if match and (CONFIG_DIR / f"{match[1]}.yaml").is_file():
+        return CONFIG_DIR / f"{match[1]}.yaml", int(match[2])
+    raise ConfigError(f"config {name!r} is neither a file nor a shipped config; shipped: {', '.join(list_configs())} "
+                      "(each also as <name>-<bits>, e.g. egath/mirflickr25k-16)")
+
+
+def build_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw config mapping (e.g. parsed YAML) into a RunConfig of a registered method."""
+    return parse_config(raw, lambda name: get_method(name).Config)
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A validated run config from a YAML file, a shipped config name (see the module
+    docstring) or nothing (an empty config), with ``section.key=value`` overrides applied last."""
+    if source is None or Path(source).is_file():
+        return build_config(read_config(source, overrides))
+    try:
+        path, bits = _shipped(str(source))
+    except ConfigError:
+        if Path(source).suffix in (".yaml", ".yml"):
+            raise ConfigError(f"config file {str(source)!r} does not exist") from None
+        raise
+    raw = read_config(path)
+    if bits is not None:
+        out_dir = (raw.get("train") or {}).get("out_dir")
+        raw = apply_overrides(raw, [f"model.bits={bits}", *([f"train.out_dir={out_dir}-{bits}"] if out_dir else [])])
+    return build_config(apply_overrides(raw, overrides))
+
+
+def resolve_config(name: str | Path) -> str | Path:
+    """Deprecated, kept for one release: :func:`load_config` takes shipped names itself.
+    Checks that ``name`` is a file or a shipped config and returns it unchanged."""
+    warnings.warn("resolve_config is no longer needed: give the name to load_config", DeprecationWarning, stacklevel=2)
+    if not Path(name).is_file():
+        _shipped(str(name))
+    return name
 
 
 def _split_sizes(spec: Any, n: int) -> Any:
@@ -228,7 +273,7 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, HashingMethod, ckpt
     """
     path = Path(checkpoint)
     if not ckpt_io.exists(path) and ckpt_io.exists(path / "best"):
-        path = path / "best"
+        path = path / "best"  # a run's out_dir means its best checkpoint
     ckpt = ckpt_io.read_checkpoint(path)
     meta = ckpt.meta
     raw = dict(meta["config"])
@@ -300,11 +345,13 @@ def evaluate(checkpoint: str | Path, query: Mapping[str, Any] | None = None, dat
         if query_set.data.num_labels != database_set.data.num_labels:
             raise ConfigError(f"query data has {query_set.data.num_labels} labels, database data "
                               f"{database_set.data.num_labels}: relevance needs the same label set")
-    codes = _encode_both(method, query_set, database_set, batch_size)
+    codes = encode_both(method, query_set, database_set, batch_size)
     return {"bits": config.model.bits, **retrieval_summary(*codes, precision_k=precision_k, map_k=map_k)}
 
 
-def _encode_both(method: HashingMethod, query_set: Dataset, database_set: Dataset, batch_size: int):
+def encode_both(method: HashingMethod, query_set: Dataset, database_set: Dataset, batch_size: int = 256):
+    """Packed image and text codes and labels of the query set, then of the database set,
+    with the method's towers as they are (on their device, in their mode)."""
     device = next(method.image_tower().parameters()).device
     q_img, q_txt, q_lab = encode_dataset(method, query_set, device, batch_size, what="query")
     d_img, d_txt, d_lab = encode_dataset(method, database_set, device, batch_size, what="database")
@@ -320,83 +367,3 @@ def retrieval_summary(q_img, q_txt, q_lab, d_img, d_txt, d_lab, precision_k: Seq
         out[name] = {"map": float(result["map"][map_k]), "tie_aware_map": float(result["tie_aware_map"]),
                      **{f"precision@{k}": float(v) for k, v in result["precision"].items()}}
     return out
-
-
-DEMO_CONFIG = "egath/demo"
-
-
-def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """``cmhash demo``: train the shipped EGATH demo config on the generated shapes, then
-    score and search with the trained towers. Returns mAPs, random-code mAP and an example."""
-    import tempfile
-    import time
-
-    from cmhash import HashIndex
-    from cmhash.metrics import mean_average_precision
-
-    from .data import captions
-
-    with tempfile.TemporaryDirectory(prefix="cmhash-demo-") as tmp:
-        out = Path(out_dir) if out_dir is not None else Path(tmp)
-        config = load_config(resolve_config(DEMO_CONFIG), [f"train.out_dir={out}", f"train.progress={progress}", *overrides])
-        prepared = prepare_data(config)
-        method = build_method(config, prepared.info)
-        started = time.perf_counter()
-        result = Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
-        train_seconds = time.perf_counter() - started
-        # the trainer's evaluation after the last epoch: the towers' query-vs-database mAPs
-        i2t, t2i = result.last["map_i2t"], result.last["map_t2i"]
-        split, texts = prepared.split, captions(prepared.data)
-        q_lab, d_lab = prepared.data.labels[split.query], prepared.data.labels[split.database]
-        rng = np.random.default_rng(0)
-        width = config.model.bits // 8
-        random_map = mean_average_precision(rng.integers(0, 256, (len(q_lab), width), dtype=np.uint8),
-                                            rng.integers(0, 256, (len(d_lab), width), dtype=np.uint8), q_lab, d_lab)
-        if _export_available():  # search as an application would: the SDK's codes of raw inputs
-            deployed = _demo_deployed(out, prepared, texts)
-            d_img, q_txt = deployed.pop("database_image_codes"), deployed.pop("query_text_codes")
-        else:
-            deployed = None
-            for module in method.modules().values():
-                module.eval()
-            _, q_txt, _, d_img, _, _ = _encode_both(method, prepared.query, prepared.database, 500)
-
-    index = HashIndex(config.model.bits)
-    index.add(d_img)
-    distances, ids = index.search(q_txt[:1], 5)
-    example = {"query": texts[int(split.query[0])],
-               "captions": [texts[int(split.database[i])] for i in ids[0]],
-               "distances": [int(d) for d in distances[0]]}
-    return {"method": config.method, "bits": config.model.bits, "epochs": config.train.epochs,
-            "n_train": len(prepared.train), "n_query": len(q_lab), "n_database": len(d_lab),
-            "i2t": round(float(i2t), 4), "t2i": round(float(t2i), 4), "random": round(float(random_map), 4),
-            "train_seconds": round(train_seconds, 1), "example": example, "deployed": deployed,
-            "checkpoint": str(out / "best") if out_dir is not None else None,
-            "bundle": str(out / "bundle") if out_dir is not None and deployed is not None else None}
-
-
-def _export_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-
-
-def _demo_deployed(out: Path, prepared: Prepared, texts: list[str]) -> dict[str, Any]:
-    """Export the best checkpoint to a bundle, then hash the raw query captions and the
-    database images with the SDK's Encoder (numpy + onnxruntime, no torch) and score them."""
-    from cmhash import Encoder
-    from cmhash.export import export_checkpoint
-    from cmhash.metrics import mean_average_precision
-
-    report = export_checkpoint(out / "best", out / "bundle", overwrite=True)
-    encoder = Encoder.load(out / "bundle")
-    data, split = prepared.data, prepared.split
-    query_texts = encoder.hash_texts([texts[i] for i in split.query])
-    query_images = encoder.hash_images(data.images.load(int(i)) for i in split.query)
-    database_images = encoder.hash_images(data.images.load(int(i)) for i in split.database)
-    database_texts = encoder.hash_texts([texts[i] for i in split.database])
-    q_lab, d_lab = data.labels[split.query], data.labels[split.database]
-    return {"i2t": round(float(mean_average_precision(query_images, database_texts, q_lab, d_lab)), 4),
-            "t2i": round(float(mean_average_precision(query_texts, database_images, q_lab, d_lab)), 4),
-            "bits_equal_to_pytorch": {r["modality"]: round(float(r["bit_agreement"]), 6) for r in report["results"]},
-            "database_image_codes": database_images, "query_text_codes": query_texts}

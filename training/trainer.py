@@ -26,7 +26,6 @@ when tensorboard is installed).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -39,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,36 +47,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cmhash
-from cmhash._files import atomic_write
-from cmhash.errors import CmhashError
+from cmhash.files import atomic_write
 from cmhash.metrics import mean_average_precision
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import ConfigError, RunConfig
-from .method import Batch, DatasetInfo, HashingMethod, get_method
+from .config import RunConfig
+from .errors import ConfigError, NonFiniteLossError
+from .method import Batch, DatasetInfo, HashingMethod, StepContext, get_method
 
 log = logging.getLogger("cmhash.training")
 
 # Purposes mixed into derived seeds, so that no two random streams coincide.
 _SHUFFLE, _STEP, _LOADER, _FIT_START = 1, 2, 3, 4
-
-
-class NonFiniteLossError(CmhashError, FloatingPointError):
-    """A loss (or loss term) became NaN or infinite; training stops before the optimiser step.
-
-    ``epoch``, ``step`` (within the epoch) and ``global_step`` count from 1, like the logs;
-    ``where`` names the backward step (``ctx.backward_step(name=...)``) or "epoch mean".
-    """
-
-    def __init__(self, term: str, value: float, where: str, epoch: int, step: int, global_step: int, rank: int = 0) -> None:
-        self.term, self.value, self.where = term, value, where
-        self.epoch, self.step, self.global_step = epoch, step, global_step
-        super().__init__(
-            f"loss term {term!r} of {where} is {value} at epoch {epoch}, step {step} (global step {global_step}"
-            f"{f', rank {rank}' if rank else ''}); training stopped. The 'last' checkpoint holds the last "
-            "good epoch: lower the learning rate, check the inputs, or disable amp"
-        )
 
 
 # --------------------------------------------------------------------------- seeding
@@ -98,101 +80,6 @@ def build_method(config: RunConfig, info: DatasetInfo) -> HashingMethod:
     """Seed with ``train.seed`` and build the configured method (the same weights on every run)."""
     seed_everything(config.train.seed)
     return get_method(config.method)(config.model, info)
-
-
-# --------------------------------------------------------------------------- step context
-
-
-class StepContext:
-    """What a method's hooks get from the trainer: device, precision, collectives, counters."""
-
-    def __init__(self, device: torch.device, env: distributed.DistEnv, amp_dtype: torch.dtype | None) -> None:
-        self.device = device
-        self.rank = env.rank
-        self.world_size = env.world_size
-        self.amp_dtype = amp_dtype  # None: full precision
-        # fp16 needs loss scaling; bf16 has float32's range and does not.
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        self.epoch = 0
-        self.step = 0  # within the epoch
-        self.global_step = 0
-        self._train_batches: Callable[[], Iterator[Batch]] | None = None
-        self._sync_sample_buffers: Callable[[], None] = lambda: None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision around forward passes when ``train.amp`` is on (CUDA); otherwise a no-op."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def backward_step(
-        self,
-        loss: torch.Tensor,
-        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-        name: str = "loss",
-        terms: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Clear the optimisers' gradients, backpropagate ``loss``, average gradients over
-        processes and step the optimisers.
-
-        Raises :class:`NonFiniteLossError` (on every process at once) before any weight
-        changes when ``loss`` or one of the named ``terms`` is not finite; the error names
-        the first such term, else ``name``.
-        """
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
-        self._check_finite(name, {**(terms or {}), name: loss})
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.world_size > 1:
-            params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-            distributed.average_gradients(params, self.world_size)
-        for opt in optimizers:
-            if self.scaler is not None:
-                self.scaler.step(opt)  # skips the step when fp16 gradients overflowed
-            else:
-                opt.step()
-        if self.scaler is not None:
-            self.scaler.update()
-
-    def _check_finite(self, where: str, values: Mapping[str, torch.Tensor]) -> None:
-        names = list(values)  # the named terms first: they say more than the total
-        stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
-        bad = (~torch.isfinite(stacked)).float()
-        if self.world_size > 1:  # all processes must stop together, or the others hang
-            distributed.all_reduce_(bad, "max")
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise NonFiniteLossError(
-                names[i], float(stacked[i]), f"backward step {where!r}",
-                self.epoch + 1, self.step + 1, self.global_step + 1, self.rank,
-            )
-
-    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce over processes ('sum', 'mean', 'max', 'min'); a no-op in one process."""
-        if self.world_size > 1:
-            distributed.all_reduce_(tensor, op)
-        return tensor
-
-    def sync_sample_buffers(self) -> None:
-        """Make row i of every ``method.sample_buffers()`` tensor the row written by the process
-        that processed sample i (in this epoch, or in ``on_fit_start``'s pass).
-
-        The trainer does this itself after ``on_fit_start`` and before ``on_epoch_end``; call it
-        inside a hook only when all rows are needed earlier. A no-op in one process.
-        """
-        self._sync_sample_buffers()
-
-    def train_batches(self) -> Iterator[Batch]:
-        """One pass over this process's shard of the training set (only inside ``on_fit_start``)."""
-        if self._train_batches is None:
-            raise RuntimeError("ctx.train_batches() is only available inside on_fit_start")
-        return self._train_batches()
 
 
 # --------------------------------------------------------------------------- trainer

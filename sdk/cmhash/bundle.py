@@ -73,9 +73,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from ._files import atomic_path, fsync, temp_dir_beside
 from ._version import __version__
+from .codes import check_bits
 from .errors import BundleChecksumError, BundleError, BundleNotFoundError, BundleVersionError
+from .files import atomic_path, fsync, temp_dir_beside
 from .preprocess import ImagePreprocessor
 from .text import Vocabulary
 
@@ -268,8 +269,7 @@ def validate_manifest(manifest: Any, source: str = "bundle") -> dict:
     if not isinstance(manifest.get("method"), str) or not manifest["method"]:
         fail("'method' must be a non-empty string (e.g. 'egath')")
     bits = manifest.get("bits")
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0 or bits % 8:
-        fail(f"'bits' must be a positive multiple of 8, got {bits!r}")
+    check_bits(bits, f"{source}: manifest.json: 'bits'", BundleError)
     files = manifest.get("files")
     if not isinstance(files, dict):
         fail("'files' must map each file name to its sha256")

@@ -1,15 +1,38 @@
 """The ``cmhash`` command line: one entry point, a subcommand per library call.
 
 ``main(argv)`` takes its arguments as a list, so tests call it directly.
+
+Where commands come from. The runtime's own commands (encode, index, search, bench) are
+defined here. Commands that run training or export code (train, eval, demo, export) are
+defined beside that code, in ``cmhash.training.cli`` and ``cmhash.export.cli``, and declared
+in the ``cmhash.commands`` entry-point group of pyproject.toml::
+
+    [project.entry-points."cmhash.commands"]
+    train = "cmhash.training.cli:add_train"
+
+This module finds them with ``importlib.metadata`` and never names them, so the runtime
+imports no layer above it (tests/test_layers.py holds that), and any installed package can
+add a command the same way. An entry point names a function ``add(subparsers)`` that adds
+one subparser, called as the entry point, whose ``func`` default runs the command and
+returns the exit status. Those modules import only the runtime at import time, so
+``cmhash --help`` lists every command even without the extras; the command itself says
+which extra to install (:func:`require_extra`).
+
+The ``cmhash.bench_baselines`` group works alike for ``cmhash bench --checkpoint``: each
+entry names a function ``(checkpoint, *, batch_sizes, warmup, repeats, threads) -> rows``
+that times the checkpoint's own towers (the PyTorch eager baseline, from cmhash.export).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -18,9 +41,30 @@ from .backends import BACKENDS, backends_for
 from .bundle import VARIANTS
 from .errors import CmhashError
 
+COMMAND_GROUP = "cmhash.commands"
+BASELINE_GROUP = "cmhash.bench_baselines"
 
-def _print_json(obj) -> None:
+
+def print_json(obj) -> None:
+    """A command's result on stdout as one JSON object (``--json``)."""
     print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def setup_logging(quiet: bool) -> None:
+    """Progress messages on stderr (INFO), or warnings only when ``quiet``."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise a one-line :class:`CmhashError` that names the pip extra to install when one of
+    ``modules`` (import names) is missing; a command calls it before importing its code."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        what = missing[0] if len(missing) == 1 else f"{missing[0]} and {len(missing) - 1} more"
+        raise CmhashError(f"{what} not installed; this command needs the {extra} extra: "
+                          f'pip install "cmhash-sdk[{extra}]"')
 
 
 def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -37,109 +81,6 @@ def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return np.load(p, allow_pickle=False), None
 
 
-def _training():
-    """cmhash.training.run, or a clear error when the training extra is not installed."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise CmhashError("this command trains or runs PyTorch models and needs the training extra: "
-                          "pip install 'cmhash-sdk[train]'") from None
-    import warnings
-
-    # open_clip scripts a helper at import; torch 2.14 warns about that on every run
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
-    from cmhash.training import run
-
-    return run
-
-
-def _data_spec(text: str) -> dict:
-    """--query / --database: a manifest (.jsonl/.csv) or a YAML file holding a data section."""
-    path = Path(text)
-    if path.suffix in (".jsonl", ".csv"):
-        return {"source": "manifest", "path": str(path)}
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise CmhashError(f"{text}: cannot read a data section from it ({exc})") from None
-        if not isinstance(spec, dict) or "source" not in spec:
-            raise CmhashError(f"{text}: a data file must be a mapping with a 'source' key (like a config's data section)")
-        return spec
-    raise CmhashError(f"{text}: give a manifest (.jsonl, .csv) or a YAML data section (.yaml)")
-
-
-def _setup_logging(quiet: bool) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-
-
-def cmd_train(args) -> int:
-    run = _training()
-    _setup_logging(args.json)
-    config = run.load_config(run.resolve_config(args.config), args.overrides)
-    result = run.train(config)
-    summary = {"out_dir": str(result.out_dir), "best": result.best,
-               "last": {k: v for k, v in result.last.items() if k.startswith(("epoch", "map_"))}}
-    if args.json:
-        _print_json(summary)
-    else:
-        best = result.best or {}
-        print(f"trained {config.method} for {config.train.epochs} epochs; checkpoints in {result.out_dir}/best and /last")
-        if best:
-            print(f"best epoch {best['epoch']}: I->T mAP {best['map_i2t']:.4f}, T->I mAP {best['map_t2i']:.4f}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    run = _training()
-    if (args.query is None) != (args.database is None):
-        raise CmhashError("give both --query and --database, or neither (the training run's own split)")
-    query = _data_spec(args.query) if args.query else None
-    database = _data_spec(args.database) if args.database else None
-    result = run.evaluate(args.checkpoint, query=query, database=database)
-    if args.json:
-        _print_json(result)
-        return 0
-    print(f"{args.checkpoint}: {result['n_query']} queries against {result['n_database']} items, {result['bits']} bits")
-    for name, title in (("i2t", "I->T"), ("t2i", "T->I")):
-        r = result[name]
-        extra = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "map")
-        print(f"  {title} mAP {r['map']:.4f}  {extra}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    run = _training()
-    _setup_logging(True)
-    result = run.demo(args.out, progress=not args.json)
-    if args.json:
-        _print_json(result)
-        return 0
-    print(f"cmhash demo: EGATH ({result['bits']} bits, tiny CLIP ResNet from scratch) trained for "
-          f"{result['epochs']} epochs on {result['n_train']} generated images of coloured shapes with captions, "
-          f"in {result['train_seconds']:.0f} s.\n{result['n_query']} queries against {result['n_database']} items:\n")
-    print(f"  I->T mAP@all   {result['i2t']:.4f}   (image finds captions)")
-    print(f"  T->I mAP@all   {result['t2i']:.4f}   (caption finds images)")
-    print(f"  random codes   {result['random']:.4f}")
-    deployed = result.get("deployed")
-    if deployed:
-        print(f"\n  through the exported bundle (onnxruntime, raw captions and PIL images, no torch):"
-              f"\n  I->T mAP@all   {deployed['i2t']:.4f}\n  T->I mAP@all   {deployed['t2i']:.4f}")
-    hit = result["example"]
-    print(f"\nquery caption: \"{hit['query']}\"\nits 5 nearest images (Hamming distance: their captions):")
-    for d, caption in zip(hit["distances"], hit["captions"]):
-        print(f"  {d:3d}: {caption}")
-    if result.get("checkpoint"):
-        print(f"\ncheckpoint: {result['checkpoint']}")
-    if result.get("bundle"):
-        print(f"bundle: {result['bundle']}  (cmhash.Encoder.load(...).hash(image))")
-    return 0
-
-
 def cmd_index(args) -> int:
     from .index import HashIndex
 
@@ -153,7 +94,7 @@ def cmd_index(args) -> int:
         index = HashIndex.load(args.index, mmap=True)
         info = {"path": args.index, "count": len(index), "bits": index.bits}
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         print(f"{info['path']}: {info['count']} codes of {info['bits']} bits")
     return 0
@@ -168,69 +109,12 @@ def cmd_search(args) -> int:
     dist, ids = index.search(queries, args.k)
     seconds = time.perf_counter() - t0
     if args.json:
-        _print_json({"distances": dist.tolist(), "ids": ids.tolist(), "seconds": seconds})
+        print_json({"distances": dist.tolist(), "ids": ids.tolist(), "seconds": seconds})
         return 0
     for qi in range(len(ids)):
         print(f"query {qi}: " + ", ".join(f"{i} ({d})" for i, d in zip(ids[qi], dist[qi]) if i >= 0))
     print(f"{len(ids)} queries, k={args.k}, {seconds * 1e3:.2f} ms", file=sys.stderr)
     return 0
-
-
-EXPORT_HINT = 'this needs the export extra (torch, onnx): pip install "cmhash-sdk[export]"'
-
-
-def _require_export():
-    """cmhash.export, or a clear message naming the extra when torch or onnx is missing."""
-    missing = []
-    for name in ("torch", "onnx"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise CmhashError(f"{' and '.join(missing)} not installed; {EXPORT_HINT}")
-    import cmhash.export
-
-    return cmhash.export
-
-
-def cmd_export(args) -> int:
-    export = _require_export()
-    try:
-        report = export.export_checkpoint(
-            args.checkpoint,
-            args.out,
-            fp16=args.fp16,
-            int8=args.int8,
-            int8_dynamic=args.int8_dynamic,
-            tensorrt=args.tensorrt,
-            verify_data=args.verify_data,
-            calibration_data=args.calibration_data,
-            verify_items=args.verify_items,
-            bit_floor=args.bit_floor,
-            strict=args.strict,
-            overwrite=args.overwrite,
-            archive=args.archive,
-        )
-        failed = False
-    except export.VerificationError as exc:
-        report, failed = exc.report, True
-        print(f"cmhash export: error: {exc}", file=sys.stderr)
-    if args.json:
-        _print_json(report)
-    else:
-        print(f"{'FAILED' if failed else 'exported'} {report['method']} ({report['bits']} bits) from {report['checkpoint']}")
-        inputs = report["inputs"]
-        print(f"verified on {inputs['image_items']} images and {inputs['text_items']} texts of {inputs['source']}"
-              + (f" ({inputs['skipped']} unreadable, skipped)" if inputs["skipped"] else ""))
-        for r in report["results"]:
-            print(f"  {r['modality']:5} {r['variant']:12} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
-                  f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
-        for variant, m in report.get("map", {}).items():
-            print(f"  mAP {variant:12} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
-        if not failed:
-            print(f"bundle: {report['bundle']} ({sum(report['files'].values()) / 1e6:.1f} MB) in {report['seconds']:.1f} s")
-    return 1 if failed else 0
 
 
 def cmd_verify(args) -> int:
@@ -246,7 +130,7 @@ def cmd_verify(args) -> int:
     chosen = report["variants"].get(args.variant)
     report["chosen"] = {"variant": args.variant, "passed": chosen}
     if args.json:
-        _print_json(report)
+        print_json(report)
     elif not report["checkable"]:
         print(f"cmhash verify: cannot check: {report['reason']}", file=sys.stderr)
     else:
@@ -286,7 +170,7 @@ def cmd_encode(args) -> int:
         progress=None if args.json else Progress(),
     )
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"{summary['encoded']} of {summary['items']} items encoded into {summary['codes']}; "
               f"{summary['errors']} unreadable (listed in {summary['errors_file']}); "
@@ -310,17 +194,13 @@ def cmd_bench(args) -> int:
         checkpoint = saved if saved and Path(saved).exists() else None
     baseline = "no checkpoint given" if checkpoint is None else None
     if checkpoint is not None:
-        try:
-            _require_export()
-        except CmhashError as exc:
-            baseline = str(exc)
-        else:
-            from cmhash.export.bench import bench_checkpoint
-
+        measures = _entry_points(BASELINE_GROUP)
+        baseline = None if measures else "no checkpoint baseline installed (it comes with cmhash.export)"
+        for name, measure in measures.items():
             try:
-                rows += bench_checkpoint(checkpoint, threads=args.threads, **common)
-            except CmhashError as exc:
-                baseline = str(exc)
+                rows += measure(checkpoint, threads=args.threads, **common)
+            except (CmhashError, ImportError) as exc:
+                baseline = f"{name}: {exc}"
     rows += bench_bundle(args.bundle, backends=backends, threads=args.threads, **common)
     add_speedups(rows)
     import platform
@@ -332,7 +212,7 @@ def cmd_bench(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
-        _print_json(record)
+        print_json(record)
     else:
         print(format_table(rows))
         if baseline:
@@ -340,79 +220,78 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _entry_points(group: str) -> dict[str, Callable]:
+    """The objects the installed packages register in ``group``, by entry-point name. One
+    that cannot be imported becomes a function raising a CmhashError that says why."""
+    found: dict[str, Callable] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        try:
+            found[ep.name] = ep.load()
+        except ImportError as exc:
+            found[ep.name] = _unloadable(ep, exc)
+    return found
+
+
+def _unloadable(ep: importlib.metadata.EntryPoint, exc: ImportError) -> Callable:
+    message = f"cannot load {ep.value}: {exc}"
+
+    def fail(*args, **kwargs):
+        raise CmhashError(message)
+
+    if ep.group != COMMAND_GROUP:
+        return fail
+
+    def add(sub) -> None:  # still listed by --help; running it says why it cannot run
+        parser = sub.add_parser(ep.name, help=f"(unavailable: {message})")
+        parser.add_argument("args", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=fail)
+
+    return add
+
+
+def registered_commands() -> dict[str, Callable]:
+    """The ``add(subparsers)`` functions of the commands other layers register (``cmhash.commands``)."""
+    return _entry_points(COMMAND_GROUP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmhash", description="Cross-modal deep hashing toolkit.")
     parser.add_argument("--version", action="version", version=f"cmhash {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="train a small EGATH on generated data, evaluate it, search with it")
-    demo.add_argument("--out", help="keep the run (checkpoints, metrics) in this folder")
-    demo.add_argument("--json", action="store_true", help="print one JSON object")
-    demo.set_defaults(func=cmd_demo)
-
-    train = sub.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("config", help="a YAML file, or a shipped config such as egath/demo or egath/mirflickr25k-64")
-    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3 model.bits=32")
-    train.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    train.set_defaults(func=cmd_train)
-
-    evaluate = sub.add_parser("eval", help="I->T and T->I metrics of a trained checkpoint")
-    evaluate.add_argument("checkpoint", help="a checkpoint folder (run/best, run/last) or a run folder")
-    evaluate.add_argument("--query", help="query data: a manifest (.jsonl/.csv) or a YAML data section")
-    evaluate.add_argument("--database", help="database data, the same forms as --query")
-    evaluate.add_argument("--json", action="store_true")
-    evaluate.set_defaults(func=cmd_eval)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = sub.add_parser("index", help="build or inspect a HashIndex file")
     isub = index.add_subparsers(dest="index_cmd", required=True)
     build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
-    build.add_argument("codes")
-    build.add_argument("--out", required=True)
-    build.add_argument("--json", action="store_true")
+    build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids') as cmhash encode writes")
+    build.add_argument("--out", required=True, help="the index file to write")
+    build.add_argument("--json", action="store_true", help="print one JSON object")
     info = isub.add_parser("info", help="count and bit length of an index file")
-    info.add_argument("index")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="k nearest codes of each query in an index")
-    search.add_argument("index")
+    search.add_argument("index", help="an index file")
     search.add_argument("queries", help=".npy of packed uint8 codes or .npz with 'codes'")
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--json", action="store_true")
+    search.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("--json", action="store_true", help="print distances, ids and seconds as JSON")
     search.set_defaults(func=cmd_search)
 
-    export = sub.add_parser("export", help="export a checkpoint to a verified bundle (needs cmhash-sdk[export])")
-    export.add_argument("checkpoint", help="a checkpoint directory written by training (e.g. runs/x/best)")
-    export.add_argument("--out", required=True, help="the bundle directory to write")
-    export.add_argument("--fp16", action="store_true", help="also export float16 towers")
-    export.add_argument("--int8", action="store_true", help="also export int8 (QDQ) towers, calibrated on real inputs")
-    export.add_argument("--int8-dynamic", action="store_true",
-                        help="also export fused, dynamically quantised int8 towers (onnxruntime on CPU only)")
-    export.add_argument("--tensorrt", action="store_true", help="build and verify TensorRT engines on this GPU")
-    export.add_argument("--verify-data", help="folder of images, image list or manifest to verify on (default: the training data)")
-    export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
-    export.add_argument("--verify-items", type=int, default=256, help="items to verify on (default 256)")
-    export.add_argument("--bit-floor", type=float, default=0.97, help="fp16/int8 fail below this bit agreement (0.97)")
-    export.add_argument("--strict", action="store_true",
-                        help="fail the whole export when any variant fails verification (default: leave it out)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    export.add_argument("--archive", action="store_true", help="also write BUNDLE.zip")
-    export.add_argument("--json", action="store_true", help="print the report as JSON")
-    export.set_defaults(func=cmd_export)
-
     encode = sub.add_parser("encode", help="hash a folder, file list or manifest into codes + ids (resumable)")
-    encode.add_argument("bundle")
+    encode.add_argument("bundle", help="a bundle folder or archive written by cmhash export")
     encode.add_argument("input", help="folder, file list (one path or text per line) or manifest (.jsonl/.csv)")
     encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json)")
     encode.add_argument("--modality", choices=["image", "text"], help="default: image when the bundle has it")
-    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--batch-size", type=int, default=32, help="items per model call (default 32)")
     encode.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
     encode.add_argument("--shard", default="0/1", help="i/N: encode every N-th item from the i-th (default 0/1)")
     encode.add_argument("--resume", action="store_true", help="continue a killed or finished job in --out")
     encode.add_argument("--chunk-size", type=int, default=1024, help="items per resumable part (default 1024)")
-    encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8", "int8-dynamic"])
-    encode.add_argument("--backend", default="auto", choices=BACKENDS)
-    encode.add_argument("--device", default="cpu")
+    encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8", "int8-dynamic"],
+                        help="which of the bundle's models to run (default fp32)")
+    encode.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="inference backend (default auto)")
+    encode.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     encode.add_argument("--threads", type=int, help="onnxruntime threads")
     encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
     encode.set_defaults(func=cmd_encode)
@@ -428,16 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")
-    bench.add_argument("bundle")
+    bench.add_argument("bundle", help="a bundle folder or archive")
     bench.add_argument("--checkpoint", help="PyTorch eager baseline from this checkpoint (default: the bundle's own, if present)")
-    bench.add_argument("--batch-sizes", default="1,8,32,128")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed calls per row (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench.add_argument("--threads", type=int, help="CPU threads for onnxruntime and torch")
     bench.add_argument("--tensorrt", action="store_true", help="require TensorRT rows (default: when available)")
     bench.add_argument("--out", help="also write the JSON record here")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     bench.set_defaults(func=cmd_bench)
+
+    # commands of the layers above, each defined beside its code (see the module docstring)
+    for name, add in sorted(registered_commands().items()):
+        if name in sub.choices:
+            print(f"cmhash: warning: a registered command {name!r} is ignored: cmhash has its own", file=sys.stderr)
+            continue
+        add(sub)
     return parser
 
 

@@ -19,6 +19,15 @@ from .errors import ArgumentTypeError, CodeFormatError, InvalidArgumentError
 BIT_ORDER = "little"
 
 
+def check_bits(bits, what: str = "bits", error: type[Exception] = CodeFormatError) -> int:
+    """The one rule for a code length: a positive multiple of 8, since codes are packed
+    8 bits per byte. Returns ``bits`` as an int; otherwise raises ``error`` (the caller's
+    error type, e.g. a config or bundle error) with a message that starts with ``what``."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
+        raise error(f"{what} must be a positive multiple of 8 (codes are packed 8 bits per byte), got {bits!r}")
+    return int(bits)
+
+
 def _only_zeros_and_ones(arr: np.ndarray) -> bool:
     """True for bool arrays and arrays holding only 0 and 1. The first row is looked at
     first: ±1 and real-valued codes almost always show a non-0/1 value there, which
@@ -47,10 +56,7 @@ def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.n
     arr = np.asarray(codes)
     if arr.ndim not in (1, 2):
         raise CodeFormatError(f"pack_codes: codes must be 1-D or 2-D (n, bits), got shape {arr.shape}")
-    if arr.shape[-1] % 8 or arr.shape[-1] == 0:
-        raise CodeFormatError(
-            f"pack_codes: the number of bits must be a positive multiple of 8, got {arr.shape[-1]}"
-        )
+    check_bits(arr.shape[-1], "pack_codes: the number of bits")
     if arr.dtype.kind not in "biuf":
         raise CodeFormatError(f"pack_codes: codes must be numeric or bool, got dtype {arr.dtype}")
     if input not in ("auto", "sign", "binary"):
@@ -107,8 +113,7 @@ def from_bitarrays(codes: Iterable[bitarray]) -> np.ndarray:
             raise ArgumentTypeError(f"from_bitarrays: item {i} is {type(ba).__name__}, not bitarray")
         if length is None:
             length = len(ba)
-            if length == 0 or length % 8:
-                raise CodeFormatError(f"from_bitarrays: length must be a positive multiple of 8, got {length}")
+            check_bits(length, "from_bitarrays: the length")
         elif len(ba) != length:
             raise CodeFormatError(f"from_bitarrays: item {i} has {len(ba)} bits, item 0 has {length}")
         if ba.endian != BIT_ORDER:  # the bits, not the bytes, are what a code means

@@ -36,9 +36,9 @@ import zlib
 import numpy as np
 
 from . import _hamming
-from ._files import atomic_write
-from .codes import as_packed
-from .errors import ArgumentTypeError, IndexChangedError, IndexFileError, IndexFullError, InvalidArgumentError
+from .codes import as_packed, check_bits
+from .errors import ArgumentTypeError, CodeFormatError, IndexChangedError, IndexFileError, IndexFullError, InvalidArgumentError
+from .files import atomic_write
 from .search import knn_search, range_search as _range_search
 
 __all__ = ["HashIndex"]
@@ -141,9 +141,10 @@ class HashIndex:
 
     def __init__(self, bits: int):
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-            raise TypeError(f"HashIndex: bits must be an int, got {type(bits).__name__}")
-        if bits <= 0 or bits % 8 or bits > _MAX_BITS:
-            raise ValueError(f"HashIndex: bits must be a positive multiple of 8 up to {_MAX_BITS}, got {bits}")
+            raise ArgumentTypeError(f"HashIndex: bits must be an int, got {type(bits).__name__}")
+        check_bits(bits, "HashIndex: bits", InvalidArgumentError)
+        if bits > _MAX_BITS:
+            raise InvalidArgumentError(f"HashIndex: bits must be at most {_MAX_BITS}, got {bits}")
         self._bits = int(bits)
         self._lock = threading.Lock()
         self._codes = np.empty((0, self._bits // 8), dtype=np.uint8)  # capacity rows
@@ -450,8 +451,12 @@ class HashIndex:
         if zlib.crc32(head[: _HEADER.size]) != head_crc:
             raise IndexFileError(f"{path}: header checksum mismatch: the header is corrupted; {redo}")
         problems = []
-        if bits == 0 or bits % 8 or bits > _MAX_BITS:
-            problems.append(f"bits={bits} is not a positive multiple of 8 up to {_MAX_BITS}")
+        try:
+            check_bits(bits, f"bits={bits}")
+        except CodeFormatError as exc:
+            problems.append(str(exc))
+        if bits > _MAX_BITS:
+            problems.append(f"bits={bits} is more than {_MAX_BITS}")
         if offset != HEADER_SIZE:
             problems.append(f"payload offset {offset} (expected {HEADER_SIZE})")
         if flags != 0:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._files import atomic_write
+from .files import atomic_write
 from .errors import CmhashError, EncodeJobError
 from .inputs import Record, read_collection, text_input
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._files import atomic_write
+from .files import atomic_write
 from .errors import InvalidArgumentError, TextInputError, UnsupportedInputError, VocabularyError
 
 RULES_VERSION = 1

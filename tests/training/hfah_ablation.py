@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_hfah import run_shipped  # noqa: E402
 
-from cmhash.training.models.hfah import ABLATIONS  # noqa: E402
+from cmhash.training.methods.hfah import ABLATIONS  # noqa: E402
 
 
 def main(argv=None) -> None:

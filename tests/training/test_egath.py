@@ -13,10 +13,9 @@ import torch
 
 from cmhash.cli import main as cli
 from cmhash.training.blocks import dcg_triplet_loss, quantization_loss
-from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
 from cmhash.training.method import get_method
-from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
+from cmhash.training.run import evaluate, list_configs, load_config, load_trained, prepare_data, train
 from cmhash.training.trainer import build_method
 
 from conftest import SHAPES, SHARED_DATA, first_batch, require
@@ -54,17 +53,23 @@ def test_config_checks_before_any_training(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
-    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("egath/*.yaml"))
-    assert {"egath/demo", "egath/mirflickr-mini", "egath/mirflickr25k-64", "egath/nuswide10-16", "egath/mscoco-32"} <= set(names)
-    for name in names:
-        config = load_config(resolve_config(name))
+    shipped = {name for name in list_configs() if name.startswith("egath/")}
+    assert {"egath/demo", "egath/mirflickr-mini", "egath/mirflickr25k", "egath/nuswide10", "egath/mscoco"} <= shipped
+    published = {f"egath/{d}-{b}" for d in ("mirflickr25k", "nuswide10", "mscoco") for b in (16, 32, 64)}
+    for name in sorted(shipped | published):
+        config = load_config(name)
         assert config.method == "egath"
         if "nuswide" in name:
             assert config.model.graph_threshold == 0.01  # spec §4
-        if name.split("/")[1].startswith(("mirflickr25k", "nuswide", "mscoco")):
+        if name in published:
             assert config.model.backbone == "clip:ViT-B-32" and config.model.bits == int(name.rsplit("-", 1)[1])
+            assert config.train.out_dir == f"runs/{name.replace('/', '-')}"
+    # a published name is its dataset's config with model.bits; the user's overrides come last
+    assert load_config("egath/mscoco").model.bits == 64
+    assert load_config("egath/mscoco-16", ["train.out_dir=x"]).train.out_dir == "x"
+    assert load_config("egath/demo-16").model.bits == 16
     with pytest.raises(ConfigError, match="shipped: .*egath/demo"):
-        resolve_config("egath/nope")
+        load_config("egath/nope")
 
 
 def test_paper_defaults():
@@ -249,7 +254,7 @@ def test_missing_mirflickr_images_are_named_before_training(tmp_path, capsys):
 
 def test_learns_real_mirflickr_photos_better_than_random(tmp_path):
     root = require(SHARED_DATA / "mirflickr-mini")
-    config = load_config(resolve_config("egath/mirflickr-mini"),
+    config = load_config("egath/mirflickr-mini",
                          [f"data.root={root}", f"model.label_embeddings={SHARED_DATA / 'label_glove' / 'mir_glove.mat'}",
                           f"train.out_dir={tmp_path / 'run'}", "train.progress=false", "train.device=cpu"])
     result = train(config)
@@ -297,7 +302,7 @@ def test_feature_cache_gives_the_same_training(tmp_path):
 
 def test_demo_exports_a_bundle_and_searches_with_the_sdk(tmp_path):
     pytest.importorskip("onnx")
-    from cmhash.training.run import demo
+    from cmhash.export.demo import demo
 
     small = ["data.n=300", "data.split={query: 50, train: 200, seed: 0}", "train.epochs=1", "model.decay_epochs=1"]
     result = demo(tmp_path / "demo", progress=False, overrides=small)

@@ -1,4 +1,4 @@
-"""HFAH (cmhash.training.models.hfah): loss terms against hand-computed values, the stable
+"""HFAH (cmhash.training.methods.hfah): loss terms against hand-computed values, the stable
 NLL, the adversarial steps, the attention gate, ablation switches, divergence detection,
 towers, and learning on the generated shapes and on mirflickr-mini."""
 
@@ -20,15 +20,14 @@ from torch.utils.data import Dataset  # noqa: E402
 
 import cmhash  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
-from cmhash.training.config import load_config  # noqa: E402
 from cmhash.training.distributed import DistEnv  # noqa: E402
 from cmhash.training.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cmhash.training.errors import ConfigError  # noqa: E402
 from cmhash.training.method import Batch, DatasetInfo  # noqa: E402
-from cmhash.training.models.hfah import (ABLATIONS, HFAH, AdversarialDivergenceError, HFAHConfig,  # noqa: E402
-                                         HybridAttention, ImageNet, MultiScaleFusion, TextNet,
-                                         pairwise_loss)
-from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train  # noqa: E402
+from cmhash.training.methods.hfah import (ABLATIONS, HFAH, AdversarialDivergenceError, HFAHConfig,  # noqa: E402
+                                          HybridAttention, ImageTower, MultiScaleFusion, TextNet,
+                                          pairwise_loss)
+from cmhash.training.run import evaluate, list_configs, load_config, load_trained, prepare_data, train  # noqa: E402
 from cmhash.training.trainer import StepContext, Trainer, build_method  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -284,9 +283,9 @@ def test_attention_gate_starts_as_identity():
 
     # the whole image network at initialisation equals the same network without attention
     torch.manual_seed(1)
-    with_attention = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16))
+    with_attention = ImageTower(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16))
     torch.manual_seed(1)
-    plain = ImageNet(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16,
+    plain = ImageTower(HFAHConfig(backbone="tiny-cnn", bits=16, feature_dim=32, tiny_width=32, image_size=16,
                                 attention=False))
     plain.load_state_dict({k: v for k, v in with_attention.state_dict().items() if not k.startswith("attention.")})
     images = torch.randn(3, 3, 16, 16)
@@ -316,7 +315,7 @@ def test_multiscale_fusion_shapes_and_initial_branches():
 
 def test_alexnet_backbone_puts_attention_on_conv5(tmp_path):
     config = HFAHConfig(bits=16)  # torchvision:alexnet, random weights
-    net = ImageNet(config)
+    net = ImageTower(config)
     assert isinstance(net.conv[-1], nn.ReLU) and not any(isinstance(m, nn.Dropout) for m in net.head.modules())
     assert net.conv(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
     assert isinstance(net.attention, HybridAttention) and net.attention.mlp[0].out_channels == 256 // 16
@@ -324,11 +323,11 @@ def test_alexnet_backbone_puts_attention_on_conv5(tmp_path):
     assert f.shape == (2, 512) and h.shape == (2, 16)
     # pretrained weights come only from a local file, through the shared loader
     with pytest.raises(FileNotFoundError):
-        ImageNet(HFAHConfig(bits=16, backbone_weights=str(tmp_path / "missing.pth")))
+        ImageTower(HFAHConfig(bits=16, backbone_weights=str(tmp_path / "missing.pth")))
 
 
 def test_cnnf_layer_table():
-    net = ImageNet(HFAHConfig(backbone="cnnf", bits=16))
+    net = ImageTower(HFAHConfig(backbone="cnnf", bits=16))
     assert net.conv(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
     assert net.head(torch.zeros(1, 256, 13, 13)).shape == (1, 4096)
 
@@ -366,7 +365,7 @@ def test_cnnf_loads_matconvnet_weights_and_its_input_convention(tmp_path):
     average = np.array([122.7, 114.9, 101.6])
     raw = _matconvnet_vgg_f(tmp_path / "imagenet-vgg-f.mat", rng,
                             np.broadcast_to(average, (224, 224, 3)).astype(np.float32))
-    net = ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "imagenet-vgg-f.mat")))
+    net = ImageTower(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "imagenet-vgg-f.mat")))
     pixels = torch.rand(2, 3, 224, 224)  # [0, 1] RGB
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -396,15 +395,15 @@ def test_cnnf_matconvnet_file_errors(tmp_path):
     not_mat = tmp_path / "vgg-f.mat"
     not_mat.write_bytes(b"MATLAB? no")
     with pytest.raises(ConfigError, match="not a MATLAB file"):
-        ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(not_mat)))
+        ImageTower(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(not_mat)))
     from scipy.io import savemat
 
     savemat(tmp_path / "other.mat", {"layers": np.array([{"name": "conv1", "type": "conv"}], dtype=object),
                                      "normalization": {"averageImage": np.zeros(3)}})
     with pytest.raises(ConfigError, match="no \\(filters, biases\\) pair|no layer"):
-        ImageNet(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "other.mat")))
+        ImageTower(HFAHConfig(backbone="cnnf", bits=16, backbone_weights=str(tmp_path / "other.mat")))
     with pytest.raises(ConfigError, match="224-pixel"):
-        ImageNet(HFAHConfig(backbone="cnnf", bits=16, image_size=112, backbone_weights=str(tmp_path / "other.mat")))
+        ImageTower(HFAHConfig(backbone="cnnf", bits=16, image_size=112, backbone_weights=str(tmp_path / "other.mat")))
 
 
 def test_config_validation():
@@ -415,7 +414,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="multiple of 8"):
         HFAHConfig(bits=12)
     with pytest.raises(ConfigError, match="divisible by 8"):
-        ImageNet(HFAHConfig(backbone="tiny-cnn", image_size=20))
+        ImageTower(HFAHConfig(backbone="tiny-cnn", image_size=20))
 
 
 @pytest.mark.parametrize("variant", sorted(ABLATIONS))
@@ -496,11 +495,11 @@ def test_collapsed_discriminator_stops_training_with_a_typed_error(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
-    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("hfah/*.yaml"))
-    expected = {f"hfah/{d}-{b}" for d in ("mirflickr25k", "nuswide10") for b in (16, 32, 64)}
-    assert expected | {"hfah/demo", "hfah/mirflickr-mini"} <= set(names)
-    for name in names:
-        config = load_config(resolve_config(name))
+    shipped = {name for name in list_configs() if name.startswith("hfah/")}
+    assert {"hfah/demo", "hfah/mirflickr-mini", "hfah/mirflickr25k", "hfah/nuswide10"} <= shipped
+    expected = {f"hfah/{d}-{b}" for d in ("mirflickr25k", "nuswide10") for b in (16, 32, 64)}  # the published names
+    for name in sorted(shipped | expected):
+        config = load_config(name)
         assert config.method == "hfah"
         if name in expected:  # the spec's settings (§8)
             m = config.model
@@ -514,7 +513,7 @@ def test_every_shipped_config_is_valid():
 
 
 def test_trains_through_the_run_path_and_reloads_the_towers(tmp_path):
-    config = load_config(resolve_config("hfah/demo"), [
+    config = load_config("hfah/demo", [
         f"train.out_dir={tmp_path}", "train.progress=false", "train.device=cpu", "train.epochs=1", "data.n=120",
         "data.split={query: 20, train: 60, seed: 0}", *TINY, "model.image_size=32", "model.label_pretrain_epochs=1"])
     result = train(config)
@@ -540,7 +539,7 @@ def random_codes_map(q_lab: np.ndarray, d_lab: np.ndarray, bits: int, repeats: i
 
 
 def run_shipped(name: str, tmp_path, *overrides):
-    config = load_config(resolve_config(name), [f"train.out_dir={tmp_path}", "train.progress=false",
+    config = load_config(name, [f"train.out_dir={tmp_path}", "train.progress=false",
                                                  "train.device=cpu", *overrides])
     started = time.perf_counter()
     result = train(config)
@@ -569,7 +568,7 @@ def test_towers_export_to_onnx_and_match(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     config = HFAHConfig(backbone="tiny-cnn", image_size=32, bits=32, feature_dim=64, tiny_width=64)
-    image_net = ImageNet(config).eval()
+    image_net = ImageTower(config).eval()
     with torch.no_grad():
         image_net.attention.gate.fill_(0.7)  # the attention branch in use
     text_net = TextNet(300, 32, 256, 64, True, True, [5, 10, 15, 30, 50]).eval()

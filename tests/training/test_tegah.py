@@ -16,13 +16,12 @@ import torch
 
 from cmhash.training import checkpoint as ckpt_io
 from cmhash.training.blocks import binarize
-from cmhash.training.config import load_config
 from cmhash.training.errors import ConfigError
 from cmhash.training.method import get_method
-from cmhash.training.models.tegah import (DTFEN, GAFM, KL_WEIGHTS, MLAH, VARIANTS, ImageNet, TegahConfig,
-                                          lr_factor, quantization_term, tegah_adjacency, tegah_wasserstein,
-                                          triplet_term)
-from cmhash.training.run import CONFIG_DIR, evaluate, load_trained, prepare_data, resolve_config, train
+from cmhash.training.methods.tegah import (DTFEN, GAFM, KL_WEIGHTS, MLAH, VARIANTS, ImageTower, TEGAHConfig,
+                                           lr_factor, quantization_term, tegah_adjacency, tegah_wasserstein,
+                                           triplet_term)
+from cmhash.training.run import evaluate, list_configs, load_config, load_trained, prepare_data, train
 from cmhash.training.trainer import build_method
 
 from conftest import SHAPES, SHARED_DATA, first_batch, require, triplet_reference
@@ -67,11 +66,12 @@ def test_config_checks_before_any_training(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
-    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("tegah/*.yaml"))
-    expected = {f"tegah/{d}-{b}" for d in ("mirflickr25k", "nuswide10", "mscoco") for b in (16, 32, 64)}
-    assert expected | {"tegah/demo", "tegah/mirflickr-mini"} == set(names)
-    for name in names:
-        config = load_config(resolve_config(name))
+    shipped = {name for name in list_configs() if name.startswith("tegah/")}
+    datasets = ("mirflickr25k", "nuswide10", "mscoco")
+    assert shipped == {"tegah/demo", "tegah/mirflickr-mini"} | {f"tegah/{d}" for d in datasets}
+    expected = {f"tegah/{d}-{b}" for d in datasets for b in (16, 32, 64)}  # the published names
+    for name in sorted(shipped | expected):
+        config = load_config(name)
         assert config.method == "tegah"
         if name in expected:
             assert config.model.backbone == "timm:swin_small_patch4_window7_224"
@@ -84,13 +84,13 @@ def test_every_shipped_config_is_valid():
 
 
 def test_code_defaults_and_switches():
-    c = TegahConfig()
+    c = TEGAHConfig()
     assert (c.feature_dim, c.mlp_dim, c.attention_dim, c.attention_groups, c.gat_hidden, c.gat_heads) == \
         (2048, 8192, 128, 2, 1024, 8)
     assert (c.lr_image, c.lr_text, c.lr_fusion, c.lr_label) == (1e-5, 1e-4, 1e-5, 1e-5)  # spec A9
     assert (c.alpha, c.margin, c.wasserstein_reg, c.wasserstein_iters) == (10.0, 0.4, 0.01, 100)
     assert (c.graph, c.schedule, c.use_mlah, c.use_gafm, c.use_dtfen) == ("cosine", "constant", True, True, True)
-    ref = TegahConfig(reference_code=True)
+    ref = TEGAHConfig(reference_code=True)
     assert (ref.graph, ref.threshold, ref.schedule) == ("code", 0.3, "code")
     assert [VARIANTS[v] for v in ("baseline", "V3", "V6")] == [(False, False, False), (False, False, True),
                                                                  (False, True, True)]
@@ -99,13 +99,13 @@ def test_code_defaults_and_switches():
 def test_full_size_parameter_counts_match_the_code():
     # spec §2: image net 84.1 M at 64 bits, DTFEN 54.8 M (T = 1386), GAFM 167.9 M without the GAT (meta
     # tensors: shapes without memory)
-    c = TegahConfig(bits=64, backbone="timm:tiny-swin")
+    c = TEGAHConfig(bits=64, backbone="timm:tiny-swin")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert round(count(DTFEN(1386, c)) / 1e6, 1) == 54.8
     with torch.device("meta"):
         gafm = GAFM(c, torch.eye(24), gru_over_batch=False, gat_trainable=True)
         mlah = MLAH(80, c)
-        image = ImageNet(TegahConfig(bits=64))  # Swin-S with its new 2048-d head, the MLP, the hash head
+        image = ImageTower(TEGAHConfig(bits=64))  # Swin-S with its new 2048-d head, the MLP, the hash head
     assert round(count(image) / 1e6, 1) == 84.1
     assert round((count(gafm) - count(gafm.gat)) / 1e6, 1) == 167.9
     # 143.2 M in the code, of which 12.6 M are its never-used second stem Conv1d(2048, 2048, 3)
@@ -259,7 +259,7 @@ def test_timm_backbones():
 
 
 def test_dtfen_stages_are_centre_tap_linear_layers():
-    c = TegahConfig(bits=16, feature_dim=32, mlp_dim=64, backbone="timm:tiny-swin")
+    c = TEGAHConfig(bits=16, feature_dim=32, mlp_dim=64, backbone="timm:tiny-swin")
     net = DTFEN(50, c)
     bow = (torch.rand(5, 50) < 0.2).float()
     conv = net.stage1.conv
@@ -426,7 +426,7 @@ def _random_map(prepared) -> float:
 
 def test_learns_real_mirflickr_photos_better_than_random(tmp_path):
     root = require(SHARED_DATA / "mirflickr-mini")
-    config = load_config(resolve_config("tegah/mirflickr-mini"),
+    config = load_config("tegah/mirflickr-mini",
                          [f"data.root={root}", f"train.out_dir={tmp_path / 'run'}", "train.progress=false",
                           "train.device=cpu"])
     result = train(config)
@@ -439,7 +439,7 @@ def test_learns_real_mirflickr_photos_better_than_random(tmp_path):
 @pytest.mark.slow
 def test_learns_the_generated_dataset(tmp_path):
     # the demo config on half its data, evaluated once at the end, to stay within three CPU minutes
-    config = load_config(resolve_config("tegah/demo"), [
+    config = load_config("tegah/demo", [
         "data.n=1500", "data.split={query: 200, train: 1000, seed: 0}", "train.eval_every=0",
         f"train.out_dir={tmp_path / 'demo'}", "train.progress=false", "train.device=cpu"])
     result = train(config)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from cmhash.text import Vocabulary  # noqa: E402
 from cmhash.training import checkpoint as ckpt_io  # noqa: E402
-from cmhash.training.config import load_config  # noqa: E402
+from cmhash.training.run import load_config  # noqa: E402
 from cmhash.training.errors import ConfigError  # noqa: E402
 from cmhash.training.method import get_method, list_methods  # noqa: E402
 from cmhash.training.trainer import NonFiniteLossError, Trainer, build_method  # noqa: E402

@@ -196,7 +196,7 @@ def main(argv: list[str]) -> None:
     """Train ``toy`` on synthetic data into OUT_DIR, with config overrides."""
     from safetensors.torch import save_file
 
-    from cmhash.training.config import load_config
+    from cmhash.training.run import load_config
     from cmhash.training.trainer import Trainer, build_method
 
     out_dir, *overrides = argv

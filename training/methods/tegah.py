@@ -3,7 +3,7 @@
 Spec: ``shared/specs/tegah.md`` (section numbers below refer to it). Four networks are
 trained jointly with one summed loss and one backward pass per batch:
 
-- image net (:class:`ImageNet`): a backbone (Swin-S by default), a linear head to the
+- image net (:class:`ImageTower`): a backbone (Swin-S by default), a linear head to the
   feature width, the feature MLP (f_i), the hash head (h_i);
 - text net (:class:`DTFEN`): Conv1D stage + GAP, the "autoencoder" MLP (f_t), a second
   Conv1D stage + GAP, the hash head (h_t);
@@ -63,7 +63,7 @@ KL_WEIGHTS = {"l_l": 1.9, "l_f": 1.0, "l_g": 0.3, "i_f": 1.9, "i_l": 1.0, "t_g":
 
 
 @dataclass
-class TegahConfig(MethodConfig):
+class TEGAHConfig(MethodConfig):
     bits: int = 64
     # image network
     backbone: str = "timm:swin_small_patch4_window7_224"  # see blocks.backbones; 'clip:ViT-B-32', ...
@@ -244,11 +244,11 @@ class AEMM(nn.Module):
 # --------------------------------------------------------------------------- the four networks
 
 
-class ImageNet(nn.Module):
+class ImageTower(nn.Module):
     """Backbone -> Linear(backbone width -> H) -> MLP (f_i) -> hash head (h_i).
     ``forward`` gives the tanh codes (the image tower); ``encode`` also f_i."""
 
-    def __init__(self, config: TegahConfig):
+    def __init__(self, config: TEGAHConfig):
         super().__init__()
         self.backbone = build_image_backbone(config.backbone, config.backbone_weights, config.freeze_backbone)
         self.head = nn.Linear(self.backbone.output_dim, config.feature_dim)  # timm's new 2048-way head
@@ -273,7 +273,7 @@ class DTFEN(nn.Module):
     so that parameter counts and default init (bound 1/sqrt(3 C_in)) match the code.
     """
 
-    def __init__(self, text_dim: int, config: TegahConfig):
+    def __init__(self, text_dim: int, config: TEGAHConfig):
         super().__init__()
         self.stage1 = ConvStage(text_dim, config.feature_dim)
         self.autoencoder = _mlp(config.feature_dim, [config.mlp_dim, config.feature_dim])
@@ -292,7 +292,7 @@ class PlainTextNet(nn.Module):
     """The text net of the variants without DTFEN (spec §7): an MLP on the bag of words
     (the autoencoder's T-8192-2048, or GCDH's T-8192-4096-2048), then the hash head."""
 
-    def __init__(self, text_dim: int, config: TegahConfig):
+    def __init__(self, text_dim: int, config: TEGAHConfig):
         super().__init__()
         widths = [config.mlp_dim, config.feature_dim]
         if config.plain_text_net == "gcdh":
@@ -345,7 +345,7 @@ class MLAH(nn.Module):
 
     STRIDES = ((3, 10), (3, 5), (3, 3), (1, 1))  # (kernel, stride) of layer1..layer4
 
-    def __init__(self, num_labels: int, config: TegahConfig):
+    def __init__(self, num_labels: int, config: TEGAHConfig):
         super().__init__()
         h = config.feature_dim
         self.stem = nn.Conv1d(num_labels, h, 3, padding=1)
@@ -416,7 +416,7 @@ class GAFM(nn.Module):
     otherwise each sample is a sequence of length 1 and fuses on its own.
     """
 
-    def __init__(self, config: TegahConfig, adjacency: Tensor, gru_over_batch: bool, gat_trainable: bool):
+    def __init__(self, config: TEGAHConfig, adjacency: Tensor, gru_over_batch: bool, gat_trainable: bool):
         super().__init__()
         h = config.feature_dim
         self.gru_over_batch = gru_over_batch
@@ -515,13 +515,13 @@ def lr_factor(schedule: str, epoch: int, batches: int, period: int) -> float:
 
 
 @register_method("tegah")
-class Tegah(HashingMethod):
-    Config = TegahConfig
+class TEGAH(HashingMethod):
+    Config = TEGAHConfig
 
-    def __init__(self, config: TegahConfig, info: DatasetInfo) -> None:
+    def __init__(self, config: TEGAHConfig, info: DatasetInfo) -> None:
         super().__init__(config, info)
         c = config
-        self.image_net = ImageNet(c)
+        self.image_net = ImageTower(c)
         self.text_net: nn.Module = DTFEN(info.text_dim, c) if c.use_dtfen else PlainTextNet(info.text_dim, c)
         self.label_net = MLAH(info.n_labels, c) if c.use_mlah else None
         self.fusion = None
@@ -550,7 +550,7 @@ class Tegah(HashingMethod):
         self._base_lr = {name: opt.param_groups[0]["lr"] for name, opt in self._optimizers.items()}
 
     @classmethod
-    def image_preprocessing(cls, config: TegahConfig) -> dict:
+    def image_preprocessing(cls, config: TEGAHConfig) -> dict:
         preprocess = super().image_preprocessing(config)
         if config.image_mean is not None:
             preprocess["mean"] = [float(v) for v in config.image_mean]
@@ -671,3 +671,8 @@ class Tegah(HashingMethod):
 
     def text_tower(self) -> nn.Module:
         return self.text_net
+
+
+# Earlier names, before TEGAH took EGATH's and HFAH's spelling; kept for one release.
+Tegah = TEGAH
+TegahConfig = TEGAHConfig

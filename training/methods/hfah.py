@@ -11,7 +11,7 @@ Networks:
   (theta = 1/2 inner product) against memory banks of every training sample's output.
 - :class:`TextNet`: multi-scale fusion of the bag of words (average pools at several
   windows, 1x1 conv, resized back, stacked with the raw input), then 4096 -> 512 -> k.
-- :class:`ImageNet`: CNN convolutions -> :class:`HybridAttention` (channel, then spatial,
+- :class:`ImageTower`: CNN convolutions -> :class:`HybridAttention` (channel, then spatial,
   added through a gate that starts at 0) -> the CNN's fully connected layers -> 512 -> k.
 - Four decoders from each modality's code into both feature spaces and two
   discriminators on the reconstructed features (D1: text space, D2: image space).
@@ -41,7 +41,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_config
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 
-__all__ = ["ABLATIONS", "HFAH", "HFAHConfig", "AdversarialDivergenceError", "HybridAttention", "ImageNet",
+__all__ = ["ABLATIONS", "HFAH", "HFAHConfig", "AdversarialDivergenceError", "HybridAttention", "ImageTower",
            "LabelNet", "MultiScaleFusion", "TextNet", "pairwise_loss"]
 
 # model.* overrides of the paper's ablation variants (nested, spec §11)
@@ -407,7 +407,7 @@ def backbone_preprocessing(config: HFAHConfig) -> dict:
     return preprocess_config(backbone_image_size(config), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
-class ImageNet(nn.Module):
+class ImageTower(nn.Module):
     """Images (N, 3, S, S) -> f^y (N, d_f), H^y (N, k): CNN convs -> hybrid attention ->
     CNN fully connected layers -> fc8 (ReLU) -> hash. ``forward`` returns H^y only (the tower)."""
 
@@ -533,7 +533,7 @@ class HFAH(HashingMethod):
         if backbone_image_size(config) != info.image_size:
             raise ConfigError(f"the data are preprocessed to {info.image_size}-pixel images but HFAH's backbone "
                               f"{config.backbone!r} is configured for {backbone_image_size(config)} (model.image_size)")
-        self.image_net = ImageNet(config)
+        self.image_net = ImageTower(config)
         self.recon = Reconstruction(k, d) if config.recon else None
         self.disc = nn.ModuleDict({"text": _discriminator(d), "image": _discriminator(d)}) if config.recon else None
 
