@@ -297,13 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode.set_defaults(func=cmd_encode)
 
     verify = sub.add_parser("verify", help="recompute a bundle's reference codes on this machine, per variant")
-    verify.add_argument("bundle")
+    verify.add_argument("bundle", help="a bundle folder or archive written by cmhash export")
     verify.add_argument("--variant", default="fp32", choices=VARIANTS, help="the variant whose failure exits 1 (fp32)")
-    verify.add_argument("--backend", default="auto", choices=BACKENDS)
-    verify.add_argument("--device", default="cpu")
+    verify.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (default auto)")
+    verify.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     verify.add_argument("--threads", type=int, help="onnxruntime threads")
     verify.add_argument("--bit-floor", type=float, help="override the bundle's floor for reduced-precision variants")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")

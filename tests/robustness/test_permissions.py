@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cmhash import HashIndex
-from cmhash._files import atomic_write, temp_dir_beside
+from cmhash.files import atomic_write, temp_dir_beside
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
