@@ -155,7 +155,7 @@ def export_checkpoint(
         raise VerificationError(f"exported models disagree with PyTorch: {'; '.join(dropped.values())}; "
                                 "nothing was written", report)
     for variant, why in dropped.items():
-        log.warning("cmhash export: the %s variant is left out of the bundle: %s", variant, why)
+        log.warning("the %s variant is left out of the bundle: %s", variant, why)
         for variants in models.values():
             variants.pop(variant, None)
     report["variants"] = list(models["image"])

@@ -116,6 +116,8 @@ def cmd_export(args) -> int:
             print(f"  mAP {variant:12} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
         if not failed:
             print(f"bundle: {report['bundle']} ({sum(report['files'].values()) / 1e6:.1f} MB) in {report['seconds']:.1f} s")
+            if report["dropped"]:
+                print(f"left out (failed verification; --strict fails the export instead): {', '.join(report['dropped'])}")
     return 1 if failed else 0
 
 
