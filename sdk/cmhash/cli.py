@@ -37,6 +37,9 @@ def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _training():
     """cmhash.training.run, or a clear error when the training extra is not installed."""
+    from .cpus import quiet_openmp_waits
+
+    quiet_openmp_waits()  # before torch loads its OpenMP runtime
     try:
         import torch  # noqa: F401
     except ImportError:
