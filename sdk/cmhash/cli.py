@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .cpus import quiet_openmp_waits
 from .errors import CmhashError
 
 
@@ -37,9 +38,6 @@ def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _training():
     """cmhash.training.run, or a clear error when the training extra is not installed."""
-    from .cpus import quiet_openmp_waits
-
-    quiet_openmp_waits()  # before torch loads its OpenMP runtime
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -403,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_openmp_waits()  # before a command that trains or exports imports torch and its OpenMP runtime
     try:
         return args.func(args)
     except (CmhashError, FileExistsError, FileNotFoundError) as exc:  # expected failures: a message, not a traceback
