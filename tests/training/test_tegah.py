@@ -438,14 +438,17 @@ def test_learns_real_mirflickr_photos_better_than_random(tmp_path):
 
 @pytest.mark.slow
 def test_learns_the_generated_dataset(tmp_path):
-    # the demo config on half its data, evaluated once at the end, to stay within three CPU minutes
+    # the demo config on half its data, evaluated once at the end, to stay within three CPU minutes.
+    # One thread, train.seed 0 (tests/conftest.py). Float kernels move the result as much as a
+    # seed does: 0.90-0.92 over seeds 0-1 with AVX-512 kernels, 0.77 / 0.80 with torch's kernels
+    # pinned to AVX2; random codes score 0.23. The floor sits below all of them, far above chance.
     config = load_config(resolve_config("tegah/demo"), [
         "data.n=1500", "data.split={query: 200, train: 1000, seed: 0}", "train.eval_every=0",
         f"train.out_dir={tmp_path / 'demo'}", "train.progress=false", "train.device=cpu"])
     result = train(config)
     last = result.history[-1]
     print(f"shapes: I->T {last['map_i2t']:.4f}, T->I {last['map_t2i']:.4f} after {len(result.history)} epochs")
-    assert last["map_i2t"] >= 0.85 and last["map_t2i"] >= 0.85, last
+    assert last["map_i2t"] >= 0.65 and last["map_t2i"] >= 0.65, last
 
 
 # --------------------------------------------------------------------------- export
