@@ -46,7 +46,7 @@ from .config import RunConfig, apply_overrides, parse_config, read_config
 from .data import CrossModalData, CrossModalDataset, Split, build_transform, load_data, make_split
 from .errors import ConfigError
 from .method import DatasetInfo, HashingMethod, get_method
-from .trainer import FitResult, Trainer, build_method, encode_dataset
+from .trainer import FitResult, Trainer, build_method, encode_dataset, fit_torch_threads
 
 log = logging.getLogger("cmhash.training")
 
@@ -293,6 +293,7 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, HashingMethod, ckpt
         preprocessing=dict(meta.get("preprocessing") or {}),
         vocabulary=meta.get("vocabulary"),
     )
+    fit_torch_threads()
     torch.manual_seed(0)
     method = get_method(config.method)(config.model, info)
     modules = method.modules()

@@ -48,6 +48,8 @@ from tqdm import tqdm
 
 import cmhash
 from cmhash.files import atomic_write
+from cmhash.cpus import available_cpus
+from cmhash.errors import CmhashError
 from cmhash.metrics import mean_average_precision
 
 from . import checkpoint as ckpt_io
@@ -74,6 +76,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def fit_torch_threads() -> None:
+    """No more torch threads than CPUs this process may use (affinity mask, cgroup quota):
+    more only wait for each other. A smaller count set by the user (``OMP_NUM_THREADS``,
+    ``torch.set_num_threads``) is kept."""
+    cpus = available_cpus()
+    if torch.get_num_threads() > cpus:
+        torch.set_num_threads(cpus)
+    if torch.get_num_interop_threads() > cpus:
+        with contextlib.suppress(RuntimeError):  # settable only before the first inter-op work
+            torch.set_num_interop_threads(cpus)
 
 
 def build_method(config: RunConfig, info: DatasetInfo) -> HashingMethod:
@@ -150,6 +164,10 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.device = device
+        fit_torch_threads()
+        if tc.num_workers > available_cpus():  # not capped: the worker count decides the augmentation streams
+            log.warning("train.num_workers=%d but this process may use %d CPUs: the workers will compete",
+                        tc.num_workers, available_cpus())
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -39,6 +39,7 @@ import numpy as np
 from . import __version__
 from .backends import BACKENDS, backends_for
 from .bundle import VARIANTS
+from .cpus import quiet_openmp_waits
 from .errors import CmhashError
 
 COMMAND_GROUP = "cmhash.commands"
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_openmp_waits()  # before a command that trains or exports imports torch and its OpenMP runtime
     try:
         return args.func(args)
     except (CmhashError, FileExistsError, FileNotFoundError) as exc:  # expected failures: a message, not a traceback

@@ -273,6 +273,8 @@ def test_learns_real_mirflickr_photos_better_than_random(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_the_generated_dataset(tmp_path, capsys):
+    # one thread, train.seed 0: 0.97 both ways with AVX-512 kernels and with torch pinned to AVX2
+    # (one seed each); random codes score 0.23
     assert cli(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     print(out)

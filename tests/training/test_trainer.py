@@ -316,6 +316,7 @@ def test_evaluation_logs_and_best_checkpoint(tmp_path):
 def test_learning_improves_retrieval_over_chance(tmp_path):
     result = make_trainer(toy_config(tmp_path, "train.epochs=6")).fit()
     untrained = make_trainer(toy_config(tmp_path / "zero", "train.epochs=1", "model.lr=0")).fit()
+    # the gap measured over train.seed 0-4 (one thread): 0.32 to 0.41; an untrained model's is 0
     assert result.best["map_mean"] > untrained.best["map_mean"] + 0.15
 
 

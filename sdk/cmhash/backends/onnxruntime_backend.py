@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cpus import available_cpus
 from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
 from .base import Backend, ModelSpec
 
@@ -73,10 +74,13 @@ class OnnxRuntimeBackend(Backend):
         else:
             raise ValueError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
         options = ort.SessionOptions()
-        if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-            options.intra_op_num_threads = threads
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        # onnxruntime's default is one thread per physical core of the machine, whatever this
+        # process may use; waiting threads sleep, so a busy machine is shared, not fought over
+        options.intra_op_num_threads = threads or available_cpus()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
             extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
