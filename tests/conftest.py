@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite, and the registry of CPU-sensitive tests."""
 
 import random
+import shutil
 import subprocess
 import sys
 import venv
@@ -89,8 +90,16 @@ def plain_wheel_python(tmp_path_factory) -> Path:
     """The python of a fresh virtual environment holding only ``pip install <our wheel>``
     (no extras, no source tree): what an SDK user gets. Built once per session."""
     tmp = tmp_path_factory.mktemp("plain_wheel")
+    # Built from a copy of the tracked files: building in place would leave a cmhash_sdk.egg-info
+    # in the checkout, whose entry points then shadow the installed ones for anything run there.
+    source = tmp / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     # Build isolation: pip fetches setuptools and wheel from the index itself, as a user's pip does.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp / "wheels", ROOT], check=True, cwd=tmp)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp / "wheels", source], check=True, cwd=tmp)
     (wheel,) = (tmp / "wheels").glob("cmhash_sdk-*.whl")
     venv.create(tmp / "env", with_pip=True)
     python = tmp / "env" / "bin" / "python"
