@@ -11,7 +11,10 @@ The names below are imported on first use, so that ``cmhash.export.cli`` (which 
 import importlib
 import warnings
 
+from cmhash.cpus import quiet_openmp_waits
 from cmhash.errors import ExportError, VerificationError
+
+quiet_openmp_waits()  # before any module here imports torch and its OpenMP runtime
 
 # name -> the submodule that defines it
 _NAMES = {

@@ -65,7 +65,8 @@ class Encoder:
             backend: ``"auto"`` (TensorRT on a GPU where it runs, else onnxruntime),
                 ``"onnxruntime"`` or ``"tensorrt"``.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"``.
-            threads: CPU threads per model for onnxruntime; ``None`` for its default.
+            threads: CPU threads per model for onnxruntime; ``None`` for the CPUs this process may use
+                (:func:`cmhash.cpus.available_cpus`).
             variant: which export of the towers to run: ``"fp32"`` (always there),
                 ``"fp16"``, ``"int8"`` or ``"int8-dynamic"`` (onnxruntime on CPU only) when the
                 bundle was exported with them. On TensorRT a

@@ -84,7 +84,7 @@ def create_backend(
         model: the ONNX file's bytes (verified by the bundle loader).
         spec: what the manifest says the model takes and gives.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"auto"`` (a GPU when one is usable).
-        threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: its default.
+        threads: CPU threads for onnxruntime (``intra_op_num_threads``); ``None``: the CPUs this process may use (:func:`cmhash.cpus.available_cpus`).
         variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``,
             ``"int8-dynamic"``); ``"auto"`` takes a backend that runs it.
         options: backend-specific (each backend's ``options``; TensorRT: ``precision``,
