@@ -230,6 +230,41 @@ def test_output_folder_that_is_not_a_job_is_refused(bundle, folder, tmp_path, ca
     assert "not found" in capsys.readouterr().err
 
 
+def test_input_of_the_other_modality_is_an_error_naming_the_option(bundle, folder, tmp_path, capsys):
+    """A text list, a text folder or a texts-only manifest under the image modality (and
+    images under text) fail with exit 2 and the option meant, never "0 of N encoded"."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a cat on the beach\nsnow at night\n")
+    assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--modality text" in err
+    assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q2"), "--modality", "text"]) == 0
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "1.txt").write_text("a dog")
+    assert main(["encode", str(bundle), str(docs), "--out", str(tmp_path / "d")]) == 2
+    assert "--modality text" in capsys.readouterr().err
+    assert main(["encode", str(bundle), str(folder / "a"), "--out", str(tmp_path / "i"), "--modality", "text"]) == 2
+    assert "--modality image" in capsys.readouterr().err
+
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(["a cat", "a dog"])) + "\n")
+    with pytest.raises(EncodeJobError, match=r"none of the 2 items.*--modality text"):
+        encode_collection(bundle, manifest, tmp_path / "m")
+    assert len((tmp_path / "m" / "errors.jsonl").read_text().splitlines()) == 2  # the reasons stay listed
+
+
+def test_every_item_failing_is_an_error(bundle, folder, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text("missing1.jpg\nmissing2.jpg\n")
+    assert main(["encode", str(bundle), str(listing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 items could be encoded" in err and "missing1.jpg" in err and "--modality" not in err
+    # resuming the finished job fails alike instead of reporting success
+    assert main(["encode", str(bundle), str(listing), "--out", str(tmp_path / "o"), "--resume"]) == 2
+
+
 def test_bench_json_quick(bundle, tmp_path, capsys):
     assert main(["bench", str(bundle), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)

@@ -119,7 +119,7 @@ def encode_collection(
     }
     done_parts = _prepare(out, job, resume)
     if (out / "codes.npz").exists():  # a finished job, resumed: nothing to do
-        return json.loads((out / "summary.json").read_text())
+        return _require_some_encoded(json.loads((out / "summary.json").read_text()))
 
     started = time.perf_counter()
     chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
@@ -136,7 +136,24 @@ def encode_collection(
             done += len(chunk)
             if progress is not None:
                 progress(done, total, time.perf_counter() - started)
-    return _merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now)
+    return _require_some_encoded(_merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now))
+
+
+# what a record lacks when it was meant for the other modality -> the option that was meant
+_OTHER_MODALITY = {"the record has no 'image'": "text", "the record has no 'text' or 'tags'": "image"}
+
+
+def _require_some_encoded(summary: dict) -> dict:
+    """The summary, or an :class:`EncodeJobError` when items were given and none encoded
+    (the files stay written: errors.jsonl lists every reason)."""
+    if summary["encoded"] or not summary["items"]:
+        return summary
+    with open(summary["errors_file"], encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    other = _OTHER_MODALITY.get(first["reason"])
+    hint = f"; encode it with --modality {other} (modality='{other}')" if other else ""
+    raise EncodeJobError(f"none of the {summary['items']} items could be encoded ({first['item']}: {first['reason']}; "
+                         f"all reasons in {summary['errors_file']}){hint}")
 
 
 # --- job folder ------------------------------------------------------------------------------------
