@@ -140,15 +140,17 @@ def test_text_folder_and_list_with_bad_bytes(bundle, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "1.txt").write_text("a dog in the snow")
-    (docs / "2.txt").write_text("")  # the empty text is legal: the code of the empty bag of words
+    (docs / "2.txt").write_text("")  # no known word: the empty text's code, shared by every such item
     (docs / "3.txt").write_bytes(b"caf\xe9 latin-1")
     (docs / "4.txt").write_text("word " * 200_000 + "cat")
+    (docs / "5.txt").write_text("zzzz qqqq")
     summary = encode_collection(bundle, docs, tmp_path / "o", modality="text")
-    assert (summary["encoded"], summary["errors"]) == (3, 1)
-    assert "UTF-8" in (tmp_path / "o" / "errors.jsonl").read_text()
+    assert (summary["encoded"], summary["errors"]) == (2, 3)
+    reasons = {e["item"]: e["reason"] for e in map(json.loads, (tmp_path / "o" / "errors.jsonl").read_text().splitlines())}
+    assert "UTF-8" in reasons["3.txt"] and "vocabulary" in reasons["2.txt"] and "vocabulary" in reasons["5.txt"]
     enc = Encoder.load(bundle)
     codes = load_npz(tmp_path / "o" / "codes.npz")["codes"]
-    assert np.array_equal(codes, enc.hash_texts(["a dog in the snow", "", "cat"]))
+    assert np.array_equal(codes, enc.hash_texts(["a dog in the snow", "cat"]))
 
     lines = tmp_path / "lines.txt"
     lines.write_text("sunset over the sea\n\nstreet at night\n")

@@ -10,7 +10,8 @@ Output folder::
                     atomically; removed once merged
     codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,): ``HashIndex.add(codes,
                     ids)`` and ``cmhash index build out/codes.npz`` take it directly
-    errors.jsonl    one line per item that could not be encoded: id, item, reason
+    errors.jsonl    one line per item that could not be encoded (unreadable, or a text with no
+                    word in the vocabulary): id, item, reason
     summary.json    counts and timing
 
 Ids are the items' positions in the whole input (see :mod:`cmhash.inputs`), so the shards of
@@ -42,6 +43,7 @@ from .inputs import Record, read_collection, text_input
 JOB_FORMAT = "cmhash.encode"
 JOB_VERSION = 1
 DEFAULT_CHUNK = 1024
+NO_KNOWN_WORD = "no word of the text is in the bundle's vocabulary"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -243,7 +245,10 @@ def _text_input(encoder, record: Record):
         item = text_input(record, encoder.vocabulary, encoder.text_dim)
         if isinstance(item, np.ndarray):
             return item, None
-        return encoder.encode_text_input(item), None
+        row = encoder.encode_text_input(item)
+        if not row.any():  # every such item would get one code, the empty text's: listed, not indexed
+            return None, NO_KNOWN_WORD
+        return row, None
     except CmhashError as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
