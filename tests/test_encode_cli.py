@@ -93,6 +93,22 @@ def test_folder_codes_ids_errors_and_index(bundle, folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["count"] == 40
 
 
+def test_index_build_refuses_to_overwrite_without_force(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.integers(0, 256, (5, 4), dtype=np.uint8))
+    np.save(tmp_path / "b.npy", rng.integers(0, 256, (7, 4), dtype=np.uint8))
+    idx = tmp_path / "idx"
+    assert main(["index", "build", str(tmp_path / "a.npy"), "--out", str(idx)]) == 0
+    before = idx.read_bytes()
+    capsys.readouterr()
+    assert main(["index", "build", str(tmp_path / "b.npy"), "--out", str(idx)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--force" in err
+    assert idx.read_bytes() == before  # untouched
+    assert main(["index", "build", str(tmp_path / "b.npy"), "--out", str(idx), "--force"]) == 0
+    assert len(HashIndex.load(idx)) == 7
+
+
 def test_file_list_and_manifest_inputs(bundle, folder, tmp_path):
     paths = sorted((folder / "a").glob("*"))[:5]
     listing = tmp_path / "list.txt"

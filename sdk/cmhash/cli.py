@@ -85,6 +85,8 @@ def cmd_index(args) -> int:
     from .index import HashIndex
 
     if args.index_cmd == "build":
+        if Path(args.out).exists() and not args.force:
+            raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
         codes, ids = _load_codes(args.codes)
         index = HashIndex(codes.shape[1] * 8 if codes.ndim == 2 else 8 * codes.shape[0])
         index.add(codes, ids)
@@ -264,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
     build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids') as cmhash encode writes")
     build.add_argument("--out", required=True, help="the index file to write")
+    build.add_argument("--force", action="store_true", help="replace --out if it exists")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     info = isub.add_parser("info", help="count and bit length of an index file")
     info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
