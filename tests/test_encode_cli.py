@@ -293,18 +293,3 @@ def test_bench_json_quick(bundle, tmp_path, capsys):
     assert main(["bench", str(bundle), "--batch-sizes", "2", "--repeats", "2"]) == 0
     table = capsys.readouterr().out
     assert "p50 ms" in table and "onnxruntime" in table
-
-
-def test_examples_encode_folder_then_edge_search_without_torch(bundle, folder, tmp_path):
-    out = tmp_path / "enc"
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "encode_folder.py"), str(bundle), str(folder), str(out),
-                          "--workers", "2"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert '"encoded": 40' in run.stdout and "nearest to" in run.stdout
-    photo = next(folder.rglob("img00.jpg"))
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "edge_search.py"), str(bundle), str(out / "index.chi"),
-                          str(out / "codes.npz"), "a cat on the beach", str(photo), "-k", "3"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr  # the script asserts torch never loaded
-    lines = run.stdout.splitlines()
-    assert lines[1].startswith("[text] 'a cat on the beach' -> ")
-    assert lines[2].startswith(f"[image] {str(photo)!r} -> b/img00.jpg (0)")  # an indexed image finds itself

@@ -57,14 +57,24 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
-def require_extra(extra: str, *modules: str) -> None:
+def require_extra(extra: str, *modules: str, needed_by: str = "this command") -> None:
     """Raise a one-line :class:`CmhashError` that names the pip extra to install when one of
     ``modules`` (import names) is missing; a command calls it before importing its code."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         what = missing[0] if len(missing) == 1 else f"{missing[0]} and {len(missing) - 1} more"
-        raise CmhashError(f"{what} not installed; this command needs the {extra} extra: "
+        raise CmhashError(f"{what} not installed; {needed_by} needs the {extra} extra: "
                           f'pip install "cmhash-sdk[{extra}]"')
+
+
+def exit_without_extra(extra: str, *modules: str) -> None:
+    """:func:`require_extra` for scripts (the examples): its one-line message on stderr and
+    exit status 2 instead of a traceback."""
+    try:
+        require_extra(extra, *modules, needed_by="this script")
+    except CmhashError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
