@@ -24,10 +24,11 @@ from cmhash.offline import encode_collection, parse_shard
 pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
 pytest.importorskip("onnxruntime")
 
+from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import make_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = sorted((ROOT.parent / "shared" / "data" / "mirflickr-mini" / "images").glob("*.jpg"))
+PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 
 
 @pytest.fixture(scope="module")

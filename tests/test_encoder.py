@@ -58,7 +58,7 @@ from fixtures.towers import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+from fixtures.data import DATA  # noqa: E402
 PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 SIZE = 32
 
