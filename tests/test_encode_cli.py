@@ -27,7 +27,6 @@ pytest.importorskip("onnxruntime")
 from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import make_bundle  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 
 

@@ -45,6 +45,7 @@ from cmhash.text import Vocabulary
 pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
 pytest.importorskip("onnxruntime")
 
+from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import (  # noqa: E402
     WORDS,
     image_onnx,
@@ -57,8 +58,6 @@ from fixtures.towers import (  # noqa: E402
     torch_towers,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-from fixtures.data import DATA  # noqa: E402
 PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 SIZE = 32
 
