@@ -117,6 +117,7 @@ def test_text_codes_match_the_numpy_reference(encoder, bundle):
     assert np.abs(encoder.hash_texts(texts, return_continuous=True) - reference).max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::cmhash.errors.UnknownTextWarning")  # the empty text, on purpose
 def test_full_pipeline_matches_torch_and_open_clip(tmp_path):
     """torch tower on open_clip's transform (the training path) == Encoder on raw files."""
     torch = pytest.importorskip("torch")
