@@ -50,5 +50,5 @@ def pytest_terminal_summary(terminalreporter):
                 tests += 1
     if tests or modules:
         terminalreporter.write_line(
-            f"{tests} tests and {modules} modules skipped: {MISSING_DATA} in {data_dir()} "
+            f"{MISSING_DATA} in {data_dir()}: {tests} test(s) and {modules} module(s) skipped "
             f"(set {DATA_ENV} to the data folder)", yellow=True, bold=True)

@@ -95,7 +95,7 @@ def test_skips_for_missing_data_are_counted_at_the_end_of_the_run(tmp_path):
                           "tests/test_metrics.py::test_matches_literature_calc_map_k_on_mirflickr_labels",
                           "tests/test_export.py"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert (f"1 tests and 1 modules skipped: test data not present in {tmp_path / 'no-data'} "
+    assert (f"test data not present in {tmp_path / 'no-data'}: 1 test(s) and 1 module(s) skipped "
             "(set CMHASH_TEST_DATA to the data folder)") in out.stdout, out.stdout
 
 
