@@ -14,6 +14,9 @@ and its full time is extrapolated linearly (said so in the output).
 
     python examples/bench_eval.py                 # baseline on 100 queries, extrapolated
     python examples/bench_eval.py --queries 2100  # the baseline on every query (minutes)
+    python examples/bench_eval.py --queries 5 --database 2000 --repeat 1  # a smoke run
+
+Needs only the SDK; torch, when installed, is the baseline's sort.
 """
 
 from __future__ import annotations
@@ -108,15 +111,19 @@ def main() -> None:
                         help="queries the (slow) baseline runs on; its time is extrapolated to 2100")
     parser.add_argument("--threads", type=int, default=None, help="cmhash threads (default: all CPUs)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of cmhash (best is reported)")
+    parser.add_argument("--database", type=int, default=None,
+                        help="database items to use (default: all of them; fewer for a smoke run)")
     args = parser.parse_args()
     if not 1 <= args.queries <= N_QUERY:
         parser.error(f"--queries must be in 1..{N_QUERY}")
+    if args.database is not None and args.database < 1:
+        parser.error("--database must be positive")
 
     rng = np.random.default_rng(0)
     labels = load_labels(rng)
     signed = make_codes(labels, rng)
-    qB, rB = signed[:N_QUERY], signed[N_QUERY:]
-    qL, rL = labels[:N_QUERY].astype(np.float32), labels[N_QUERY:].astype(np.float32)
+    qB, rB = signed[:N_QUERY], signed[N_QUERY:][: args.database]
+    qL, rL = labels[:N_QUERY].astype(np.float32), labels[N_QUERY:][: args.database].astype(np.float32)
 
     info = _hamming.sysinfo()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs ({info['cpu_count']} usable), "

@@ -9,7 +9,10 @@ Every runner is timed in the same process on the same input, interleaved (one ca
 per round), so load from other processes hits all of them alike; the table gives the best
 of the rounds and the median, and speedups against eager for both.
 
-    python examples/bench_export.py [--threads 1 2] [--rounds 30] [--photos ../shared/data/mirflickr-mini/images]
+    python examples/bench_export.py [--threads 1 2] [--rounds 30] [--photos DIR]
+
+Needs the export extra (torch, open_clip, onnx) and a folder of at least --calibration + 2
+.jpg photos (default: mirflickr-mini/images in the data folder beside the repository).
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cmhash.backends import ModelSpec, create_backend
-from cmhash.export import export_tower, quantize_int8, quantize_int8_dynamic
-from cmhash.preprocess import ImagePreprocessor
-from cmhash.training.method import DatasetInfo, get_method
+from cmhash.cli import exit_without_extra
+
+exit_without_extra("export", "torch", "open_clip", "onnx", "onnxscript")
+
+import torch  # noqa: E402
+
+from cmhash.backends import ModelSpec, create_backend  # noqa: E402
+from cmhash.export import export_tower, quantize_int8, quantize_int8_dynamic  # noqa: E402
+from cmhash.preprocess import ImagePreprocessor  # noqa: E402
+from cmhash.training.method import DatasetInfo, get_method  # noqa: E402
 
 
 def interleaved(runners: dict, rounds: int) -> dict[str, np.ndarray]:
@@ -51,6 +59,10 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--photos", default=str(Path(__file__).resolve().parents[2] / "shared/data/mirflickr-mini/images"))
     args = parser.parse_args()
+    photos = sorted(Path(args.photos).glob("*.jpg"))[: args.calibration + 64]
+    if len(photos) < args.calibration + 2:
+        parser.error(f"--photos {args.photos}: {len(photos)} .jpg photos there; give a folder with at least "
+                     f"{args.calibration + 2} (--calibration + 2)")
     torch.manual_seed(0)
 
     cls = get_method("egath")
@@ -58,7 +70,6 @@ def main() -> None:
     info = DatasetInfo(n_train=1, n_labels=24, text_dim=1386, train_labels=torch.zeros(1, 24))
     tower = cls(config, info).image_tower().eval()
     pre = ImagePreprocessor.from_dict(cls.image_preprocessing(config))
-    photos = sorted(Path(args.photos).glob("*.jpg"))[: args.calibration + 64]
     pixels = np.stack([pre.pixels(p) for p in photos])
     calibration, verify = pixels[: args.calibration], pixels[args.calibration :]
 

@@ -8,6 +8,8 @@ distances equal FAISS's and numpy's (labels may differ only in tie order).
     PYTHONPATH=sdk python examples/bench_search.py                 # full run (1M codes)
     PYTHONPATH=sdk python examples/bench_search.py --quick         # smoke run, a few seconds
     PYTHONPATH=sdk python examples/bench_search.py --levels avx2   # one SIMD level only
+
+Needs FAISS (``pip install faiss-cpu``, part of the dev extra).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import numpy as np
 
 import cmhash._hamming as h
+from cmhash.cli import exit_without_extra
 from cmhash.search import knn_search
 
 # Environment that pins FAISS to AVX2: builds with one library per instruction set read
@@ -142,9 +145,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--faiss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.quick:
-        args.n, args.nq, args.nq256, args.single, args.repeat, args.numpy_nq = 100_000, 100, 50, 10, 1, 5
+    if args.quick:  # smaller defaults; options given explicitly still win
+        ap.set_defaults(n=100_000, nq=100, nq256=50, single=10, repeat=1, numpy_nq=5)
+        args = ap.parse_args()
 
+    exit_without_extra("dev", "faiss")
     import faiss
 
     cases = [(64, args.nq), (256, args.nq256)]

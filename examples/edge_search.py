@@ -5,10 +5,13 @@ queries from the command line.
     python examples/edge_search.py BUNDLE INDEX NAMES.npz "a red circle" [photo.jpg ...] [-k 5]
 
 NAMES.npz is the ``codes.npz`` that ``cmhash encode`` wrote (its ``ids`` and ``names`` say
-which item each id is). Loading verifies the bundle's checksums; nothing is unpickled.
+which item each id is). Loading verifies the bundle's checksums; nothing is unpickled. A
+query that looks like a path (an image suffix, or a path separator) must name a file.
+Needs only the SDK (``pip install cmhash-sdk``).
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from cmhash import Encoder, HashIndex
+from cmhash.inputs import IMAGE_SUFFIXES
+
+
+def looks_like_a_path(query: str) -> bool:
+    """A mistyped image path must not be searched as a text."""
+    return Path(query).suffix.lower() in IMAGE_SUFFIXES or "/" in query or os.sep in query
 
 
 def main() -> None:
@@ -27,6 +36,9 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="an edge box has few cores")
     args = parser.parse_args()
+    missing = [q for q in args.queries if looks_like_a_path(q) and not Path(q).is_file()]
+    if missing:
+        parser.error(f"no such image: {missing[0]} (a query with an image suffix or a path separator is a path)")
 
     started = time.perf_counter()
     encoder = Encoder.load(args.bundle, backend="onnxruntime", threads=args.threads)

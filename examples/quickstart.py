@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from cmhash import Encoder, HashIndex
-from cmhash.export import export_checkpoint
-from cmhash.training.data import captions
-from cmhash.training.run import load_config, prepare_data, train
+from cmhash.cli import exit_without_extra
+
+exit_without_extra("export", "torch", "open_clip", "torch_geometric", "onnx", "onnxscript")
+
+from cmhash.export import export_checkpoint  # noqa: E402
+from cmhash.training.data import captions  # noqa: E402
+from cmhash.training.run import load_config, prepare_data, train  # noqa: E402
 
 
 def main() -> None:

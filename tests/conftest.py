@@ -117,3 +117,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say at the end of the run how much skipped for missing test data (fixtures/data.py),
+    so that a green run cannot hide a module that never ran."""
+    from fixtures.data import DATA_ENV, MISSING_DATA, data_dir
+
+    tests = modules = 0
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple) and MISSING_DATA in str(report.longrepr[2]):
+            if report.when == "collect":  # a module-level skip
+                modules += 1
+            else:
+                tests += 1
+    if tests or modules:
+        terminalreporter.write_line(
+            f"{MISSING_DATA} in {data_dir()}: {tests} test(s) and {modules} module(s) skipped "
+            f"(set {DATA_ENV} to the data folder)", yellow=True, bold=True)

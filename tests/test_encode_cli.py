@@ -24,10 +24,10 @@ from cmhash.offline import encode_collection, parse_shard
 pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
 pytest.importorskip("onnxruntime")
 
+from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import make_bundle  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = sorted((ROOT.parent / "shared" / "data" / "mirflickr-mini" / "images").glob("*.jpg"))
+PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,22 @@ def test_folder_codes_ids_errors_and_index(bundle, folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["count"] == 40
 
 
+def test_index_build_refuses_to_overwrite_without_force(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.integers(0, 256, (5, 4), dtype=np.uint8))
+    np.save(tmp_path / "b.npy", rng.integers(0, 256, (7, 4), dtype=np.uint8))
+    idx = tmp_path / "idx"
+    assert main(["index", "build", str(tmp_path / "a.npy"), "--out", str(idx)]) == 0
+    before = idx.read_bytes()
+    capsys.readouterr()
+    assert main(["index", "build", str(tmp_path / "b.npy"), "--out", str(idx)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--force" in err
+    assert idx.read_bytes() == before  # untouched
+    assert main(["index", "build", str(tmp_path / "b.npy"), "--out", str(idx), "--force"]) == 0
+    assert len(HashIndex.load(idx)) == 7
+
+
 def test_file_list_and_manifest_inputs(bundle, folder, tmp_path):
     paths = sorted((folder / "a").glob("*"))[:5]
     listing = tmp_path / "list.txt"
@@ -140,15 +156,17 @@ def test_text_folder_and_list_with_bad_bytes(bundle, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "1.txt").write_text("a dog in the snow")
-    (docs / "2.txt").write_text("")  # the empty text is legal: the code of the empty bag of words
+    (docs / "2.txt").write_text("")  # no known word: the empty text's code, shared by every such item
     (docs / "3.txt").write_bytes(b"caf\xe9 latin-1")
     (docs / "4.txt").write_text("word " * 200_000 + "cat")
+    (docs / "5.txt").write_text("zzzz qqqq")
     summary = encode_collection(bundle, docs, tmp_path / "o", modality="text")
-    assert (summary["encoded"], summary["errors"]) == (3, 1)
-    assert "UTF-8" in (tmp_path / "o" / "errors.jsonl").read_text()
+    assert (summary["encoded"], summary["errors"]) == (2, 3)
+    reasons = {e["item"]: e["reason"] for e in map(json.loads, (tmp_path / "o" / "errors.jsonl").read_text().splitlines())}
+    assert "UTF-8" in reasons["3.txt"] and "vocabulary" in reasons["2.txt"] and "vocabulary" in reasons["5.txt"]
     enc = Encoder.load(bundle)
     codes = load_npz(tmp_path / "o" / "codes.npz")["codes"]
-    assert np.array_equal(codes, enc.hash_texts(["a dog in the snow", "", "cat"]))
+    assert np.array_equal(codes, enc.hash_texts(["a dog in the snow", "cat"]))
 
     lines = tmp_path / "lines.txt"
     lines.write_text("sunset over the sea\n\nstreet at night\n")
@@ -230,6 +248,41 @@ def test_output_folder_that_is_not_a_job_is_refused(bundle, folder, tmp_path, ca
     assert "not found" in capsys.readouterr().err
 
 
+def test_input_of_the_other_modality_is_an_error_naming_the_option(bundle, folder, tmp_path, capsys):
+    """A text list, a text folder or a texts-only manifest under the image modality (and
+    images under text) fail with exit 2 and the option meant, never "0 of N encoded"."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a cat on the beach\nsnow at night\n")
+    assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--modality text" in err
+    assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q2"), "--modality", "text"]) == 0
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "1.txt").write_text("a dog")
+    assert main(["encode", str(bundle), str(docs), "--out", str(tmp_path / "d")]) == 2
+    assert "--modality text" in capsys.readouterr().err
+    assert main(["encode", str(bundle), str(folder / "a"), "--out", str(tmp_path / "i"), "--modality", "text"]) == 2
+    assert "--modality image" in capsys.readouterr().err
+
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(["a cat", "a dog"])) + "\n")
+    with pytest.raises(EncodeJobError, match=r"none of the 2 items.*--modality text"):
+        encode_collection(bundle, manifest, tmp_path / "m")
+    assert len((tmp_path / "m" / "errors.jsonl").read_text().splitlines()) == 2  # the reasons stay listed
+
+
+def test_every_item_failing_is_an_error(bundle, folder, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text("missing1.jpg\nmissing2.jpg\n")
+    assert main(["encode", str(bundle), str(listing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 items could be encoded" in err and "missing1.jpg" in err and "--modality" not in err
+    # resuming the finished job fails alike instead of reporting success
+    assert main(["encode", str(bundle), str(listing), "--out", str(tmp_path / "o"), "--resume"]) == 2
+
+
 def test_bench_json_quick(bundle, tmp_path, capsys):
     assert main(["bench", str(bundle), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -240,18 +293,3 @@ def test_bench_json_quick(bundle, tmp_path, capsys):
     assert main(["bench", str(bundle), "--batch-sizes", "2", "--repeats", "2"]) == 0
     table = capsys.readouterr().out
     assert "p50 ms" in table and "onnxruntime" in table
-
-
-def test_examples_encode_folder_then_edge_search_without_torch(bundle, folder, tmp_path):
-    out = tmp_path / "enc"
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "encode_folder.py"), str(bundle), str(folder), str(out),
-                          "--workers", "2"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert '"encoded": 40' in run.stdout and "nearest to" in run.stdout
-    photo = next(folder.rglob("img00.jpg"))
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "edge_search.py"), str(bundle), str(out / "index.chi"),
-                          str(out / "codes.npz"), "a cat on the beach", str(photo), "-k", "3"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr  # the script asserts torch never loaded
-    lines = run.stdout.splitlines()
-    assert lines[1].startswith("[text] 'a cat on the beach' -> ")
-    assert lines[2].startswith(f"[image] {str(photo)!r} -> b/img00.jpg (0)")  # an indexed image finds itself

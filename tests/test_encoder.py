@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from cmhash.errors import (
     ModelSignatureError,
     ReferenceCheckError,
     TextInputError,
+    UnknownTextError,
+    UnknownTextWarning,
     UnsupportedInputError,
 )
 from cmhash.preprocess import ImagePreprocessor, load_image
@@ -42,6 +45,7 @@ from cmhash.text import Vocabulary
 pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
 pytest.importorskip("onnxruntime")
 
+from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import (  # noqa: E402
     WORDS,
     image_onnx,
@@ -54,8 +58,6 @@ from fixtures.towers import (  # noqa: E402
     torch_towers,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 SIZE = 32
 
@@ -104,6 +106,7 @@ def test_image_codes_match_the_numpy_reference(encoder, bundle):
     assert np.array_equal(pack_codes(continuous, input="sign"), codes)
 
 
+@pytest.mark.filterwarnings("ignore::cmhash.errors.UnknownTextWarning")  # "" and "zebra", on purpose
 def test_text_codes_match_the_numpy_reference(encoder, bundle):
     _, weights = bundle
     texts = ["a cat on the beach at sunset", "Snow, trees & street-lights at night", "", "zebra"]
@@ -114,6 +117,7 @@ def test_text_codes_match_the_numpy_reference(encoder, bundle):
     assert np.abs(encoder.hash_texts(texts, return_continuous=True) - reference).max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::cmhash.errors.UnknownTextWarning")  # the empty text, on purpose
 def test_full_pipeline_matches_torch_and_open_clip(tmp_path):
     """torch tower on open_clip's transform (the training path) == Encoder on raw files."""
     torch = pytest.importorskip("torch")
@@ -175,6 +179,7 @@ def test_batches_stream_and_agree(encoder):
         encoder.hash_images(images, batch_size=0)
 
 
+@pytest.mark.filterwarnings("ignore::cmhash.errors.UnknownTextWarning")  # the empty text, on purpose
 def test_texts_tags_and_bow_agree(encoder):
     vocab = Vocabulary.from_words(WORDS)
     texts = ["Cat on a SOFA", "sea sky", ""]
@@ -194,10 +199,34 @@ def test_texts_tags_and_bow_agree(encoder):
 def test_empty_and_very_long_texts(encoder, bundle):
     _, weights = bundle
     zero_code = pack_codes(text_reference(weights, np.zeros((1, len(WORDS)))), input="sign")[0]
-    assert np.array_equal(encoder.hash_text(""), zero_code)  # legal: the code of the empty BoW
-    assert np.array_equal(encoder.hash_text("nothing known here"), zero_code)
+    assert np.array_equal(encoder.hash_text("", on_unknown="ignore"), zero_code)  # the code of the empty BoW
     long_text = "word " * 400_000 + "cat"
     assert np.array_equal(encoder.hash_text(long_text), encoder.hash_text("cat"))
+
+
+def test_texts_with_no_known_word_warn_raise_or_are_reported(encoder, bundle):
+    """"zzzz qqqq" hashes as the empty text: one warning per call by default, an error on
+    request, and the positions on request; known texts stay silent."""
+    _, weights = bundle
+    zero_code = pack_codes(text_reference(weights, np.zeros((1, len(WORDS)))), input="sign")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.hash_texts(["a cat", ["sea", "sky"]])
+        encoder.hash_texts(np.zeros((2, len(WORDS))))  # BoW arrays are taken as given
+    with pytest.warns(UnknownTextWarning, match="1 of 1 texts") as caught:
+        assert np.array_equal(encoder.hash_text("zzzz qqqq"), zero_code)
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller
+    texts = ["a cat", "zzzz", "", ["qqqq"], "sea"]
+    with pytest.warns(UnknownTextWarning, match=r"3 of 5 texts.*text 1") as caught:
+        codes, unknown = encoder.hash_texts(texts, batch_size=2, return_unknown=True)
+    assert len(caught) == 1 and unknown == [1, 2, 3]
+    assert np.array_equal(codes, encoder.hash_texts(texts, on_unknown="ignore"))
+    with pytest.raises(UnknownTextError, match="text 1 .'zzzz'."):
+        encoder.hash_texts(texts, on_unknown="error")
+    with pytest.raises(UnknownTextError):
+        encoder.hash_text("zzzz", on_unknown="error")
+    with pytest.raises(ValueError, match="on_unknown"):
+        encoder.hash_text("cat", on_unknown="loud")
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Export end to end on a real checkpoint: the ``toy`` method trained here for one epoch on the
-real MIRFlickr photos and tags of ../shared/data/mirflickr-mini (32-pixel open_clip
+real MIRFlickr photos and tags of mirflickr-mini in the test data folder (32-pixel open_clip
 preprocessing, 1,386-column tag vectors), exported with its fp16 and int8 variants, then
 hashed through ``Encoder`` and compared with the PyTorch towers fed by the training pipeline."""
 
@@ -38,19 +38,17 @@ from cmhash.errors import (  # noqa: E402
 from cmhash.export import export_checkpoint, export_tower, float_nodes, keep_passing, quantize_int8  # noqa: E402
 from cmhash.metrics import mean_average_precision  # noqa: E402
 from cmhash.reference import check_bundle, read_reference, reference_file  # noqa: E402
+from fixtures.data import DATA, require  # noqa: E402
 from fixtures.roundtrip import bit_agreement  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = Path(__file__).resolve().parents[1]
-MINI = ROOT.parent / "shared" / "data" / "mirflickr-mini"
-MANIFEST = MINI / "manifest.jsonl"
+MINI = DATA / "mirflickr-mini"
+MANIFEST = require(MINI / "manifest.jsonl", module=True)
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 import toy_method  # noqa: E402,F401  (registers "toy")
-
-if not MANIFEST.exists():
-    pytest.skip(f"shared data not present: {MINI}", allow_module_level=True)
 
 SIZE = 32
 

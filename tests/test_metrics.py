@@ -16,8 +16,8 @@ import pytest
 import cmhash
 from cmhash import _hamming
 from cmhash import metrics as M
+from fixtures.data import DATA, require
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MIRFLICKR = DATA / "mirflickr25k" / "labels_tags.npz"
 
 
@@ -351,9 +351,7 @@ def test_results_do_not_depend_on_thread_count():
 
 
 def test_matches_literature_calc_map_k_on_mirflickr_labels():
-    if not MIRFLICKR.exists():
-        pytest.skip(f"MIRFlickr-25K labels not found at {MIRFLICKR}")
-    labels = np.load(MIRFLICKR)["labels"]
+    labels = np.load(require(MIRFLICKR))["labels"]
     rng = np.random.default_rng(2024)
     idx = rng.permutation(labels.shape[0])[:5500]
     lab = labels[idx].astype(np.float32)

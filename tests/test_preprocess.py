@@ -28,7 +28,8 @@ from cmhash.preprocess import (
     preprocessor_from_open_clip,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from fixtures.data import DATA, missing  # noqa: E402
+
 PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 
 
@@ -47,7 +48,7 @@ def max_diff(open_clip_tf, ours: ImagePreprocessor, image: Image.Image) -> float
 # --- parity with open_clip ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not PHOTOS, reason="shared/data/mirflickr-mini is not present")
+@pytest.mark.skipif(not PHOTOS, reason=missing(DATA / "mirflickr-mini"))
 @pytest.mark.parametrize("size", [224, 64])
 def test_real_photos_match_open_clip_bit_for_bit(size):
     reference = open_clip_transform(image_size=size)  # the training transform's arguments
@@ -63,7 +64,7 @@ def test_real_photos_match_open_clip_bit_for_bit(size):
     assert worst == 0.0
 
 
-@pytest.mark.skipif(not PHOTOS, reason="shared/data/mirflickr-mini is not present")
+@pytest.mark.skipif(not PHOTOS, reason=missing(DATA / "mirflickr-mini"))
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -385,7 +386,7 @@ def regenerate_golden() -> None:
     GOLDEN.write_text(json.dumps(data, indent=0, sort_keys=True) + "\n")
 
 
-@pytest.mark.skipif(not PHOTOS, reason="shared/data/mirflickr-mini is not present")
+@pytest.mark.skipif(not PHOTOS, reason=missing(DATA / "mirflickr-mini"))
 @pytest.mark.parametrize("size", ["64", "224"])
 def test_real_photos_match_recorded_open_clip_outputs(size):
     import PIL

@@ -3,6 +3,7 @@ commands register from their own layer, a plain wheel works without the source t
 without torch."""
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -72,6 +73,30 @@ def test_help_lists_every_command_without_importing_torch():
     assert "heavy []" in out.stdout
     listed = set(re.findall(r"^    (\w+) ", out.stdout, re.M))
     assert COMMANDS <= listed, out.stdout
+
+
+def test_training_commands_print_no_dependency_deprecation_warning(tmp_path):
+    """torch warns that torch.jit.script is deprecated whenever torch_geometric scripts its
+    helpers at import: that is hidden (exactly that warning) where cmhash imports it."""
+    pytest.importorskip("torch_geometric")
+    out = subprocess.run([sys.executable, "-m", "cmhash.cli", "train", "egath/demo", "train.epochs=0"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "train.epochs must be positive" in out.stderr, out.stderr  # the method was built
+    assert "Warning" not in out.stderr, out.stderr
+
+
+def test_skips_for_missing_data_are_counted_at_the_end_of_the_run(tmp_path):
+    """CMHASH_TEST_DATA names the data folder; a run without the data says how many tests
+    and whole modules skipped for it (here: a test of test_metrics.py, and the test_export.py
+    module), so a green run cannot hide them."""
+    pytest.importorskip("onnx")
+    env = {**os.environ, "CMHASH_TEST_DATA": str(tmp_path / "no-data")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_metrics.py::test_matches_literature_calc_map_k_on_mirflickr_labels",
+                          "tests/test_export.py"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (f"test data not present in {tmp_path / 'no-data'}: 1 test(s) and 1 module(s) skipped "
+            "(set CMHASH_TEST_DATA to the data folder)") in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("argv, extra", [(["train", "egath/demo"], "train"), (["eval", "runs/x"], "train"),

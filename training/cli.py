@@ -22,10 +22,6 @@ TRAIN_MODULES = ("torch", "torchvision", "open_clip", "timm", "torch_geometric",
 def training_run():
     """:mod:`cmhash.training.run`, or a CmhashError naming the extra when it is not installed."""
     require_extra("train", *TRAIN_MODULES)
-    import warnings
-
-    # open_clip scripts a helper at import; torch 2.14 warns about that on every run
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     from . import run
 
     return run

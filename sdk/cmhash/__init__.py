@@ -21,6 +21,7 @@ from .errors import (
     IndexFileError,
     ReferenceCheckError,
     TextInputError,
+    UnknownTextWarning,
     UnsupportedInputError,
 )
 from .index import HashIndex
@@ -44,6 +45,7 @@ __all__ = [
     "BundleError",
     "ImageDecodeError",
     "TextInputError",
+    "UnknownTextWarning",
     "UnsupportedInputError",
     "BackendUnavailableError",
     "ReferenceCheckError",

@@ -58,14 +58,24 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
-def require_extra(extra: str, *modules: str) -> None:
+def require_extra(extra: str, *modules: str, needed_by: str = "this command") -> None:
     """Raise a one-line :class:`CmhashError` that names the pip extra to install when one of
     ``modules`` (import names) is missing; a command calls it before importing its code."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         what = missing[0] if len(missing) == 1 else f"{missing[0]} and {len(missing) - 1} more"
-        raise CmhashError(f"{what} not installed; this command needs the {extra} extra: "
+        raise CmhashError(f"{what} not installed; {needed_by} needs the {extra} extra: "
                           f'pip install "cmhash-sdk[{extra}]"')
+
+
+def exit_without_extra(extra: str, *modules: str) -> None:
+    """:func:`require_extra` for scripts (the examples): its one-line message on stderr and
+    exit status 2 instead of a traceback."""
+    try:
+        require_extra(extra, *modules, needed_by="this script")
+    except CmhashError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -86,6 +96,8 @@ def cmd_index(args) -> int:
     from .index import HashIndex
 
     if args.index_cmd == "build":
+        if Path(args.out).exists() and not args.force:
+            raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
         codes, ids = _load_codes(args.codes)
         index = HashIndex(codes.shape[1] * 8 if codes.ndim == 2 else 8 * codes.shape[0])
         index.add(codes, ids)
@@ -265,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
     build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids') as cmhash encode writes")
     build.add_argument("--out", required=True, help="the index file to write")
+    build.add_argument("--force", action="store_true", help="replace --out if it exists")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     info = isub.add_parser("info", help="count and bit length of an index file")
     info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")

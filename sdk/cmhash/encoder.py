@@ -5,6 +5,7 @@
     enc.hash_images(paths, batch_size=32)         # (n, bits/8) uint8
     enc.hash_texts(["a cat on a sofa"])           # (n, bits/8) uint8
     enc.hash_texts(bow_array, return_continuous=True)  # (n, bits) float32 tanh values
+    enc.hash_texts(texts, return_unknown=True)    # (codes, positions of texts with no known word)
 
 Codes are ``sign(tanh)`` with 0 -> +1, packed by :func:`cmhash.pack_codes` (LSB first).
 Images are decoded by :func:`cmhash.preprocess.load_image` and preprocessed exactly as in
@@ -14,6 +15,7 @@ training; texts are tokenised with the bundle's own vocabulary and rules.
 from __future__ import annotations
 
 import os
+import warnings
 from itertools import islice
 from typing import Any, Iterable, Iterator
 
@@ -22,7 +24,7 @@ import numpy as np
 from .backends import Backend, ModelSpec, create_backend
 from .bundle import Bundle, load_bundle
 from .codes import pack_codes
-from .errors import CodeFormatError, TextInputError, UnsupportedInputError
+from .errors import CodeFormatError, TextInputError, UnknownTextError, UnknownTextWarning, UnsupportedInputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .reference import require_agreement
 from .text import check_bow
@@ -158,30 +160,63 @@ class Encoder:
 
     # --- texts -------------------------------------------------------------------------------
 
-    def hash_text(self, text: Any, *, return_continuous: bool = False) -> np.ndarray:
-        """One text (str or UTF-8 bytes), tag list or BoW vector -> (bits/8,) uint8."""
+    def hash_text(self, text: Any, *, return_continuous: bool = False, on_unknown: str = "warn") -> np.ndarray:
+        """One text (str or UTF-8 bytes), tag list or BoW vector -> (bits/8,) uint8.
+        ``on_unknown`` as in :meth:`hash_texts`."""
         if isinstance(text, np.ndarray):
             if text.ndim != 1:
                 raise UnsupportedInputError("hash_text takes one BoW vector (d,); use hash_texts for (n, d)")
-            return self.hash_texts(text[None, :], return_continuous=return_continuous)[0]
-        return self.hash_texts([text], return_continuous=return_continuous)[0]
+            text = text[None, :]
+        else:
+            text = [text]
+        codes, unknown = self._hash_texts(text, 256, return_continuous, on_unknown)
+        _warn_unknown(unknown, 1, on_unknown)
+        return codes[0]
 
-    def hash_texts(self, texts: Any, batch_size: int = 256, *, return_continuous: bool = False) -> np.ndarray:
+    def hash_texts(self, texts: Any, batch_size: int = 256, *, return_continuous: bool = False,
+                   on_unknown: str = "warn", return_unknown: bool = False) -> Any:
         """Texts, tag lists, or a BoW array (n, d) of 0/1 -> (n, bits/8) uint8 codes, or
-        (n, bits) float32 tanh values. Raw text needs a bundle with a vocabulary."""
+        (n, bits) float32 tanh values. Raw text needs a bundle with a vocabulary.
+
+        A text (or tag list) none of whose words is in the vocabulary, the empty text
+        included, becomes the all-zero bag of words: every such text gets the same code.
+        ``on_unknown`` says what then happens: ``"warn"`` (default; one
+        :class:`~cmhash.errors.UnknownTextWarning` per call), ``"error"``
+        (:class:`~cmhash.errors.UnknownTextError`) or ``"ignore"``. With
+        ``return_unknown=True`` the result is ``(codes, positions)``: the positions in
+        ``texts`` of those texts, as a list of ints. BoW vectors given as arrays are taken
+        as they are."""
+        codes, unknown = self._hash_texts(texts, batch_size, return_continuous, on_unknown)
+        _warn_unknown(unknown, len(codes), on_unknown)
+        return (codes, [i for i, _ in unknown]) if return_unknown else codes
+
+    def _hash_texts(self, texts: Any, batch_size: int, return_continuous: bool,
+                    on_unknown: str) -> tuple[np.ndarray, list[tuple[int, Any]]]:
+        """The codes and the (position, text) of each text with no known word."""
         self._require("text")
+        if on_unknown not in ("warn", "error", "ignore"):
+            raise ValueError(f"on_unknown must be 'warn', 'error' or 'ignore', got {on_unknown!r}")
         if isinstance(texts, (str, bytes)):
             raise UnsupportedInputError("hash_texts takes a list of texts; use hash_text for a single text")
         batch_size = _positive(batch_size)
-        outputs = []
+        outputs, unknown = [], []
         if isinstance(texts, np.ndarray):
             bow = check_bow(texts, self.text_dim)
             for start in range(0, len(bow), batch_size):
                 outputs.append(self._run("text", bow[start : start + batch_size], return_continuous))
         else:
+            done = 0
             for chunk in _chunks(texts, batch_size):
-                outputs.append(self._run("text", self._encode_texts(chunk), return_continuous))
-        return self._finish(outputs, return_continuous)
+                rows = self._encode_texts(chunk)
+                unknown += [(done + i, item) for i, item in enumerate(chunk)
+                            if not isinstance(item, np.ndarray) and not rows[i].any()]
+                if unknown and on_unknown == "error":
+                    position, item = unknown[0]
+                    raise UnknownTextError(f"text {position} ({_short(item)}) has no word in the bundle's vocabulary; "
+                                           "its code would be the empty text's (pass on_unknown='ignore' to allow that)")
+                outputs.append(self._run("text", rows, return_continuous))
+                done += len(chunk)
+        return self._finish(outputs, return_continuous), unknown
 
     def _encode_texts(self, items: list) -> np.ndarray:
         rows = []
@@ -243,6 +278,20 @@ class Encoder:
         if return_continuous:
             return np.zeros((0, self.bits), dtype=np.float32)
         return np.zeros((0, self.bits // 8), dtype=np.uint8)
+
+
+def _short(text: Any, limit: int = 40) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _warn_unknown(unknown: list[tuple[int, Any]], total: int, on_unknown: str) -> None:
+    """One warning per call (``on_unknown="warn"``) for the texts with no known word."""
+    if unknown and on_unknown == "warn":
+        position, item = unknown[0]
+        warnings.warn(f"{len(unknown)} of {total} texts have no word in the bundle's vocabulary (first: text {position}, "
+                      f"{_short(item)}) and get the empty text's code; pass on_unknown='error' to raise or 'ignore' "
+                      "to allow it, return_unknown=True for their positions", UnknownTextWarning, stacklevel=3)
 
 
 def _positive(batch_size: int) -> int:

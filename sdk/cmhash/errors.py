@@ -61,6 +61,16 @@ class TextInputError(CmhashError, ValueError):
     wrong shape or with values other than 0 and 1."""
 
 
+class UnknownTextError(TextInputError):
+    """A text none of whose words is in the bundle's vocabulary (``on_unknown="error"``): its
+    code would be the code of the empty text, the same for every such text."""
+
+
+class UnknownTextWarning(UserWarning):
+    """Texts none of whose words is in the bundle's vocabulary were hashed as the empty text
+    (``on_unknown="warn"``, the default). Silence it with ``on_unknown="ignore"``."""
+
+
 class VocabularyError(CmhashError, ValueError):
     """A vocabulary file or word list that is malformed or breaks its own tokenisation rules."""
 

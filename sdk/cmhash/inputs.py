@@ -74,8 +74,29 @@ def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Re
     else:
         records = _read_list(path, modality)
     if not records:
-        raise EncodeJobError(f"{path} holds no {'images' if modality == 'image' else 'texts'} to encode")
+        raise EncodeJobError(f"{path} holds no {'images' if modality == 'image' else 'texts'} to encode"
+                             + _other_modality_hint(path, kind, modality))
+    if kind == "list" and modality == "image" and not any(_names_image(r.image) for r in records):
+        raise EncodeJobError(f"{path} looks like a list of texts, not of images (no line names an image file); "
+                             "encode it with --modality text (modality='text')")
     return records
+
+
+def _names_image(path: Path) -> bool:
+    """Whether a file list's line can be an image: an image suffix, or an existing file."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or path.is_file()
+
+
+def _other_modality_hint(path: Path, kind: str, modality: str) -> str:
+    """For an input with nothing of ``modality``: the option meant, when it holds the other kind."""
+    if kind != "folder":
+        return ""
+    other = "text" if modality == "image" else "image"
+    suffixes = (".txt",) if other == "text" else IMAGE_SUFFIXES
+    if any(p.suffix.lower() in suffixes and p.is_file() for p in path.rglob("*")):
+        what = ".txt files" if other == "text" else "images"
+        return f"; it holds {what}: encode them with --modality {other} (modality='{other}')"
+    return ""
 
 
 def _read_folder(root: Path, modality: str) -> list[Record]:

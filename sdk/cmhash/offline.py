@@ -10,7 +10,8 @@ Output folder::
                     atomically; removed once merged
     codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,): ``HashIndex.add(codes,
                     ids)`` and ``cmhash index build out/codes.npz`` take it directly
-    errors.jsonl    one line per item that could not be encoded: id, item, reason
+    errors.jsonl    one line per item that could not be encoded (unreadable, or a text with no
+                    word in the vocabulary): id, item, reason
     summary.json    counts and timing
 
 Ids are the items' positions in the whole input (see :mod:`cmhash.inputs`), so the shards of
@@ -42,6 +43,7 @@ from .inputs import Record, read_collection, text_input
 JOB_FORMAT = "cmhash.encode"
 JOB_VERSION = 1
 DEFAULT_CHUNK = 1024
+NO_KNOWN_WORD = "no word of the text is in the bundle's vocabulary"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -119,7 +121,7 @@ def encode_collection(
     }
     done_parts = _prepare(out, job, resume)
     if (out / "codes.npz").exists():  # a finished job, resumed: nothing to do
-        return json.loads((out / "summary.json").read_text())
+        return _require_some_encoded(json.loads((out / "summary.json").read_text()))
 
     started = time.perf_counter()
     chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
@@ -136,7 +138,24 @@ def encode_collection(
             done += len(chunk)
             if progress is not None:
                 progress(done, total, time.perf_counter() - started)
-    return _merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now)
+    return _require_some_encoded(_merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now))
+
+
+# what a record lacks when it was meant for the other modality -> the option that was meant
+_OTHER_MODALITY = {"the record has no 'image'": "text", "the record has no 'text' or 'tags'": "image"}
+
+
+def _require_some_encoded(summary: dict) -> dict:
+    """The summary, or an :class:`EncodeJobError` when items were given and none encoded
+    (the files stay written: errors.jsonl lists every reason)."""
+    if summary["encoded"] or not summary["items"]:
+        return summary
+    with open(summary["errors_file"], encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    other = _OTHER_MODALITY.get(first["reason"])
+    hint = f"; encode it with --modality {other} (modality='{other}')" if other else ""
+    raise EncodeJobError(f"none of the {summary['items']} items could be encoded ({first['item']}: {first['reason']}; "
+                         f"all reasons in {summary['errors_file']}){hint}")
 
 
 # --- job folder ------------------------------------------------------------------------------------
@@ -226,7 +245,10 @@ def _text_input(encoder, record: Record):
         item = text_input(record, encoder.vocabulary, encoder.text_dim)
         if isinstance(item, np.ndarray):
             return item, None
-        return encoder.encode_text_input(item), None
+        row = encoder.encode_text_input(item)
+        if not row.any():  # every such item would get one code, the empty text's: listed, not indexed
+            return None, NO_KNOWN_WORD
+        return row, None
     except CmhashError as exc:
         return None, f"{type(exc).__name__}: {exc}"
 

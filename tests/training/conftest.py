@@ -8,19 +8,13 @@ import pytest
 for _module in ("torch", "torchvision", "open_clip", "torch_geometric", "ot", "scipy", "PIL", "safetensors"):
     pytest.importorskip(_module)
 
-# shared/ sits beside the repository checkout (../shared/data from the repository root)
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from fixtures.data import DATA as SHARED_DATA  # noqa: E402
+from fixtures.data import require  # noqa: E402,F401  (the tests import it from here)
 
 
 @pytest.fixture
 def shared_data() -> Path:
     return SHARED_DATA
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not present: {path}")
-    return path
 
 
 # A small generated-shapes data section for the methods' tiny configs, preprocessed once in memory.

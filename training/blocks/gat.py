@@ -9,9 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import DenseGATConv
 
+from ..deps import without_jit_script_warning
 from ..errors import DataError
+
+with without_jit_script_warning():
+    from torch_geometric.nn import DenseGATConv
 
 GLOVE_KEY = "emb"
 

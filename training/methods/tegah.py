@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import DenseGATConv
 
 from ..blocks import (HashHead, binarize, build_image_backbone, classification_loss, dcg_triplet_loss,
                       label_distillation_loss, quantization_loss, wasserstein_loss)
+from ..blocks.gat import DenseGATConv  # imported there without torch's jit.script warning
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 

@@ -1,0 +1,104 @@
+"""Every script of examples/ runs here in its smallest setting, so none can rot: each says
+at the top what it needs, a missing extra or a bad argument is one line and exit status 2
+(never a traceback), and the SDK-only ones run on a bundle of tiny towers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run(script: str, *args, missing: tuple[str, ...] = (), cwd=None) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` as a user would; ``missing`` modules behave as not installed."""
+    if missing:
+        hide = "".join(f"sys.modules[{m!r}] = None; " for m in missing)
+        argv = [sys.executable, "-c", f"import runpy, sys; {hide}sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')", str(EXAMPLES / script), *map(str, args)]
+    else:
+        argv = [sys.executable, str(EXAMPLES / script), *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd or ROOT)
+
+
+def one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # argparse's errors come after its usage lines
+    assert "Traceback" not in out.stderr and all(w in last for w in words), out.stderr
+
+
+def test_every_example_says_what_it_needs_at_the_top():
+    for script in sorted(EXAMPLES.glob("*.py")):
+        docstring = re.match(r'"""(.*?)"""', script.read_text(), re.S)
+        assert docstring and "Needs" in docstring.group(1), f"{script.name}: say which extra it needs"
+
+
+def test_bench_search_smallest_setting_and_without_faiss():
+    pytest.importorskip("faiss")
+    out = run("bench_search.py", "--quick", "--n", 2000, "--nq", 5, "--nq256", 5, "--single", 2, "--numpy-nq", 2,
+              "--k", 5)
+    assert out.returncode == 0, out.stderr
+    assert "n=2,000 random codes" in out.stdout and "results equal FAISS's distances" in out.stdout
+    one_line_error(run("bench_search.py", "--quick", missing=("faiss",)), "faiss not installed", "cmhash-sdk[dev]")
+
+
+def test_bench_eval_smallest_setting():
+    out = run("bench_eval.py", "--queries", 5, "--database", 2000, "--repeat", 1)
+    assert out.returncode == 0, out.stderr
+    assert "2100 queries x 2000 database items" in out.stdout and "-> OK" in out.stdout
+
+
+def test_bench_export_names_its_extra_and_its_photos(tmp_path):
+    one_line_error(run("bench_export.py", missing=("torch",)), "torch not installed", "cmhash-sdk[export]")
+    pytest.importorskip("onnx")
+    pytest.importorskip("open_clip")
+    one_line_error(run("bench_export.py", "--photos", tmp_path, "--calibration", 4), "0 .jpg photos", "at least 6")
+
+
+def test_quickstart_names_its_extra():
+    one_line_error(run("quickstart.py", missing=("torch",)), "torch not installed", "cmhash-sdk[export]")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    pytest.importorskip("onnx", reason="the test builds its ONNX towers with the onnx package")
+    from fixtures.towers import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("b") / "bundle", bits=32, image_size=32)[0]
+
+
+def test_encode_folder_then_edge_search_on_a_tiny_bundle(bundle, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24 + i, 40, 3), dtype=np.uint8)).save(photos / f"img{i}.png")
+    out = tmp_path / "enc"
+    encoded = run("encode_folder.py", bundle, photos, out, "--workers", 2)
+    assert encoded.returncode == 0, encoded.stderr
+    assert '"encoded": 6' in encoded.stdout and "nearest to" in encoded.stdout
+    common = [bundle, out / "index.chi", out / "codes.npz"]
+    found = run("edge_search.py", *common, "a cat on the beach", photos / "img3.png", "-k", 2)
+    assert found.returncode == 0, found.stderr  # the script asserts torch never loaded
+    lines = found.stdout.splitlines()
+    assert lines[1].startswith("[text] 'a cat on the beach' -> ")
+    assert lines[2].startswith(f"[image] {str(photos / 'img3.png')!r} -> img3.png (0)")  # finds itself
+    for typo in ("photos/img3.pgn", "img9.png", str(photos / "nothing")):  # paths, never searched as texts
+        one_line_error(run("edge_search.py", *common, "a cat", typo), f"no such image: {typo}")
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_without_warnings(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("torch_geometric")
+    out = run("quickstart.py", "--epochs", 1, "--out", tmp_path / "qs")
+    assert out.returncode == 0, out.stderr
+    assert "trained: mAP" in out.stdout and "query:" in out.stdout
+    assert "Warning" not in out.stderr, out.stderr
