@@ -368,11 +368,12 @@ def saved_epochs(path: Path) -> int:
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     """SIGKILL a training process at an arbitrary moment (maybe mid-checkpoint), resume, compare."""
     out = tmp_path / "killed"
-    # Same environment as this process: CPU results are bitwise equal only at equal thread counts.
+    # CPU results are bitwise equal only at equal thread counts: the child gets this process's.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "toy_method.py"), str(out), "train.epochs=1000", "train.batch_size=16",
          "train.eval_every=0", "train.progress=false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
     )
     try:
         deadline = time.monotonic() + 60
