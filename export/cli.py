@@ -15,6 +15,7 @@ import sys
 
 from cmhash.cli import print_json, require_extra, setup_logging
 from cmhash.errors import VerificationError
+from cmhash.reference import result_line
 from cmhash.training.cli import TRAIN_MODULES, training_run
 
 EXPORT_MODULES = (*TRAIN_MODULES, "onnx")  # import names of the export extra's packages (pyproject.toml)
@@ -110,8 +111,7 @@ def cmd_export(args) -> int:
         print(f"verified on {inputs['image_items']} images and {inputs['text_items']} texts of {inputs['source']}"
               + (f" ({inputs['skipped']} unreadable, skipped)" if inputs["skipped"] else ""))
         for r in report["results"]:
-            print(f"  {r['modality']:5} {r['variant']:12} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
-                  f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
+            print(result_line(r))
         for variant, m in report.get("map", {}).items():
             print(f"  mAP {variant:12} I->T {m['i2t']:.4f}  T->I {m['t2i']:.4f}")
         if not failed:

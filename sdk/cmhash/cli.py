@@ -133,7 +133,7 @@ def cmd_search(args) -> int:
 def cmd_verify(args) -> int:
     """Exit 0 when the chosen variant reproduces the bundle's reference codes here, 1 when
     it does not, 3 when the bundle carries no reference data to check with."""
-    from .reference import check_bundle
+    from .reference import check_bundle, result_line
 
     report = check_bundle(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                           bit_floor=args.bit_floor)
@@ -152,8 +152,7 @@ def cmd_verify(args) -> int:
               f"{', '.join(f'{n} {m}' for m, n in report['items'].items())} items; "
               f"floor {contract['bit_floor']:g} of bits, fp32 {contract['fp32_bit_floor']:g})")
         for r in report["results"]:
-            print(f"  {r['variant']:12} {r['modality']:5} {r['backend']:11}  bits {r['bit_agreement']:.4%}  "
-                  f"max|d| {r['max_abs_delta']:.2e}  {'ok' if r['passed'] else 'FAIL (' + r['criterion'] + ')'}")
+            print(result_line(r))
         for variant, why in report["skipped"].items():
             print(f"  {variant:12} not checked: {why}")
         passing = [v for v, ok in report["variants"].items() if ok]

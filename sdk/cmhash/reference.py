@@ -87,6 +87,14 @@ def judge(result: dict, variant: str, backend: str, contract: Contract) -> dict:
     return result
 
 
+
+def result_line(result: dict) -> str:
+    """One judged result as the commands print it: where, bits, largest delta, verdict."""
+    verdict = "ok" if result["passed"] else f"FAIL ({result['criterion']})"
+    return (f"  {result['modality']:5} {result['variant']:12} {result['backend']:11}  bits {result['bit_agreement']:.4%}  "
+            f"max|d| {result['max_abs_delta']:.2e}  {verdict}")
+
+
 # --- the files -----------------------------------------------------------------------------------
 
 
