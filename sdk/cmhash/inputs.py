@@ -89,6 +89,8 @@ def _read_folder(root: Path, modality: str) -> list[Record]:
         name = p.relative_to(root).as_posix()
         if modality == "image":
             records.append(Record(number, name, image=p))
+        elif not p.is_file():  # a FIFO, socket or device: reading it could block forever
+            records.append(Record(number, name, problem="not a regular file (a FIFO, socket or device); skipped"))
         else:
             try:
                 text = p.read_bytes().decode("utf-8")
@@ -185,11 +187,12 @@ def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:
 
 
 def is_index(x: Any) -> bool:
-    """Whether a manifest's tag or label is a column index (an int, or a string of digits,
-    possibly negative so that it is reported as out of range rather than read as a word)."""
+    """Whether a manifest's tag or label is a column index (an int, or a string of ASCII
+    digits, possibly negative so that it is reported as out of range rather than read as a
+    word). Other digit characters ('²', '٣') are words: ``int()`` would refuse or misread them."""
     if isinstance(x, str):
-        x = x.strip()
-        return x.removeprefix("-").isdigit()
+        digits = x.strip().removeprefix("-")
+        return digits.isascii() and digits.isdecimal()
     return isinstance(x, int) and not isinstance(x, bool)
 
 
