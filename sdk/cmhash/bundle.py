@@ -84,6 +84,7 @@ from .errors import (
     BundlePermissionError,
     BundleTooLargeError,
     BundleVersionError,
+    ResourceLimitError,
 )
 from .files import atomic_path, fsync, temp_dir_beside
 from .preprocess import ImagePreprocessor
@@ -365,6 +366,8 @@ def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:
             fail(f"{where}.input.shape must have 3 channels, got {shape[1]}")
         try:
             preprocess = ImagePreprocessor.from_dict(spec.get("preprocess"))
+        except ResourceLimitError:
+            raise  # a size over a limit the user may raise, not a malformed manifest
         except (TypeError, ValueError) as exc:
             fail(f"{where}.preprocess is invalid: {exc}")
         if list(preprocess.output_size) != shape[2:]:

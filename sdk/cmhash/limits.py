@@ -13,7 +13,7 @@ import os
 
 from .errors import ResourceLimitError
 
-__all__ = ["MAX_BUNDLE_BYTES", "MAX_INPUT_BYTES", "MAX_RESULT_BYTES", "check_input_size", "check_result_size"]
+__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_RESULT_BYTES", "check_input_size", "check_result_size"]
 
 
 def _from_env(name: str, default: int) -> int:
@@ -34,6 +34,16 @@ MAX_BUNDLE_BYTES = _from_env("MAX_BUNDLE_BYTES", 16 << 30)
 #: Largest array the command line loads from one ``.npy``/``.npz`` input, in bytes (as declared
 #: by the file, checked before anything is inflated).
 MAX_INPUT_BYTES = _from_env("MAX_INPUT_BYTES", 16 << 30)
+
+
+#: Most bytes read from a file object given as an image (``Encoder.hash(fh)``); paths are
+#: streamed by the decoder and need no such bound.
+MAX_IMAGE_BYTES = _from_env("MAX_IMAGE_BYTES", 1 << 30)
+
+
+#: Largest height or width a bundle's image preprocessing may resize to (models take 224 to
+#: a few hundred; 8192 a side is already 0.75 GiB per float32 image).
+MAX_IMAGE_SIDE = _from_env("MAX_IMAGE_SIDE", 8192)
 
 
 def check_input_size(what: str, nbytes: int) -> None:

@@ -43,7 +43,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, UnsupportedInputError
+from . import limits
+from .errors import (
+    ImageDecodeError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    ResourceLimitError,
+    UnsupportedInputError,
+)
 
 # Normalisation statistics: CLIP's (open_clip's OPENAI_DATASET_MEAN / _STD) and ImageNet's
 # (torchvision's pretrained models). Training imports these; they are defined only here.
@@ -99,7 +106,12 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
             raise ImageDecodeError("the image bytes are empty (0 bytes)")
         return _decode_stream(io.BytesIO(bytes(source)), max_pixels, "the image bytes")
     if hasattr(source, "read"):
-        data = source.read()
+        data = source.read(limits.MAX_IMAGE_BYTES + 1)  # a stream may never end
+        if isinstance(data, (bytes, bytearray)) and len(data) > limits.MAX_IMAGE_BYTES:
+            raise ResourceLimitError(
+                f"{getattr(source, 'name', 'the image file object')} gave more than {limits.MAX_IMAGE_BYTES:,} bytes; "
+                "pass a path, or raise cmhash.limits.MAX_IMAGE_BYTES (env CMHASH_MAX_IMAGE_BYTES) for larger files"
+            )
         if not isinstance(data, (bytes, bytearray)):
             raise UnsupportedInputError(
                 "image file objects must be opened in binary mode ('rb'), got one that returns "
@@ -255,6 +267,13 @@ class ImagePreprocessor:
             raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}, got {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "longest", "squash"):
             raise ValueError(f"resize_mode must be 'shortest', 'longest' or 'squash', got {self.resize_mode!r}")
+        if max(self.output_size) > limits.MAX_IMAGE_SIDE:
+            raise ResourceLimitError(
+                f"image_size {self.output_size[0]}x{self.output_size[1]} is over the limit of "
+                f"{limits.MAX_IMAGE_SIDE} pixels a side (one such image would take "
+                f"{3 * 4 * self.output_size[0] * self.output_size[1] / 2**30:.1f} GiB as float32); if the model "
+                "really takes images this large, raise cmhash.limits.MAX_IMAGE_SIDE (env CMHASH_MAX_IMAGE_SIDE)"
+            )
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -294,6 +313,9 @@ class ImagePreprocessor:
         else:
             items = [images]
         height, width = self.output_size
+        if hasattr(items, "__len__"):
+            limits.check_result_size("ImagePreprocessor", f"{len(items)} images of {height}x{width} as float32",
+                                     len(items) * 3 * height * width * 4)
         rows = [self.pixels(item) for item in items]
         if not rows:
             return np.zeros((0, 3, height, width), dtype=np.float32)
