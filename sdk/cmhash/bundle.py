@@ -84,6 +84,7 @@ from .errors import (
     BundlePermissionError,
     BundleTooLargeError,
     BundleVersionError,
+    InvalidArgumentError,
     ResourceLimitError,
 )
 from .files import atomic_path, fsync, temp_dir_beside
@@ -156,7 +157,7 @@ class Bundle:
         if variant == "fp32":
             return spec["file"]
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise InvalidArgumentError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         try:
             return spec["variants"][variant]["file"]
         except KeyError:
@@ -491,6 +492,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             raise BundleNotFoundError(f"bundle not found: {path}")
         if path.is_dir():
             return _load(_DirectoryMembers(path), source)
+        if not path.is_file():  # a FIFO or a device: opening it could block forever
+            raise BundleError(f"{path} is not a regular file, a bundle directory or a zip archive of one")
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 return _load(_ArchiveMembers(zf, source), source)

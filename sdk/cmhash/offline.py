@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .files import atomic_write
-from .errors import CmhashError, EncodeJobError
+from .errors import ArgumentTypeError, CmhashError, EncodeJobError, InvalidArgumentError
 from .inputs import Record, read_collection, text_input
 
 JOB_FORMAT = "cmhash.encode"
@@ -92,10 +92,11 @@ def encode_collection(
     """
     from .encoder import Encoder
 
-    if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"batch_size and workers must be positive ints, got {batch_size!r}, {workers!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ArgumentTypeError(f"{name} must be a positive int, got {value!r}")
+        if value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     parse_shard(f"{shard[0]}/{shard[1]}")
     out = Path(out_dir)

@@ -199,3 +199,16 @@ def test_self_contained_models_pass_the_external_data_check(tmp_path):
     path, _ = make_bundle(tmp_path / "bundle")
     encoder = cmhash.Encoder.load(path)
     assert encoder.hash_texts(np.ones((1, encoder.text_dim), np.float32)).shape == (1, 4)
+
+
+def test_a_fifo_given_as_the_bundle_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "bundle.zip")
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(tmp_path / "bundle.zip")
+
+
+def test_an_unknown_variant_is_an_invalid_argument(bundle):
+    from cmhash.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="unknown variant 'int4'"):
+        load_bundle(bundle).model_file("text", "int4")

@@ -16,6 +16,7 @@ import pytest
 from cmhash.cli import main
 from cmhash.encoder import Encoder
 from cmhash.inputs import is_index
+from cmhash.offline import encode_collection
 
 pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
 
@@ -118,3 +119,14 @@ def test_a_kill_inside_the_merge_leaves_a_resumable_job(text_bundle, tmp_path, c
     assert (out / "errors.jsonl").read_text() == "" and not (out / "parts").exists()
     with np.load(out / "codes.npz") as z:
         assert list(z["ids"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("batch_size", 0, "InvalidArgumentError"), ("workers", -1, "InvalidArgumentError"),
+    ("chunk_size", 2.5, "ArgumentTypeError"), ("batch_size", True, "ArgumentTypeError"),
+])
+def test_job_options_are_typed_errors(bundle, tmp_path, option, value, error):
+    from cmhash import errors
+
+    with pytest.raises(getattr(errors, error), match=option):
+        encode_collection(bundle, tmp_path, tmp_path / "out", modality="text", **{option: value})
