@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EncodeJobError, TextInputError
+from .errors import EncodeJobError, InvalidArgumentError, TextInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
@@ -64,7 +64,7 @@ def collection_kind(path: str | os.PathLike) -> str:
 def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Record]:
     """The records of a folder, file list or manifest (see the module docstring)."""
     if modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        raise InvalidArgumentError(f"modality must be 'image' or 'text', got {modality!r}")
     path = Path(path)
     kind = collection_kind(path)
     if kind == "folder":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
+from ..errors import ArgumentTypeError, BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
 from .base import Backend, ModelSpec
 
 
@@ -71,11 +71,13 @@ class OnnxRuntimeBackend(Backend):
         elif device == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
-            raise ValueError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
+            raise InvalidArgumentError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
         options = ort.SessionOptions()
         if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+            if not isinstance(threads, int) or isinstance(threads, bool):
+                raise ArgumentTypeError(f"threads must be a positive int or None, got {threads!r}")
+            if threads < 1:
+                raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
