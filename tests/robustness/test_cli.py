@@ -9,6 +9,7 @@ import sys
 import textwrap
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from cmhash import limits
 from cmhash.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]
 CODES = np.random.default_rng(0).integers(0, 256, (20, 4), dtype=np.uint8)
 
 
@@ -181,3 +183,19 @@ def test_a_bug_keeps_its_traceback(index_file, codes_npy, monkeypatch):
     monkeypatch.setattr(HashIndex, "search", broken)
     with pytest.raises(ZeroDivisionError):
         main(["search", str(index_file), str(codes_npy)])
+
+
+def test_a_huge_k_is_a_limit_not_a_memory_error(index_file, codes_npy, capsys):
+    fails(capsys, ["search", index_file, codes_npy, "-k", str(10**12)], "MAX_RESULT_BYTES")
+
+
+def test_encode_into_an_unusable_out(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures.towers import make_bundle
+
+    bundle, _ = make_bundle(tmp_path / "b", modalities=("text",))
+    (tmp_path / "texts.txt").write_text("cat\n")
+    (tmp_path / "file").write_text("in the way")
+    fails(capsys, ["encode", bundle, tmp_path / "texts.txt", "--out", tmp_path / "file" / "out", "--modality", "text"],
+          "Not a directory")
