@@ -58,6 +58,8 @@ def collection_kind(path: str | os.PathLike) -> str:
         return "folder"
     if not path.exists():
         raise EncodeJobError(f"input not found: {path}")
+    if not path.is_file():  # a FIFO or a device: reading it could block forever
+        raise EncodeJobError(f"{path} is not a folder or a regular file; give a folder, a file list or a manifest")
     return "manifest" if path.suffix.lower() in MANIFEST_SUFFIXES else "list"
 
 

@@ -130,3 +130,10 @@ def test_job_options_are_typed_errors(bundle, tmp_path, option, value, error):
 
     with pytest.raises(getattr(errors, error), match=option):
         encode_collection(bundle, tmp_path, tmp_path / "out", modality="text", **{option: value})
+
+
+def test_a_fifo_given_as_the_input_list_is_refused_without_blocking(bundle, tmp_path, capsys):
+    os.mkfifo(tmp_path / "list.txt")
+    assert main(["encode", str(bundle), str(tmp_path / "list.txt"), "--out", str(tmp_path / "out"),
+                 "--modality", "text"]) == 2
+    assert "not a folder or a regular file" in capsys.readouterr().err
