@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmhash.cli import print_json, require_extra, setup_logging
+from cmhash.cli import positive_int, print_json, require_extra, setup_logging
 from cmhash.errors import VerificationError
 from cmhash.reference import result_line
 from cmhash.training.cli import TRAIN_MODULES, training_run
@@ -69,7 +69,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--tensorrt", action="store_true", help="build and verify TensorRT engines on this GPU")
     export.add_argument("--verify-data", help="folder of images, image list or manifest to verify on (default: the training data)")
     export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
-    export.add_argument("--verify-items", type=int, default=256, help="items to verify on (default 256)")
+    export.add_argument("--verify-items", type=positive_int, default=256, help="items to verify on (default 256)")
     export.add_argument("--bit-floor", type=float, default=0.97, help="fp16/int8 fail below this bit agreement (0.97)")
     export.add_argument("--strict", action="store_true",
                         help="fail the whole export when any variant fails verification (default: leave it out)")

@@ -1,5 +1,8 @@
 #include "pyargs.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "kernels.h"
 #include "threads.h"
 
@@ -34,22 +37,43 @@ int cmh_get_matrix(PyObject *obj, const char *func, const char *arg, cmh_matrix 
     return 0;
 }
 
-int cmh_get_out(PyObject *obj, const char *func, const char *arg, size_t itemsize, size_t count,
+/* Whether a buffer's struct format is one native-order scalar of the kind ("int": signed
+ * integer, "float": floating point); the size is checked separately (itemsize). */
+static int format_is(const char *fmt, const char *kind) {
+    if (fmt == NULL) fmt = "B";
+    if (*fmt == '@' || *fmt == '=' || *fmt == '|') fmt++;
+#if PY_LITTLE_ENDIAN
+    else if (*fmt == '<') fmt++;
+#else
+    else if (*fmt == '>' || *fmt == '!') fmt++;
+#endif
+    if (fmt[0] == '\0' || fmt[1] != '\0') return 0;
+    return strchr(strcmp(kind, "int") == 0 ? "bhilqn" : "efd", fmt[0]) != NULL;
+}
+
+int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
                 cmh_out *o) {
     o->held = 0;
-    if (PyObject_GetBuffer(obj, &o->view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+    const int is_float = strncmp(dtype, "float", 5) == 0;
+    const size_t itemsize = (size_t)atoi(dtype + (is_float ? 5 : 3)) / 8; /* "int32" -> 4 */
+    if (PyObject_GetBuffer(obj, &o->view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s(): %s must be a writable C-contiguous array, not '%.200s'",
-                     func, arg, Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be a writable C-contiguous %s array, not '%.200s'",
+                     func, arg, dtype, Py_TYPE(obj)->tp_name);
         return -1;
     }
     o->held = 1;
-    if ((size_t)o->view.len != itemsize * count ||
-        (o->view.itemsize != (Py_ssize_t)itemsize && o->view.itemsize != 1)) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s(): %s must hold %zu items of %zu bytes (%zu bytes), got %zd bytes of "
-                     "itemsize %zd",
-                     func, arg, count, itemsize, count * itemsize, o->view.len, o->view.itemsize);
+    /* The exact dtype, not only the byte size: a float32 buffer of the right length would
+     * otherwise receive integer bit patterns. */
+    if (o->view.itemsize != (Py_ssize_t)itemsize || !format_is(o->view.format, is_float ? "float" : "int")) {
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be an array of %s, got format '%s' with itemsize %zd",
+                     func, arg, dtype, o->view.format ? o->view.format : "B", o->view.itemsize);
+        cmh_release_out(o);
+        return -1;
+    }
+    if ((size_t)o->view.len != itemsize * count) {
+        PyErr_Format(PyExc_ValueError, "%s(): %s must hold %zu items of %s (%zu bytes), got %zd bytes",
+                     func, arg, count, dtype, count * itemsize, o->view.len);
         cmh_release_out(o);
         return -1;
     }

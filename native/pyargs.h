@@ -15,7 +15,8 @@ typedef struct {
     size_t rows, cols;
 } cmh_matrix;
 
-/* A writable, C-contiguous output buffer of `count` items of `itemsize` bytes. */
+/* A writable, C-contiguous output buffer of `count` items of dtype "int32", "int64" or
+ * "float64" (checked exactly: kind and size, native byte order). */
 typedef struct {
     Py_buffer view;
     int held;
@@ -24,7 +25,7 @@ typedef struct {
 
 /* 0 on success; -1 with TypeError/ValueError set naming `func` and `arg`. */
 int cmh_get_matrix(PyObject *obj, const char *func, const char *arg, cmh_matrix *m);
-int cmh_get_out(PyObject *obj, const char *func, const char *arg, size_t itemsize, size_t count,
+int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
                 cmh_out *o);
 void cmh_release_matrix(cmh_matrix *m);
 void cmh_release_out(cmh_out *o);

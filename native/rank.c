@@ -429,10 +429,10 @@ static PyObject *rank_metrics(PyObject *self, PyObject *args, PyObject *kwargs) 
         PyErr_Format(PyExc_ValueError, "%s(): output sizes overflow", F);
         goto done;
     }
-    if (cmh_get_out(oha, F, "hist_all", 8, hist_count, &ha) < 0 ||
-        cmh_get_out(ohr, F, "hist_rel", 8, hist_count, &hr) < 0 ||
-        cmh_get_out(oap, F, "ap", 8, ap_count, &ap) < 0 ||
-        cmh_get_out(opr, F, "prec", 8, prec_count, &pr) < 0)
+    if (cmh_get_out(oha, F, "hist_all", "int64", hist_count, &ha) < 0 ||
+        cmh_get_out(ohr, F, "hist_rel", "int64", hist_count, &hr) < 0 ||
+        cmh_get_out(oap, F, "ap", "float64", ap_count, &ap) < 0 ||
+        cmh_get_out(opr, F, "prec", "float64", prec_count, &pr) < 0)
         goto done;
     if (((uintptr_t)ha.data | (uintptr_t)hr.data | (uintptr_t)ap.data | (uintptr_t)pr.data) % 8) {
         PyErr_Format(PyExc_ValueError, "%s(): output buffers must be 8-byte aligned", F);

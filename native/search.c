@@ -70,7 +70,7 @@ static PyObject *distances(PyObject *self, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
     cmh_out out;
-    if (cmh_get_out(outobj, "distances", "out", 4, count, &out) < 0) {
+    if (cmh_get_out(outobj, "distances", "out", "int32", count, &out) < 0) {
         cmh_release_matrix(&q);
         cmh_release_matrix(&db);
         return NULL;
@@ -121,8 +121,8 @@ static PyObject *knn(PyObject *self, PyObject *args, PyObject *kwargs) {
                      q.rows, k_arg);
         goto fail;
     }
-    if (cmh_get_out(odobj, "knn", "out_distances", 4, count, &od) < 0) goto fail;
-    if (cmh_get_out(oiobj, "knn", "out_labels", 8, count, &oi) < 0) goto fail;
+    if (cmh_get_out(odobj, "knn", "out_distances", "int32", count, &od) < 0) goto fail;
+    if (cmh_get_out(oiobj, "knn", "out_labels", "int64", count, &oi) < 0) goto fail;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = cmh_knn(q.data, q.rows, db.data, db.rows, q.cols, (size_t)k_arg, threads,

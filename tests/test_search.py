@@ -240,6 +240,8 @@ def test_native_rejects_bad_buffers():
     with pytest.raises(ValueError, match="out_distances must hold 12 items"):
         h.knn(q, db, 3, np.empty(11, np.int32), oi)
     with pytest.raises(ValueError, match="out_labels must hold 12 items"):
+        h.knn(q, db, 3, od, np.empty(11, np.int64))
+    with pytest.raises(TypeError, match="out_labels must be an array of int64"):
         h.knn(q, db, 3, od, np.empty(12, np.int32))
     with pytest.raises(ValueError, match="out must hold 40 items"):
         h.distances(q, db, np.empty(39, np.int32))

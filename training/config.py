@@ -21,6 +21,7 @@ A key that does not exist in ``model``, ``train`` or ``eval`` (or an unknown sec
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
         if self.eval_every < 0 or self.num_workers < 0 or self.seed < 0:
             raise ConfigError("train.eval_every, train.num_workers and train.seed must be >= 0")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if self.seed >= 2**63:  # torch, numpy and random all take seeds below this
+            raise ConfigError(f"train.seed must be below 2**63, got {self.seed}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"train.amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")

@@ -69,13 +69,24 @@ import re
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from . import limits
 from ._version import __version__
 from .codes import check_bits
-from .errors import BundleChecksumError, BundleError, BundleNotFoundError, BundleVersionError
+from .errors import (
+    BundleChecksumError,
+    BundleError,
+    BundleNotFoundError,
+    BundlePermissionError,
+    BundleTooLargeError,
+    BundleVersionError,
+    InvalidArgumentError,
+    ResourceLimitError,
+)
 from .files import atomic_path, fsync, temp_dir_beside
 from .preprocess import ImagePreprocessor
 from .text import Vocabulary
@@ -87,8 +98,12 @@ MODALITIES = ("image", "text")
 OUTPUT_VALUES = ("tanh", "sign")
 VARIANTS = ("fp32", "fp16", "int8", "int8-dynamic")  # fp32 is the modality's own "file"
 # Guards against zip bombs: a bundle holds a few models, not terabytes.
-MAX_BUNDLE_BYTES = 16 * 2**30
+# Guards against zip bombs (the byte limit is cmhash.limits.MAX_BUNDLE_BYTES): a bundle holds
+# a few models and a small manifest, not thousands of files.
 MAX_BUNDLE_FILES = 1000
+MAX_MANIFEST_BYTES = 16 * 2**20
+_CHUNK = 1 << 20
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what cmhash pack and plain zip tools write
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same bundle packs to the same bytes
 
@@ -142,7 +157,7 @@ class Bundle:
         if variant == "fp32":
             return spec["file"]
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise InvalidArgumentError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         try:
             return spec["variants"][variant]["file"]
         except KeyError:
@@ -152,7 +167,15 @@ class Bundle:
             ) from None
 
     def model_bytes(self, name: str, variant: str = "fp32") -> bytes:
-        return self.files[self.model_file(name, variant)]
+        """The verified bytes of a model, refused if it would read weights from elsewhere."""
+        file = self.model_file(name, variant)
+        data = self.files[file]
+        if _uses_external_data(data):
+            raise BundleError(
+                f"{self.source}: {file} keeps weights in external data files, which a runtime would read "
+                "from outside the checked bundle; export the model with its weights inside the .onnx file"
+            )
+        return data
 
     def image_preprocessor(self, **overrides) -> ImagePreprocessor:
         return ImagePreprocessor.from_dict(self.modality("image")["preprocess"], **overrides)
@@ -344,6 +367,8 @@ def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:
             fail(f"{where}.input.shape must have 3 channels, got {shape[1]}")
         try:
             preprocess = ImagePreprocessor.from_dict(spec.get("preprocess"))
+        except ResourceLimitError:
+            raise  # a size over a limit the user may raise, not a malformed manifest
         except (TypeError, ValueError) as exc:
             fail(f"{where}.preprocess is invalid: {exc}")
         if list(preprocess.output_size) != shape[2:]:
@@ -446,91 +471,242 @@ def pack_archive(directory: str | os.PathLike, archive: str | os.PathLike | None
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load and verify a bundle from a directory or a zip archive.
 
+    The members are listed (names, types and declared sizes) and compared with the manifest
+    before any model is read: a member the manifest does not list is refused unread, and
+    each listed one is read once, in chunks, up to its declared size, while its sha256 is
+    computed.
+
     Raises:
         BundleNotFoundError: nothing at ``path``.
+        BundlePermissionError: the bundle or one of its files may not be read by this process.
         BundleVersionError: a format major version this cmhash does not read.
         BundleChecksumError: a file whose sha256 differs from the manifest (named).
-        BundleError: no or malformed manifest, missing, extra, unsafe or linked files.
+        BundleTooLargeError: files adding up to more than ``cmhash.limits.MAX_BUNDLE_BYTES``.
+        BundleError: no or malformed manifest, missing, extra, unsafe or linked files, an
+            encrypted or unreadable archive.
     """
     path = Path(path)
-    if not path.exists():
-        raise BundleNotFoundError(f"bundle not found: {path}")
-    if path.is_dir():
-        raw = _read_directory(path)
-    elif zipfile.is_zipfile(path):
-        raw = _read_archive(path)
-    else:
-        raise BundleError(f"{path} is neither a bundle directory nor a zip archive of one")
     source = str(path)
-    if MANIFEST_NAME not in raw:
-        raise BundleError(f"{source} has no {MANIFEST_NAME}; it is not a cmhash bundle")
     try:
-        manifest = json.loads(raw.pop(MANIFEST_NAME))
+        if not path.exists():
+            raise BundleNotFoundError(f"bundle not found: {path}")
+        if path.is_dir():
+            return _load(_DirectoryMembers(path), source)
+        if not path.is_file():  # a FIFO or a device: opening it could block forever
+            raise BundleError(f"{path} is not a regular file, a bundle directory or a zip archive of one")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return _load(_ArchiveMembers(zf, source), source)
+        raise BundleError(f"{path} is neither a bundle directory nor a zip archive of one")
+    except PermissionError as exc:
+        raise BundlePermissionError(
+            f"{source}: permission denied reading {exc.filename or 'the bundle'}; give this user read "
+            "access to the bundle (files) and its folders (read and execute)"
+        ) from exc
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise BundleError(f"{source}: the archive is corrupt or truncated: {exc}") from exc
+    except OSError as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{source}: cannot read the bundle: {exc}") from exc
+
+
+def _load(members, source: str) -> Bundle:
+    sizes = members.sizes
+    if MANIFEST_NAME not in sizes:
+        raise BundleError(f"{source} has no {MANIFEST_NAME}; it is not a cmhash bundle")
+    if sizes[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{source}: {MANIFEST_NAME} is {sizes[MANIFEST_NAME]:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}")
+    text = members.read(MANIFEST_NAME, sizes[MANIFEST_NAME], hashlib.sha256())
+    try:
+        manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{source}: {MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise BundleError(f"{source}: {MANIFEST_NAME} is nested too deeply to be a manifest") from None
     check_version(manifest, source)  # before the schema: a future format may look different
     validate_manifest(manifest, source)
     listed = manifest["files"]
-    missing = sorted(set(listed) - set(raw))
+    missing = sorted(set(listed) - set(sizes))
     if missing:
         raise BundleError(f"{source}: files listed in the manifest are missing: {', '.join(missing)}")
-    extra = sorted(set(raw) - set(listed))
+    extra = sorted(set(sizes) - set(listed) - {MANIFEST_NAME})
     if extra:
         raise BundleError(
             f"{source}: files not listed in the manifest: {', '.join(extra)}; remove them or re-export the bundle"
         )
+    total = sum(sizes[name] for name in listed)
+    if total > limits.MAX_BUNDLE_BYTES:
+        raise BundleTooLargeError(
+            f"{source}: the bundle's files add up to {total:,} bytes, over the limit of "
+            f"{limits.MAX_BUNDLE_BYTES:,}; raise cmhash.limits.MAX_BUNDLE_BYTES "
+            "(env CMHASH_MAX_BUNDLE_BYTES) if the bundle is trusted"
+        )
+    files: dict[str, bytes] = {}
     for name, expected in sorted(listed.items()):
-        actual = sha256_bytes(raw[name])
+        digest = hashlib.sha256()
+        files[name] = members.read(name, sizes[name], digest)
+        actual = digest.hexdigest()
         if actual != expected:
             raise BundleChecksumError(
                 f"{source}: {name} fails its checksum (sha256 {actual[:16]}..., manifest says "
                 f"{expected[:16]}...); the file is corrupt or was changed after export"
             )
-    return Bundle(manifest=manifest, files=raw, source=source)
+    return Bundle(manifest=manifest, files=files, source=source)
 
 
-def _read_directory(root: Path) -> dict[str, bytes]:
-    raw: dict[str, bytes] = {}
-    total = 0
-    for current, dirs, names in os.walk(root, followlinks=False):
-        for entry in dirs + names:
-            full = Path(current) / entry
-            rel = full.relative_to(root).as_posix()
-            if full.is_symlink():
-                raise BundleError(f"{root}: {rel} is a symbolic link; bundles hold plain files only")
-            if entry in names:
-                if not full.is_file():
-                    raise BundleError(f"{root}: {rel} is not a regular file")
-                total += full.stat().st_size
-                if total > MAX_BUNDLE_BYTES or len(raw) >= MAX_BUNDLE_FILES:
-                    raise BundleError(f"{root}: more than {MAX_BUNDLE_BYTES:,} bytes or {MAX_BUNDLE_FILES} files")
-                raw[rel] = full.read_bytes()
-    return raw
+def _read_exactly(fh, name: str, size: int, digest, source: str) -> bytes:
+    """Read ``size`` bytes in chunks, hashing as they come; refuse a member of another size
+    (a header that lies, a file that changed since it was listed)."""
+    chunks = []
+    left = size + 1  # one more, to notice a member longer than declared
+    while left > 0:
+        chunk = fh.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        digest.update(chunk)
+        chunks.append(chunk)
+        left -= len(chunk)
+    data = b"".join(chunks)
+    if len(data) != size:
+        raise BundleError(f"{source}: {name} is not the size its listing says ({size:,} bytes)")
+    return data
 
 
-def _read_archive(path: Path) -> dict[str, bytes]:
-    source = str(path)
-    raw: dict[str, bytes] = {}
+class _DirectoryMembers:
+    """The regular files under a bundle folder, by '/'-separated name, with their sizes."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.sizes: dict[str, int] = {}
+
+        def fail(error: OSError):
+            raise error
+
+        for current, dirs, names in os.walk(root, onerror=fail, followlinks=False):
+            for entry in dirs + names:
+                full = Path(current) / entry
+                rel = full.relative_to(root).as_posix()
+                info = full.lstat()
+                if stat.S_ISLNK(info.st_mode):
+                    raise BundleError(f"{root}: {rel} is a symbolic link; bundles hold plain files only")
+                if entry in names:
+                    if not stat.S_ISREG(info.st_mode):
+                        raise BundleError(f"{root}: {rel} is not a regular file")
+                    if len(self.sizes) >= MAX_BUNDLE_FILES:
+                        raise BundleError(f"{root}: more than {MAX_BUNDLE_FILES} files; this is not a bundle")
+                    self.sizes[rel] = info.st_size
+
+    def read(self, name: str, size: int, digest) -> bytes:
+        with open(self.root / name, "rb") as fh:
+            return _read_exactly(fh, name, size, digest, str(self.root))
+
+
+class _ArchiveMembers:
+    """The members of a bundle zip, checked from its central directory before any is read."""
+
+    def __init__(self, zf: zipfile.ZipFile, source: str):
+        self.zf, self.source = zf, source
+        self.infos: dict[str, zipfile.ZipInfo] = {}
+        infos = zf.infolist()
+        if len(infos) > MAX_BUNDLE_FILES:
+            raise BundleError(f"{source}: more than {MAX_BUNDLE_FILES} members; this is not a bundle")
+        for info in infos:
+            if info.is_dir():
+                continue
+            name = info.filename
+            if name != MANIFEST_NAME:
+                check_file_name(name, source)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BundleError(f"{source}: {name} is a symbolic link; bundles hold plain files only")
+            if name in self.infos:
+                raise BundleError(f"{source}: {name} appears twice in the archive")
+            if info.flag_bits & 0x1:
+                raise BundleError(f"{source}: {name} is encrypted; bundles are plain zip archives (cmhash pack)")
+            if info.compress_type not in _ZIP_METHODS:
+                raise BundleError(
+                    f"{source}: {name} uses zip compression method {info.compress_type}, which cmhash does not "
+                    "read; repack the bundle folder with cmhash pack (stored) or plain deflate"
+                )
+            self.infos[name] = info
+        self.sizes = {name: info.file_size for name, info in self.infos.items()}
+
+    def read(self, name: str, size: int, digest) -> bytes:
+        with self.zf.open(self.infos[name]) as fh:
+            return _read_exactly(fh, name, size, digest, self.source)
+
+
+# --- ONNX external data ----------------------------------------------------------------------
+# A model may keep tensors in files beside it ("external data"); a runtime given the model's
+# bytes resolves those names against its working directory, outside what the manifest checked.
+# This walks the ONNX protobuf just far enough to find such tensors, with no onnx package.
+# Field numbers from onnx.proto: message -> {field: sub-message holding tensors}.
+_ONNX_FIELDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+_MAX_NESTING = 64
+
+
+def _uses_external_data(model: bytes) -> bool:
+    """True when any tensor of the ONNX model is stored outside it. Bytes that are not a
+    well-formed protobuf are left for the runtime to refuse."""
+    stack = [("model", memoryview(model), 0)]
     try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_BUNDLE_FILES or sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
-                raise BundleError(f"{source}: more than {MAX_BUNDLE_BYTES:,} bytes or {MAX_BUNDLE_FILES} files")
-            for info in infos:
-                if info.is_dir():
-                    continue
-                name = info.filename
-                if name != MANIFEST_NAME:
-                    check_file_name(name, source)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise BundleError(f"{source}: {name} is a symbolic link; bundles hold plain files only")
-                if name in raw:
-                    raise BundleError(f"{source}: {name} appears twice in the archive")
-                with zf.open(info) as fh:
-                    data = fh.read(info.file_size + 1)  # never trust the header's size
-                if len(data) != info.file_size:
-                    raise BundleError(f"{source}: {name} is not the size its header says")
-                raw[name] = data
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise BundleError(f"{source}: the archive is corrupt or truncated: {exc}") from exc
-    return raw
+        while stack:
+            kind, data, depth = stack.pop()
+            if depth > _MAX_NESTING:
+                return True  # no exported tower nests graphs this deep; refuse rather than guess
+            for field, wire, value in _protobuf_fields(data):
+                if kind == "tensor" and (
+                    field == _TENSOR_EXTERNAL_DATA or (field == _TENSOR_DATA_LOCATION and value == _EXTERNAL)
+                ):
+                    return True
+                child = _ONNX_FIELDS[kind].get(field)
+                if child is not None and wire == 2:
+                    stack.append((child, value, depth + 1))
+    except ValueError:
+        return False
+    return False
+
+
+def _protobuf_fields(data: memoryview):
+    """(field number, wire type, value) of each field of one protobuf message; the value is a
+    memoryview for length-delimited fields, an int for varints, None otherwise."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated protobuf")
+        yield field, wire, value
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while shift < 64:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")

@@ -26,11 +26,14 @@ that times the checkpoint's own towers (the PyTorch eager baseline, from cmhash.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
 import importlib.util
 import json
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +44,7 @@ from .backends import BACKENDS, backends_for
 from .bundle import VARIANTS
 from .cpus import quiet_openmp_waits
 from .errors import CmhashError
+from .limits import check_input_size
 
 COMMAND_GROUP = "cmhash.commands"
 BASELINE_GROUP = "cmhash.bench_baselines"
@@ -80,16 +84,52 @@ def exit_without_extra(extra: str, *modules: str) -> None:
 
 def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Packed codes (and ids, if present) from a ``.npy`` array or an ``.npz`` with
-    ``codes`` [and ``ids``] - what ``cmhash encode`` writes."""
+    ``codes`` [and ``ids``] - what ``cmhash encode`` writes. Each array's header is checked
+    (no Python objects, 2-D codes, a declared size within ``cmhash.limits.MAX_INPUT_BYTES``)
+    before its data is read or inflated."""
     p = Path(path)
     if not p.is_file():
         raise CmhashError(f"{path}: no such file; give a .npy of packed uint8 codes or an .npz with 'codes'")
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            if "codes" not in z:
-                raise CmhashError(f"{path}: the .npz has no 'codes' array (it has {sorted(z.files)})")
-            return z["codes"], (z["ids"] if "ids" in z else None)
-    return np.load(p, allow_pickle=False), None
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                if "codes" not in names:
+                    raise CmhashError(f"{path}: the .npz has no 'codes' array (it has {sorted(names)})")
+                arrays = {}
+                for name, ndim in (("codes", 2), ("ids", 1)):
+                    if name in names:
+                        with zf.open(f"{name}.npy") as fh:
+                            arrays[name] = _read_npy(fh, f"{path}: '{name}'", ndim)
+                return arrays["codes"], arrays.get("ids")
+        with open(p, "rb") as fh:
+            return _read_npy(fh, path, 2), None
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, CmhashError):
+            raise
+        raise CmhashError(f"{path}: not a readable .npy or .npz of packed codes ({exc})") from None
+
+
+def _read_npy(fh, what: str, ndim: int) -> np.ndarray:
+    """One ``ndim``-D array from an open ``.npy`` stream: header checked first, then exactly its data."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise CmhashError(f"{what}: .npy format version {version} is not supported (write it with numpy.save)")
+    if dtype.hasobject:
+        raise CmhashError(f"{what} holds Python objects (dtype {dtype}), which cmhash never unpickles; "
+                          "save a numeric array")
+    if len(shape) != ndim:
+        raise CmhashError(f"{what} has shape {shape}; codes are 2-D (n, bits/8) and ids 1-D (n,)")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    check_input_size(what, nbytes)
+    data = fh.read(nbytes)
+    if len(data) != nbytes:
+        raise CmhashError(f"{what} is truncated: {len(data):,} of {nbytes:,} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def cmd_index(args) -> int:
@@ -99,7 +139,7 @@ def cmd_index(args) -> int:
         if Path(args.out).exists() and not args.force:
             raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
         codes, ids = _load_codes(args.codes)
-        index = HashIndex(codes.shape[1] * 8 if codes.ndim == 2 else 8 * codes.shape[0])
+        index = HashIndex(codes.shape[1] * 8)
         index.add(codes, ids)
         index.save(args.out)
         info = {"path": args.out, "count": len(index), "bits": index.bits}
@@ -194,7 +234,7 @@ def cmd_bench(args) -> int:
     from .bench import add_speedups, bench_bundle, format_table
     from .bundle import load_bundle
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
     backends = backends_for(available=True)  # every backend that runs here
     if args.tensorrt and "tensorrt" not in backends:
         backends.append("tensorrt")  # required: loading it then says what is missing
@@ -266,8 +306,31 @@ def registered_commands() -> dict[str, Callable]:
     return _entry_points(COMMAND_GROUP)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 (``1,8,32``)."""
+    return [positive_int(part.strip()) for part in text.split(",")]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line on stderr (exit status 2), the usage left to ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmhash", description="Cross-modal deep hashing toolkit.")
+    parser = Parser(prog="cmhash", description="Cross-modal deep hashing toolkit.")
     parser.add_argument("--version", action="version", version=f"cmhash {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -286,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="k nearest codes of each query in an index")
     search.add_argument("index", help="an index file")
     search.add_argument("queries", help=".npy of packed uint8 codes or .npz with 'codes'")
-    search.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     search.add_argument("--json", action="store_true", help="print distances, ids and seconds as JSON")
     search.set_defaults(func=cmd_search)
 
@@ -295,17 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("input", help="folder, file list (one path or text per line) or manifest (.jsonl/.csv)")
     encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json)")
     encode.add_argument("--modality", choices=["image", "text"], help="default: image when the bundle has it")
-    encode.add_argument("--batch-size", type=int, default=32, help="items per model call (default 32)")
-    encode.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    encode.add_argument("--batch-size", type=positive_int, default=32, help="items per model call (default 32)")
+    encode.add_argument("--workers", type=positive_int, default=4, help="decoding threads (default 4)")
     encode.add_argument("--shard", default="0/1", help="i/N: encode every N-th item from the i-th (default 0/1)")
     encode.add_argument("--resume", action="store_true", help="continue a killed or finished job in --out")
-    encode.add_argument("--chunk-size", type=int, default=1024, help="items per resumable part (default 1024)")
+    encode.add_argument("--chunk-size", type=positive_int, default=1024, help="items per resumable part (default 1024)")
     encode.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8", "int8-dynamic"],
                         help="which of the bundle's models to run (default fp32)")
     encode.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="inference backend (default auto)")
     encode.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    encode.add_argument("--threads", type=int, help="onnxruntime threads")
+    encode.add_argument("--threads", type=positive_int, help="onnxruntime threads")
     encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
     encode.set_defaults(func=cmd_encode)
 
@@ -314,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--variant", default="fp32", choices=VARIANTS, help="the variant whose failure exits 1 (fp32)")
     verify.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (default auto)")
     verify.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    verify.add_argument("--threads", type=int, help="onnxruntime threads")
+    verify.add_argument("--threads", type=positive_int, help="onnxruntime threads")
     verify.add_argument("--bit-floor", type=float, help="override the bundle's floor for reduced-precision variants")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify)
@@ -322,10 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")
     bench.add_argument("bundle", help="a bundle folder or archive")
     bench.add_argument("--checkpoint", help="PyTorch eager baseline from this checkpoint (default: the bundle's own, if present)")
-    bench.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
-    bench.add_argument("--repeats", type=int, default=20, help="timed calls per row (default 20)")
+    bench.add_argument("--batch-sizes", type=positive_ints, default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
+    bench.add_argument("--repeats", type=positive_int, default=20, help="timed calls per row (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    bench.add_argument("--threads", type=int, help="CPU threads for onnxruntime and torch")
+    bench.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime and torch")
     bench.add_argument("--tensorrt", action="store_true", help="require TensorRT rows (default: when available)")
     bench.add_argument("--out", help="also write the JSON record here")
     bench.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
@@ -345,9 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet_openmp_waits()  # before a command that trains or exports imports torch and its OpenMP runtime
     try:
         return args.func(args)
-    except (CmhashError, FileExistsError, FileNotFoundError) as exc:  # expected failures: a message, not a traceback
-        print(f"cmhash {args.command}: error: {exc}", file=sys.stderr)
+    # A user's mistake or the machine's state (a bad file, an unwritable or full disk): one
+    # line and status 2. Anything else is a bug and keeps its traceback.
+    except (CmhashError, OSError) as exc:
+        print(f"cmhash {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, CmhashError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}" + (" (is the disk full or a file size limit set?)"
+                                           if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ class BundleNotFoundError(BundleError, FileNotFoundError):
     """A bundle path that does not exist."""
 
 
+class BundlePermissionError(BundleError, PermissionError):
+    """A bundle, or a file in it, that this process may not read (check its owner and mode)."""
+
+
+class BundleTooLargeError(BundleError, ResourceLimitError):
+    """A bundle whose files add up to more than :data:`cmhash.limits.MAX_BUNDLE_BYTES`."""
+
+
 class BundleVersionError(BundleError):
     """A bundle written in a format version this cmhash cannot read."""
 

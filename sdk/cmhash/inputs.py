@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EncodeJobError, TextInputError
+from .errors import EncodeJobError, InvalidArgumentError, TextInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
@@ -58,13 +58,15 @@ def collection_kind(path: str | os.PathLike) -> str:
         return "folder"
     if not path.exists():
         raise EncodeJobError(f"input not found: {path}")
+    if not path.is_file():  # a FIFO or a device: reading it could block forever
+        raise EncodeJobError(f"{path} is not a folder or a regular file; give a folder, a file list or a manifest")
     return "manifest" if path.suffix.lower() in MANIFEST_SUFFIXES else "list"
 
 
 def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Record]:
     """The records of a folder, file list or manifest (see the module docstring)."""
     if modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        raise InvalidArgumentError(f"modality must be 'image' or 'text', got {modality!r}")
     path = Path(path)
     kind = collection_kind(path)
     if kind == "folder":
@@ -110,6 +112,8 @@ def _read_folder(root: Path, modality: str) -> list[Record]:
         name = p.relative_to(root).as_posix()
         if modality == "image":
             records.append(Record(number, name, image=p))
+        elif not p.is_file():  # a FIFO, socket or device: reading it could block forever
+            records.append(Record(number, name, problem="not a regular file (a FIFO, socket or device); skipped"))
         else:
             try:
                 text = p.read_bytes().decode("utf-8")
@@ -206,11 +210,12 @@ def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:
 
 
 def is_index(x: Any) -> bool:
-    """Whether a manifest's tag or label is a column index (an int, or a string of digits,
-    possibly negative so that it is reported as out of range rather than read as a word)."""
+    """Whether a manifest's tag or label is a column index (an int, or a string of ASCII
+    digits, possibly negative so that it is reported as out of range rather than read as a
+    word). Other digit characters ('²', '٣') are words: ``int()`` would refuse or misread them."""
     if isinstance(x, str):
-        x = x.strip()
-        return x.removeprefix("-").isdigit()
+        digits = x.strip().removeprefix("-")
+        return digits.isascii() and digits.isdecimal()
     return isinstance(x, int) and not isinstance(x, bool)
 
 

@@ -13,7 +13,7 @@ import os
 
 from .errors import ResourceLimitError
 
-__all__ = ["MAX_RESULT_BYTES", "check_result_size"]
+__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_RESULT_BYTES", "check_input_size", "check_result_size"]
 
 
 def _from_env(name: str, default: int) -> int:
@@ -26,6 +26,34 @@ def _from_env(name: str, default: int) -> int:
 
 #: Largest array a search or distance call may allocate for its result, in bytes.
 MAX_RESULT_BYTES = _from_env("MAX_RESULT_BYTES", 8 << 30)
+
+
+#: Largest model bundle :func:`cmhash.bundle.load_bundle` reads (all its files together), in bytes.
+MAX_BUNDLE_BYTES = _from_env("MAX_BUNDLE_BYTES", 16 << 30)
+
+#: Largest array the command line loads from one ``.npy``/``.npz`` input, in bytes (as declared
+#: by the file, checked before anything is inflated).
+MAX_INPUT_BYTES = _from_env("MAX_INPUT_BYTES", 16 << 30)
+
+
+#: Most bytes read from a file object given as an image (``Encoder.hash(fh)``); paths are
+#: streamed by the decoder and need no such bound.
+MAX_IMAGE_BYTES = _from_env("MAX_IMAGE_BYTES", 1 << 30)
+
+
+#: Largest height or width a bundle's image preprocessing may resize to (models take 224 to
+#: a few hundred; 8192 a side is already 0.75 GiB per float32 image).
+MAX_IMAGE_SIDE = _from_env("MAX_IMAGE_SIDE", 8192)
+
+
+def check_input_size(what: str, nbytes: int) -> None:
+    """Raise ResourceLimitError when an input declares more than MAX_INPUT_BYTES."""
+    if nbytes > MAX_INPUT_BYTES:
+        raise ResourceLimitError(
+            f"{what} would take {nbytes / 2**30:.1f} GiB in memory, over the limit of "
+            f"{MAX_INPUT_BYTES / 2**30:.1f} GiB; split the input or raise cmhash.limits.MAX_INPUT_BYTES "
+            "(env CMHASH_MAX_INPUT_BYTES)"
+        )
 
 
 def check_result_size(func: str, what: str, nbytes: int) -> None:

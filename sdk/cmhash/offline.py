@@ -18,7 +18,9 @@ Ids are the items' positions in the whole input (see :mod:`cmhash.inputs`), so t
 ``--shard i/N`` (every N-th item, from the i-th) never collide and their codes can be added
 to one index. A job killed at any point resumes with ``resume=True``: finished chunks are
 kept, the rest is encoded again; every item ends up exactly once in the codes or in the
-errors (checked before ``codes.npz`` is written).
+errors (checked before ``codes.npz`` is written). ``summary.json`` is written last and marks
+a finished job; a job killed while merging (``codes.npz`` there, ``summary.json`` not) is
+merged again from its parts on resume.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .files import atomic_write
-from .errors import CmhashError, EncodeJobError
+from .errors import ArgumentTypeError, CmhashError, EncodeJobError, InvalidArgumentError
 from .inputs import Record, read_collection, text_input
 
 JOB_FORMAT = "cmhash.encode"
@@ -92,10 +94,11 @@ def encode_collection(
     """
     from .encoder import Encoder
 
-    if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"batch_size and workers must be positive ints, got {batch_size!r}, {workers!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ArgumentTypeError(f"{name} must be a positive int, got {value!r}")
+        if value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     parse_shard(f"{shard[0]}/{shard[1]}")
     out = Path(out_dir)
@@ -120,7 +123,8 @@ def encode_collection(
         "bundle": hashlib.sha256(json.dumps(encoder.bundle.manifest, sort_keys=True).encode()).hexdigest(),
     }
     done_parts = _prepare(out, job, resume)
-    if (out / "codes.npz").exists():  # a finished job, resumed: nothing to do
+    if (out / "summary.json").exists():  # a finished job, resumed: nothing to do
+        shutil.rmtree(out / "parts", ignore_errors=True)  # in case a kill came just before it went
         return _require_some_encoded(json.loads((out / "summary.json").read_text()))
 
     started = time.perf_counter()
@@ -276,6 +280,8 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
     by_number = {r.number: r.name for r in mine}
     names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
+    # codes.npz, errors.jsonl and summary.json are one unit: summary.json, written last, marks
+    # the job finished; until it exists the parts stay and a resume redoes this merge.
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes, ids=ids, names=names)
     atomic_write(out / "codes.npz", buffer.getvalue())

@@ -43,7 +43,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, UnsupportedInputError
+from . import limits
+from .errors import (
+    ImageDecodeError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InvalidArgumentError,
+    ResourceLimitError,
+    UnsupportedInputError,
+)
 
 # Normalisation statistics: CLIP's (open_clip's OPENAI_DATASET_MEAN / _STD) and ImageNet's
 # (torchvision's pretrained models). Training imports these; they are defined only here.
@@ -99,7 +107,12 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
             raise ImageDecodeError("the image bytes are empty (0 bytes)")
         return _decode_stream(io.BytesIO(bytes(source)), max_pixels, "the image bytes")
     if hasattr(source, "read"):
-        data = source.read()
+        data = source.read(limits.MAX_IMAGE_BYTES + 1)  # a stream may never end
+        if isinstance(data, (bytes, bytearray)) and len(data) > limits.MAX_IMAGE_BYTES:
+            raise ResourceLimitError(
+                f"{getattr(source, 'name', 'the image file object')} gave more than {limits.MAX_IMAGE_BYTES:,} bytes; "
+                "pass a path, or raise cmhash.limits.MAX_IMAGE_BYTES (env CMHASH_MAX_IMAGE_BYTES) for larger files"
+            )
         if not isinstance(data, (bytes, bytearray)):
             raise UnsupportedInputError(
                 "image file objects must be opened in binary mode ('rb'), got one that returns "
@@ -240,21 +253,28 @@ class ImagePreprocessor:
         size = self.image_size
         if isinstance(size, (list, tuple)):
             if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-                raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+                raise InvalidArgumentError(f"image_size must be a positive int or (height, width), got {size!r}")
             object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         elif not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+            raise InvalidArgumentError(f"image_size must be a positive int or (height, width), got {size!r}")
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) != 3:
-                raise ValueError(f"{name} needs 3 values (R, G, B), got {values}")
+                raise InvalidArgumentError(f"{name} needs 3 values (R, G, B), got {values}")
             object.__setattr__(self, name, values)
         if any(s == 0 for s in self.std):
-            raise ValueError(f"std must not contain 0, got {self.std}")
+            raise InvalidArgumentError(f"std must not contain 0, got {self.std}")
         if self.interpolation not in _FILTERS:
-            raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}, got {self.interpolation!r}")
+            raise InvalidArgumentError(f"interpolation must be one of {sorted(_FILTERS)}, got {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "longest", "squash"):
-            raise ValueError(f"resize_mode must be 'shortest', 'longest' or 'squash', got {self.resize_mode!r}")
+            raise InvalidArgumentError(f"resize_mode must be 'shortest', 'longest' or 'squash', got {self.resize_mode!r}")
+        if max(self.output_size) > limits.MAX_IMAGE_SIDE:
+            raise ResourceLimitError(
+                f"image_size {self.output_size[0]}x{self.output_size[1]} is over the limit of "
+                f"{limits.MAX_IMAGE_SIDE} pixels a side (one such image would take "
+                f"{3 * 4 * self.output_size[0] * self.output_size[1] / 2**30:.1f} GiB as float32); if the model "
+                "really takes images this large, raise cmhash.limits.MAX_IMAGE_SIDE (env CMHASH_MAX_IMAGE_SIDE)"
+            )
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -277,7 +297,7 @@ class ImagePreprocessor:
         known = {f.name for f in fields(cls)} - {"max_pixels"}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown image preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
+            raise InvalidArgumentError(f"unknown image preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
         kwargs = dict(data)
         if isinstance(kwargs.get("image_size"), list):
             kwargs["image_size"] = tuple(kwargs["image_size"])
@@ -294,6 +314,9 @@ class ImagePreprocessor:
         else:
             items = [images]
         height, width = self.output_size
+        if hasattr(items, "__len__"):
+            limits.check_result_size("ImagePreprocessor", f"{len(items)} images of {height}x{width} as float32",
+                                     len(items) * 3 * height * width * 4)
         rows = [self.pixels(item) for item in items]
         if not rows:
             return np.zeros((0, 3, height, width), dtype=np.float32)
@@ -307,7 +330,7 @@ class ImagePreprocessor:
     def transform(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image (as :func:`load_image` returns) -> float32 (3, H, W)."""
         if image.mode != "RGB":
-            raise ValueError(f"transform takes RGB images from load_image, got mode {image.mode!r}")
+            raise InvalidArgumentError(f"transform takes RGB images from load_image, got mode {image.mode!r}")
         image = self.resize_and_crop(image)
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
         pixels /= np.float32(255)

@@ -27,12 +27,15 @@ class LabelEmbeddings(nn.Module):
     def __init__(self, num_labels: int, glove_path: str | Path | None = None, dim: int = 300):
         super().__init__()
         if glove_path is not None:
-            import scipy.io
+            from ..data.sources import read_mat_variable
 
             path = Path(glove_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"label embedding file not found: {path}")
-            vectors = np.asarray(scipy.io.loadmat(str(path)).get(GLOVE_KEY, np.empty(0)), dtype=np.float32)
+            try:
+                vectors = np.asarray(read_mat_variable(path, GLOVE_KEY), dtype=np.float32)
+            except (ValueError, TypeError) as exc:
+                if isinstance(exc, DataError):
+                    raise
+                raise DataError(f"{path}: key {GLOVE_KEY!r} must hold numbers ({exc})") from exc
             if vectors.ndim != 2 or vectors.shape[0] != num_labels:
                 raise DataError(f"{path}: key {GLOVE_KEY!r} must be a ({num_labels}, dim) matrix, one row per "
                                 f"label; got shape {vectors.shape}")

@@ -49,7 +49,12 @@ class ImageFiles:
 
 def check_image_files(paths: Sequence[Path], root: Path | None = None, open_files: bool = True) -> None:
     """Raise :class:`MissingImagesError` naming every absent (and, with ``open_files``,
-    every unreadable) file. Opening reads the header only, so this stays fast."""
+    every unreadable) file, before training starts rather than in the middle of an epoch.
+
+    With ``open_files`` every image is decoded to its end, so a truncated or corrupt file is
+    caught, not only a bad header. JPEGs, most of a photo collection, are decoded at 1/8
+    scale: the whole compressed stream is read and checked, but little of the pixel work is
+    done."""
     missing, unreadable = [], []
     for p in paths:
         if not p.is_file():
@@ -57,7 +62,9 @@ def check_image_files(paths: Sequence[Path], root: Path | None = None, open_file
         elif open_files:
             try:
                 with Image.open(p) as im:
-                    im.size  # header parsed: a non-image or truncated header fails here
+                    if im.format == "JPEG":
+                        im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                    im.load()  # raises on a truncated or corrupt stream (LOAD_TRUNCATED_IMAGES is off)
             except Exception as exc:  # PIL raises several types; all mean "not an image"
                 unreadable.append((p, f"{type(exc).__name__}: {exc}"))
     if missing or unreadable:
@@ -158,9 +165,12 @@ def read_label_names(names: Sequence[str] | str | Path) -> list[str]:
 # --------------------------------------------------------------------------------------
 # The papers' .mat layout (DCMH / GCDH / TEGAH): image list, tag BoW, label matrix.
 
-def _read_mat_variable(path: Path, key: str | None) -> np.ndarray:
+def read_mat_variable(path: Path, key: str | None) -> np.ndarray:
+    """One variable of a MATLAB file (the only one when ``key`` is None); a file that is not
+    a readable ``.mat`` is a :class:`DataError`."""
     import scipy.io
 
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f".mat file not found: {path}")
     try:
@@ -168,6 +178,9 @@ def _read_mat_variable(path: Path, key: str | None) -> np.ndarray:
     except NotImplementedError as exc:  # scipy's message for MATLAB v7.3 (HDF5) files
         raise DataError(f"{path} is a MATLAB v7.3 (HDF5) file, which scipy cannot read; re-save it with "
                         f"scipy.io.savemat or MATLAB's save(..., '-v7') first") from exc
+    except (ValueError, TypeError, IndexError, KeyError, EOFError, OSError, scipy.io.matlab.MatReadError) as exc:
+        # a truncated file or one that is not a .mat: scipy raises any of these
+        raise DataError(f"{path} is not a readable MATLAB (.mat) file: {exc}") from exc
     variables = {k: v for k, v in content.items() if not k.startswith("__")}
     if key is None:
         if len(variables) != 1:
@@ -208,10 +221,10 @@ def load_mat_layout(image_list: str | Path, tags: str | Path, labels: str | Path
     published, so the vocabulary is anonymous (column indices)."""
     keys = {"images": "FAll", "tags": "YAll", "labels": "LAll", **(keys or {})}
     image_list, tags, labels, image_root = Path(image_list), Path(tags), Path(labels), Path(image_root)
-    names = _as_strings(_read_mat_variable(image_list, keys["images"]))
+    names = _as_strings(read_mat_variable(image_list, keys["images"]))
     n = len(names)
-    label_matrix = _rows_first(_read_mat_variable(labels, keys["labels"]), n, "the label matrix", labels).astype(np.float32)
-    bow = _rows_first(_read_mat_variable(tags, keys["tags"]), n, "the tag matrix", tags)
+    label_matrix = _rows_first(read_mat_variable(labels, keys["labels"]), n, "the label matrix", labels).astype(np.float32)
+    bow = _rows_first(read_mat_variable(tags, keys["tags"]), n, "the tag matrix", tags)
     bow = (np.asarray(bow) > 0).astype(np.float32)
     names_list = read_label_names(label_names) if label_names is not None else [f"label{j}" for j in range(label_matrix.shape[1])]
     paths = [image_root / s.removeprefix("./") for s in names]

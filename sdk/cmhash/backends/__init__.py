@@ -20,7 +20,7 @@ class to :data:`REGISTRY`.
 
 from __future__ import annotations
 
-from ..errors import BackendUnavailableError
+from ..errors import ArgumentTypeError, BackendUnavailableError, InvalidArgumentError
 from ..bundle import VARIANTS
 from .base import Backend, ModelSpec, parse_device
 from .onnxruntime_backend import OnnxRuntimeBackend
@@ -38,7 +38,7 @@ def backend_class(name: str) -> type[Backend]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}") from None
+        raise InvalidArgumentError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}") from None
 
 
 def backends_for(variant: str = "fp32", device: str | None = None, *, available: bool = False) -> list[str]:
@@ -93,7 +93,7 @@ def create_backend(
     if kind != "auto":
         backend_class(kind)  # an unknown name: the error lists the registry
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise InvalidArgumentError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     device_kind, device_index = parse_device(device)
     if device_kind == "auto":
         device_kind = "cuda" if gpu_available() else "cpu"
@@ -112,6 +112,6 @@ def create_backend(
             f"{', '.join(backends_for(variant)) or 'no backend'}); {kind} takes {', '.join(cls.variants)}")
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
-        raise TypeError(f"{kind} takes no options {unknown}" + (f" (it takes {list(cls.options)})" if cls.options else ""))
+        raise ArgumentTypeError(f"{kind} takes no options {unknown}" + (f" (it takes {list(cls.options)})" if cls.options else ""))
     return cls.create(model, spec, device=device_kind, device_index=device_index, threads=threads, variant=variant,
                       **options)

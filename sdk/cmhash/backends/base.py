@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bundle import VARIANTS
+from ..errors import ArgumentTypeError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,10 @@ class Backend(abc.ABC):
 def parse_device(device: str) -> tuple[str, int]:
     """'cpu' -> ('cpu', 0); 'cuda' -> ('cuda', 0); 'cuda:1' -> ('cuda', 1); 'auto' kept."""
     if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'cpu', 'cuda', 'cuda:1' or 'auto', got {device!r}")
+        raise ArgumentTypeError(f"device must be a string such as 'cpu', 'cuda', 'cuda:1' or 'auto', got {device!r}")
     if device in ("cpu", "auto"):
         return device, 0
     kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
+    if kind == "cuda" and (index == "" or (index.isascii() and index.isdigit())):
         return "cuda", int(index or 0)
-    raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:<index>' or 'auto'")
+    raise InvalidArgumentError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:<index>' or 'auto'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpus import available_cpus
-from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
+from ..errors import ArgumentTypeError, BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
 from .base import Backend, ModelSpec
 
 
@@ -72,10 +72,13 @@ class OnnxRuntimeBackend(Backend):
         elif device == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
-            raise ValueError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
+            raise InvalidArgumentError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
         options = ort.SessionOptions()
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None:
+            if not isinstance(threads, int) or isinstance(threads, bool):
+                raise ArgumentTypeError(f"threads must be a positive int or None, got {threads!r}")
+            if threads < 1:
+                raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
         # onnxruntime's default is one thread per physical core of the machine, whatever this
         # process may use; waiting threads sleep, so a busy machine is shared, not fought over
         options.intra_op_num_threads = threads or available_cpus()

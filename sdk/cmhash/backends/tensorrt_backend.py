@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, ModelSignatureError
+from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
 from .base import Backend, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "model")
@@ -75,14 +75,14 @@ def builder_settings(trt_major: int, precision: str) -> dict:
     """How to ask TensorRT ``trt_major`` for ``precision``: builder flags (by name) and
     whether the network is strongly typed. Pure, so it is tested without a GPU."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if trt_major < 10:
         raise BackendUnavailableError(f"TensorRT {trt_major} is too old; cmhash needs TensorRT 10 or newer")
     if precision == "model":
         return {"flags": [], "strongly_typed": True}
     if precision == "fp16":
         if trt_major >= 11:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "TensorRT 11 removed the FP16 builder flag: export an fp16 (or Q/DQ-quantised) ONNX "
                 "model and use precision='model'"
             )

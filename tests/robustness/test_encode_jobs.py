@@ -1,0 +1,139 @@
+"""Encode jobs against hostile inputs: a record that cannot be encoded goes to errors.jsonl
+and the job goes on (resume too); nothing blocks; a kill at any point leaves a job that
+``--resume`` completes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmhash.cli import main
+from cmhash.encoder import Encoder
+from cmhash.inputs import is_index
+from cmhash.offline import encode_collection
+
+pytest.importorskip("onnx", reason="the tests build their ONNX towers with the onnx package")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.towers import make_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("b") / "bundle", bits=32, modalities=("text",),
+                       with_vocabulary=False)[0]
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory):
+    """With a vocabulary: takes raw texts."""
+    return make_bundle(tmp_path_factory.mktemp("v") / "bundle", bits=32, modalities=("text",))[0]
+
+
+def errors_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+
+
+def test_digit_like_characters_are_words_not_indices():
+    assert [is_index(x) for x in ["12", " 3 ", "-1", 7]] == [True, True, True, True]
+    assert [is_index(x) for x in ["²", "٣", "-²", "1²", "", "-", "+1", True]] == [False] * 8
+
+
+def test_a_superscript_tag_is_listed_and_the_job_goes_on(bundle, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "tags": [0, 2]}, {"id": "b", "tags": ["²"]}, {"id": "c", "tags": ["3", "²"]},
+            {"id": "d", "tags": ["1"]}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["encode", str(bundle), str(manifest), "--out", str(out), "--modality", "text", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["encoded"], summary["errors"]) == (2, 2)
+    assert [e["item"] for e in errors_of(out)] == ["b", "c"]
+    assert main(argv + ["--resume"]) == 0  # a finished job resumes to the same summary
+    assert json.loads(capsys.readouterr().out)["encoded"] == 2
+    with np.load(out / "codes.npz") as z:
+        enc = Encoder.load(bundle)
+        bow = np.zeros((2, enc.text_dim), np.float32)
+        bow[0, [0, 2]] = bow[1, 1] = 1
+        assert np.array_equal(z["codes"], enc.hash_texts(bow)) and list(z["ids"]) == [0, 3]
+
+
+def test_a_fifo_named_txt_is_listed_not_read(text_bundle, tmp_path):
+    bundle = text_bundle
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "1.txt").write_text("a cat on the beach")
+    os.mkfifo(docs / "2.txt")
+    result = {}
+
+    def run():
+        result["status"] = main(["encode", str(bundle), str(docs), "--out", str(tmp_path / "out"), "--modality", "text"])
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # unblock the reader so the test process can end, then fail
+        with open(docs / "2.txt", "w"):
+            pass
+        pytest.fail("cmhash encode blocked on a FIFO")
+    (error,) = errors_of(tmp_path / "out")
+    assert error["item"] == "2.txt" and "not a regular file" in error["reason"]
+
+
+KILL_IN_MERGE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import cmhash.offline as offline
+    write = offline.atomic_write
+
+    def write_then_die(path, data):  # the process dies right after codes.npz is in place
+        write(path, data)
+        if Path(path).name == "codes.npz":
+            os._exit(9)
+
+    offline.atomic_write = write_then_die
+    offline.encode_collection(sys.argv[1], sys.argv[2], sys.argv[3], modality="text", chunk_size=2)
+""")
+
+
+def test_a_kill_inside_the_merge_leaves_a_resumable_job(text_bundle, tmp_path, capsys):
+    bundle = text_bundle
+    lines = tmp_path / "texts.txt"
+    lines.write_text("cat\ndog on the sofa\n\nsea at sunset\nsnow\n")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_MERGE, str(bundle), str(lines), str(out)])
+    assert killed.returncode == 9
+    assert (out / "codes.npz").exists() and not (out / "summary.json").exists()
+    assert main(["encode", str(bundle), str(lines), "--out", str(out), "--modality", "text", "--resume",
+                 "--chunk-size", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["items"], summary["encoded"], summary["errors"]) == (4, 4, 0)
+    assert (out / "errors.jsonl").read_text() == "" and not (out / "parts").exists()
+    with np.load(out / "codes.npz") as z:
+        assert list(z["ids"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("batch_size", 0, "InvalidArgumentError"), ("workers", -1, "InvalidArgumentError"),
+    ("chunk_size", 2.5, "ArgumentTypeError"), ("batch_size", True, "ArgumentTypeError"),
+])
+def test_job_options_are_typed_errors(bundle, tmp_path, option, value, error):
+    from cmhash import errors
+
+    with pytest.raises(getattr(errors, error), match=option):
+        encode_collection(bundle, tmp_path, tmp_path / "out", modality="text", **{option: value})
+
+
+def test_a_fifo_given_as_the_input_list_is_refused_without_blocking(bundle, tmp_path, capsys):
+    os.mkfifo(tmp_path / "list.txt")
+    assert main(["encode", str(bundle), str(tmp_path / "list.txt"), "--out", str(tmp_path / "out"),
+                 "--modality", "text"]) == 2
+    assert "not a folder or a regular file" in capsys.readouterr().err
