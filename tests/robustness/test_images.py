@@ -19,6 +19,7 @@ from cmhash.preprocess import ImagePreprocessor, load_image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.data import DATA  # noqa: E402
 from fixtures.towers import image_onnx, make_bundle, random_weights  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def training():
 
     return sources.check_image_files, sources.load_manifest, MissingImagesError
 
-PHOTOS = sorted((ROOT.parent / "shared" / "data" / "mirflickr-mini" / "images").glob("*.jpg"))
+PHOTOS = sorted((DATA / "mirflickr-mini" / "images").glob("*.jpg"))
 
 
 def photo(i: int) -> bytes:
