@@ -24,7 +24,7 @@ import numpy as np
 from .backends import Backend, ModelSpec, create_backend
 from .bundle import Bundle, load_bundle
 from .codes import pack_codes
-from .errors import CodeFormatError, TextInputError, UnknownTextError, UnknownTextWarning, UnsupportedInputError
+from .errors import CodeFormatError, InvalidArgumentError, TextInputError, UnknownTextError, UnknownTextWarning, UnsupportedInputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .reference import require_agreement
 from .text import check_bow
@@ -195,7 +195,7 @@ class Encoder:
         """The codes and the (position, text) of each text with no known word."""
         self._require("text")
         if on_unknown not in ("warn", "error", "ignore"):
-            raise ValueError(f"on_unknown must be 'warn', 'error' or 'ignore', got {on_unknown!r}")
+            raise InvalidArgumentError(f"on_unknown must be 'warn', 'error' or 'ignore', got {on_unknown!r}")
         if isinstance(texts, (str, bytes)):
             raise UnsupportedInputError("hash_texts takes a list of texts; use hash_text for a single text")
         batch_size = _positive(batch_size)
@@ -296,7 +296,7 @@ def _warn_unknown(unknown: list[tuple[int, Any]], total: int, on_unknown: str) -
 
 def _positive(batch_size: int) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     return batch_size
 
 

@@ -118,6 +118,11 @@ class ReferenceCheckError(CmhashError, RuntimeError):
         self.report = report or {}
 
 
+class BackendError(CmhashError, RuntimeError):
+    """An inference backend that failed at run time (an engine that did not build or load, a
+    device call that failed)."""
+
+
 class ExportError(CmhashError, RuntimeError):
     """An export that cannot be done: an unreadable checkpoint, a tower that does not export
     to a valid ONNX graph, no real inputs to verify or calibrate with, a missing extra."""

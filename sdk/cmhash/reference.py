@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .backends import backend_class, backends_for
-from .errors import BundleError, ReferenceCheckError
+from .errors import BundleError, InvalidArgumentError, ReferenceCheckError
 
 DEFAULT_BIT_FLOOR = 0.97
 FP32_TOLERANCE = 1e-4
@@ -42,9 +42,9 @@ class Contract:
         for name in ("bit_floor", "fp32_bit_floor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+                raise InvalidArgumentError(f"{name} must be in (0, 1], got {value!r}")
         if not isinstance(self.fp32_tolerance, (int, float)) or self.fp32_tolerance < 0:
-            raise ValueError(f"fp32_tolerance must be >= 0, got {self.fp32_tolerance!r}")
+            raise InvalidArgumentError(f"fp32_tolerance must be >= 0, got {self.fp32_tolerance!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +57,7 @@ class Contract:
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """How far a variant's tanh outputs are from the reference's, and how many bits agree."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"outputs of shape {candidate.shape} cannot be compared with the reference's {reference.shape}")
+        raise InvalidArgumentError(f"outputs of shape {candidate.shape} cannot be compared with the reference's {reference.shape}")
     if not np.isfinite(candidate).all():
         return {"items": int(len(reference)), "max_abs_delta": float("inf"), "mean_abs_delta": float("inf"),
                 "bit_agreement": 0.0, "identical_codes": 0.0, "non_finite": True}

@@ -131,7 +131,7 @@ class _Placeholders(collections.abc.Sequence):
     def index(self, word, *args) -> int:
         position = self._position(word)
         if position is None:
-            raise ValueError(f"{word!r} is not a column name of this anonymous vocabulary")
+            raise InvalidArgumentError(f"{word!r} is not a column name of this anonymous vocabulary")
         return position
 
     def _position(self, word: str) -> int | None:

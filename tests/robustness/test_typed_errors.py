@@ -26,3 +26,23 @@ def test_deliberate_errors_are_cmhash_errors(call, error):
     with pytest.raises(error) as info:
         call()
     assert isinstance(info.value, CmhashError)
+
+
+def test_the_runtime_raises_no_bare_builtin_errors():
+    """Every `raise` of a built-in error class in sdk/cmhash is one of the few internal ones
+    that are caught before they reach a caller; everything else raises a CmhashError."""
+    import ast
+    from pathlib import Path
+
+    # caught in _uses_external_data; the sequence protocol (iteration ends on IndexError)
+    internal = {("bundle.py", "_protobuf_fields"), ("bundle.py", "_varint"), ("text.py", "__getitem__")}
+    builtin = {"ValueError", "TypeError", "RuntimeError", "KeyError", "OSError", "NotImplementedError", "IndexError"}
+    found = []
+    for path in sorted((Path(cmhash.__file__).parent).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(func):
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                        getattr(node.exc.func, "id", None) in builtin and (path.name, func.name) not in internal:
+                    found.append(f"{path.name}:{node.lineno} {node.exc.func.id} in {func.name}")
+    assert not found, found

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
+from ..errors import BackendError, BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
 from .base import Backend, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "model")
@@ -121,7 +121,7 @@ class _Cuda:
     def check(self, result, call: str):
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise RuntimeError(f"{call} failed with CUDA error {int(err)}")
+            raise BackendError(f"{call} failed with CUDA error {int(err)}")
         return rest[0] if len(rest) == 1 else (tuple(rest) or None)
 
     def malloc(self, nbytes: int) -> int:
@@ -191,7 +191,7 @@ class TensorRTBackend(Backend):
             _write_atomic(plan_path, plan)
             self.engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(plan)
             if self.engine is None:
-                raise RuntimeError(f"TensorRT could not load the engine it just built for {spec.what}")
+                raise BackendError(f"TensorRT could not load the engine it just built for {spec.what}")
         self._check_engine()
         self.context = self.engine.create_execution_context()
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
@@ -226,7 +226,7 @@ class TensorRTBackend(Backend):
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"TensorRT failed to build an engine for {self.spec.what}; see its log above")
+            raise BackendError(f"TensorRT failed to build an engine for {self.spec.what}; see its log above")
         return bytes(plan)
 
     def _check_engine(self) -> None:
@@ -266,7 +266,7 @@ class TensorRTBackend(Backend):
         self.context.set_tensor_address(spec.output_name, d_out)
         self.cuda.to_device(d_in, batch)
         if not self.context.execute_async_v3(int(self.cuda.stream)):
-            raise RuntimeError(f"TensorRT failed to run {spec.what}")
+            raise BackendError(f"TensorRT failed to run {spec.what}")
         self.cuda.to_host(out, d_out)
         self.cuda.synchronize()
         return out
