@@ -55,9 +55,9 @@ def _self_and_ancestors(mount: Path, path: str) -> list[Path]:
 def _v2_quota(cpu_max: Path) -> float | None:
     try:
         quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
         return None
-    return None if quota == "max" else int(quota) / int(period)
 
 
 def _v1_quota(directory: Path) -> float | None:
