@@ -20,7 +20,7 @@ which extra to install (:func:`require_extra`).
 
 The ``cmhash.bench_baselines`` group works alike for ``cmhash bench --checkpoint``: each
 entry names a function ``(checkpoint, *, batch_sizes, warmup, repeats, threads) -> rows``
-that times the checkpoint's own towers (the PyTorch eager baseline, from cmhash.export).
+that times the checkpoint's own towers (the PyTorch eager baseline, which the export extra registers).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The discrete code-matrix update of EGATH spec §6.5 (GCDH's optimisation step), run
+"""The discrete code-matrix update of EGATH (GCDH's optimisation step), run
 once per epoch over the whole training set.
 
 State: B in {-1,+1}^(n x k), the code matrix the quantisation loss pulls towards; P, an

@@ -1,5 +1,5 @@
-"""The GAT label classifier (EGATH spec §3.4) on the dense label graph, and the label
-word embeddings that are its node features (spec §5)."""
+"""The GAT label classifier on the dense label graph, and the label
+word embeddings that are its node features."""
 
 from __future__ import annotations
 

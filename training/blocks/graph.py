@@ -1,4 +1,4 @@
-"""The label co-occurrence graph of EGATH spec §4, always computed from the training
+"""The label co-occurrence graph of EGATH, always computed from the training
 labels (the adjacency files shipped with the papers' code overflowed uint8)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class LabelGraph:
 
 
 def label_graph(labels: np.ndarray, threshold: float = 0.3) -> LabelGraph:
-    """Steps of spec §4 (the code path GCDH/EGATH run): co-occurrence counts L^T L,
+    """The steps (the code path GCDH/EGATH run): co-occurrence counts L^T L,
     divided row-wise by each label's count, thresholded, re-weighted as in ML-GCN,
     self-loops added, symmetrically normalised. Only the mask reaches a GAT layer; the
     weights are kept for GCN variants. Labels that never occur get a self-loop only."""

@@ -1,12 +1,12 @@
-"""Losses of the three methods, written once. Reductions follow the specs (sums where
+"""Losses of the three methods, written once. Reductions follow the papers and their code (sums where
 the reference code sums), because they set the balance between terms.
 
-- :func:`dcg_triplet_loss`: EGATH §6.1 / TEGAH §3.1, the DCG-weighted cosine triplet loss.
-- :func:`quantization_loss`: EGATH §6.2, pull of relaxed codes towards the code matrix.
-- :func:`classification_loss`: EGATH §6.3 / TEGAH §3.4, multi-label BCE on logits.
-- :func:`pairwise_nll_loss`: HFAH §7, pairwise likelihood with theta = 1/2 inner product.
-- :func:`label_distillation_loss`: TEGAH §3.2, the "KL" similarity distillation.
-- :func:`wasserstein_loss`: TEGAH §3.5, entropic OT between two code batches (POT).
+- :func:`dcg_triplet_loss`: EGATH and TEGAH, the DCG-weighted cosine triplet loss.
+- :func:`quantization_loss`: EGATH, pull of relaxed codes towards the code matrix.
+- :func:`classification_loss`: EGATH and TEGAH, multi-label BCE on logits.
+- :func:`pairwise_nll_loss`: HFAH, pairwise likelihood with theta = 1/2 inner product.
+- :func:`label_distillation_loss`: TEGAH, the "KL" similarity distillation.
+- :func:`wasserstein_loss`: TEGAH, entropic OT between two code batches (POT).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class CrossModalDataset(Dataset):
 
     @property
     def labels(self) -> torch.Tensor:
-        """All labels of this dataset, (len, C): the training label matrix of spec §4/§6.5."""
+        """All labels of this dataset, (len, C): the training label matrix (the label graph and the code update read it)."""
         return torch.from_numpy(self.data.labels[self.indices])
 
     def __getitem__(self, k: int):

@@ -361,7 +361,7 @@ def load_manifest(path: str | Path, label_names: Sequence[str] | str | Path | No
 
 
 def load_mirflickr_mini(root: str | Path, check_images: bool = True) -> CrossModalData:
-    """The 530 real MIRFlickr images in ``shared/data/mirflickr-mini`` through the manifest
+    """The 530-photo MIRFlickr-25K sample (a folder with manifest.jsonl, label_names.txt and images) through the manifest
     loader; tags are column indices of the 1,386-word MIRFlickr tag vocabulary."""
     root = Path(root)
     return load_manifest(root / "manifest.jsonl", label_names=root / "label_names.txt",

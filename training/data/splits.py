@@ -3,8 +3,8 @@
 GCDH (the code EGATH is built from) draws one permutation with NumPy's legacy
 ``RandomState(seed)``; the first ``query`` indices are the queries, the rest the
 retrieval database, and the training set is the first ``train`` of the database, so
-training samples are also retrievable. With the presets' sizes and seeds (EGATH spec
-§9) the indices equal GCDH's wherever the collection has exactly query + database
+training samples are also retrievable. With the presets' sizes and seeds (the
+papers' protocol) the indices equal GCDH's wherever the collection has exactly query + database
 samples.
 """
 
@@ -25,7 +25,7 @@ class SplitSizes:
     seed: int = 0
 
 
-# The papers' protocol (EGATH spec §9, TEGAH Table 1).
+# The papers' protocol: query / training / database sizes and the split seeds.
 SPLIT_PRESETS = {
     "mirflickr25k": SplitSizes(query=2000, train=10000, database=18015, seed=6),
     "nuswide10": SplitSizes(query=2100, train=10500, database=184477, seed=7),

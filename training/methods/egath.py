@@ -1,19 +1,19 @@
 """EGATH: End-to-end Graph Attention network Hashing (Jin et al., NeurIPS 2024).
 
-Follows ``shared/specs/egath.md``; section numbers below are the spec's.
+Where the paper leaves a detail open, the choice made here is stated beside it.
 
-- image tower "CLIPTrans" (§3.1): CLIP image encoder -> one Transformer encoder layer over
+- image tower "CLIPTrans": CLIP image encoder -> one Transformer encoder layer over
   the embedding as a length-1 sequence -> Linear to the working width h -> hash head;
-- text tower "TransFC" (§3.2): bag of words -> Linear to d_model (one token) -> Transformer
+- text tower "TransFC": bag of words -> Linear to d_model (one token) -> Transformer
   encoder layer -> Linear to h -> hash head;
-- GAT label classifier (§3.4) over the label graph built from the training labels (§4),
+- GAT label classifier over the label graph built from the training labels,
   on concat(F_I, F_T) (or per modality); training only;
-- loss (§6): lambda_tri * four DCG-weighted cosine triplet terms + quantisation towards the
-  discrete code matrix B + BCE classification; B updated once per epoch (§6.5);
+- loss: lambda_tri * four DCG-weighted cosine triplet terms + quantisation towards the
+  discrete code matrix B + BCE classification; B updated once per epoch;
 - Adam with weight decay, the backbone at a smaller learning rate, geometric decay of
-  every group to ``final_lr`` over ``decay_epochs`` (§7).
+  every group to ``final_lr`` over ``decay_epochs``.
 
-Ablations (§10): ``use_gat: false`` is EGATH-G, ``use_triplet: false`` is EGATH-T.
+Ablations: ``use_gat: false`` is EGATH-G, ``use_triplet: false`` is EGATH-T.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_m
 class EGATHConfig(MethodConfig):
     bits: int = 64
     # image tower
-    backbone: str = "clip:ViT-B-32"  # spec §3.1; 'clip:tiny-resnet' for the demo and tests
+    backbone: str = "clip:ViT-B-32"  # 'clip:tiny-resnet' for the demo and tests
     backbone_weights: str | None = None  # local weights file (safetensors / tensor-only torch.save)
-    freeze_backbone: bool = False  # spec §12.2: fine-tuned by default, at backbone_lr
-    # transformer blocks of both towers (§3.1, §3.2)
+    freeze_backbone: bool = False  # fine-tuned by default, at backbone_lr
+    # transformer blocks of both towers
     d_model: int = 512
     heads: int = 8
     ffn_dim: int = 2048
     layers: int = 1
     dropout: float = 0.1
     hidden: int = 2048  # h: width of F_I and F_T
-    # GAT label classifier (§3.4, §4, §5)
+    # GAT label classifier
     use_gat: bool = True  # false: EGATH-G
     per_modality: bool = False  # logits from F_I and F_T separately instead of their concat
     gat_hidden: int = 1024
@@ -52,19 +52,19 @@ class EGATHConfig(MethodConfig):
     graph_threshold: float = 0.3  # 0.01 for NUS-WIDE
     label_embeddings: str | None = None  # a *_glove.mat file; None: learned embeddings
     label_embedding_dim: int = 300
-    # loss (§6)
+    # loss
     use_triplet: bool = True  # false: EGATH-T
     margin: float = 0.3
     triplet_weight: float = 10.0
     quantization_weight: float = 1.0
     classification_weight: float = 1.0
-    # discrete update (§6.5)
+    # discrete update
     mu: float = 0.5
     gamma: float = 0.01
     rho: float = 1.05
     ridge: float = 1.0
     procrustes_scale: float = 1.0
-    # optimisation (§7)
+    # optimisation
     lr: float = 1e-4
     backbone_lr: float = 1e-5
     final_lr: float = 1e-6
@@ -89,7 +89,7 @@ class EGATHConfig(MethodConfig):
 
 
 def _encoder(d_model: int, heads: int, ffn_dim: int, layers: int, dropout: float) -> nn.TransformerEncoder:
-    # Post-norm layers, PyTorch's default (spec §3.1). batch_first, and the input is one token
+    # Post-norm layers, PyTorch's default. batch_first, and the input is one token
     # per sample, so attention never runs across the batch.
     layer = nn.TransformerEncoderLayer(d_model, heads, ffn_dim, dropout, batch_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -166,7 +166,7 @@ class EGATH(HashingMethod):
         self.codes = DiscreteCodes(n, bits, seed=0, gamma=config.gamma, rho=config.rho, mu=config.mu,
                                    ridge=config.ridge, procrustes_scale=config.procrustes_scale)
         self.train_labels = info.train_labels.float().clone()
-        # latest tanh outputs of every training sample (spec §6.5), written by train_step
+        # latest tanh outputs of every training sample, written by train_step
         self.image_codes = torch.zeros(n, bits)
         self.text_codes = torch.zeros(n, bits)
 

@@ -1,7 +1,7 @@
 """HFAH: hybrid-attention based feature-reconstructive adversarial hashing (Li and Wang).
 
-Follows ``shared/specs/hfah.md``, which corrects the paper (the discriminator update's
-sign, the swapped indices of Eqs. 7-8, the undefined B^{x'}) and fills in what it
+It corrects the paper as printed in three places (the discriminator update's
+sign, the swapped indices of Eqs. 7-8, the undefined B^{x'}) and fills in what the paper
 inherits from SSAH and DCMH. Letters as in the paper: x = text, y = image, l = label.
 
 Networks:
@@ -16,10 +16,10 @@ Networks:
 - Four decoders from each modality's code into both feature spaces and two
   discriminators on the reconstructed features (D1: text space, D2: image space).
 
-One iteration on a minibatch (spec §8): label step, text step, image step, discriminator
+One iteration on a minibatch: label step, text step, image step, discriminator
 step; the unified codes B = sign(H^l + H^x + H^y) are recomputed once per epoch.
 
-Ablations (paper §4.4), nested: HFAH-3 = ``recon=false`` (no decoders, discriminators,
+Ablations, nested: HFAH-3 = ``recon=false`` (no decoders, discriminators,
 reconstruction or adversarial terms); HFAH-2 = HFAH-3 + ``attention=false``; HFAH-1 =
 HFAH-2 + ``text_multiscale=false``. :data:`ABLATIONS` lists the overrides.
 """
@@ -44,7 +44,7 @@ from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_m
 __all__ = ["ABLATIONS", "HFAH", "HFAHConfig", "AdversarialDivergenceError", "HybridAttention", "ImageTower",
            "LabelNet", "MultiScaleFusion", "TextNet", "pairwise_loss"]
 
-# model.* overrides of the paper's ablation variants (nested, spec §11)
+# model.* overrides of the paper's ablation variants (nested)
 ABLATIONS: dict[str, dict[str, bool]] = {
     "hfah": {},
     "hfah-3": {"recon": False},
@@ -69,7 +69,7 @@ class AdversarialDivergenceError(CmhashError, RuntimeError):
 
 @dataclass
 class HFAHConfig(MethodConfig):
-    """HFAH hyper-parameters. Defaults are the spec's (MIRFlickr, 224-pixel images) except
+    """HFAH hyper-parameters. Defaults follow the paper (MIRFlickr, 224-pixel images) except
     ``feature_relu`` and ``ssah_init``, both changed after measurements (docs/hfah.md)."""
 
     bits: int = 64
@@ -84,7 +84,7 @@ class HFAHConfig(MethodConfig):
     hidden: int = 4096  # hidden width of the label and text networks
     feature_dim: int = 512  # d_f: width of f^l, f^x, f^y and of the reconstructions
     lrn: bool = True  # SSAH's local response normalisation in the label and text networks
-    # ReLU on the 512-d features f (the spec's choice). ReLU features have inner products >= 0, so the NLL can
+    # ReLU on the 512-d features f (the paper's choice). ReLU features have inner products >= 0, so the NLL can
     # only push dissimilar pairs to theta = 0 by shrinking features; with sparse labels (few shared)
     # that kills every feature. false: linear features, theta of either sign.
     feature_relu: bool = False
@@ -99,7 +99,7 @@ class HFAHConfig(MethodConfig):
     recon: bool = True
     attention: bool = True
     text_multiscale: bool = True
-    # loss weights (spec §7; the paper reuses alpha/beta/gamma, so they get separate names)
+    # loss weights (the paper reuses alpha/beta/gamma, so they get separate names)
     alpha_q: float = 1.0  # label-code quantisation
     beta_cls: float = 1.0  # label prediction
     beta_c: float = 1.0  # consistency of the modality codes with sign(H) and with B
@@ -109,7 +109,7 @@ class HFAHConfig(MethodConfig):
     pair_loss: str = "nll"  # 'nll' (the paper) or 'ssah_sq' (SSAH code's squared residual)
     straight_through: bool = False  # decoders see sign(H) with a straight-through gradient
     hash_guidance: bool = False  # SSAH extra: NLL between label codes and modality codes
-    # schedule (spec §8)
+    # schedule
     label_pretrain_epochs: int = 10  # passes over the training labels before the other nets start
     freeze_label_net: bool = False  # no label steps after pre-training
     lr_label: float = 1e-2
@@ -243,7 +243,7 @@ class TextNet(nn.Module):
 
 
 class HybridAttention(nn.Module):
-    """CBAM-style channel-then-spatial attention on (N, C, H, W) maps (spec §5).
+    """CBAM-style channel-then-spatial attention on (N, C, H, W) maps.
 
     ``mode="gated"``: out = x + gate * attended with ``gate`` a learnable scalar that starts
     at 0, so the network starts as the plain CNN (pretrained fc6/fc7 statistics kept);
@@ -267,7 +267,7 @@ class HybridAttention(nn.Module):
 
 
 def _tiny_cnn(image_size: int, width: int) -> tuple[nn.Module, int, nn.Module, int]:
-    """Spec §5's test CNN: three 3x3 convs (16, 32, 64) with 2x2 max pools; fc6/fc7 of ``width``."""
+    """A small test CNN: three 3x3 convs (16, 32, 64) with 2x2 max pools; fc6/fc7 of ``width``."""
     if image_size % 8:
         raise ConfigError(f"backbone 'tiny-cnn' needs an image size divisible by 8, got {image_size}")
     conv = nn.Sequential(
@@ -493,7 +493,7 @@ def bce(logits: Tensor, target: float) -> Tensor:
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
-    """Per-element mean squared difference (the spec's normalised ||a - b||^2)."""
+    """Per-element mean squared difference (the paper's ||a - b||^2, normalised by the element count)."""
     return (a - b).pow(2).mean()
 
 
@@ -520,7 +520,7 @@ def straight_through_sign(h: Tensor) -> Tensor:
 
 @register_method("hfah")
 class HFAH(HashingMethod):
-    """See the module docstring and spec §8 for the schedule."""
+    """See the module docstring for the schedule."""
 
     Config = HFAHConfig
 
@@ -538,7 +538,7 @@ class HFAH(HashingMethod):
         self.disc = nn.ModuleDict({"text": _discriminator(d), "image": _discriminator(d)}) if config.recon else None
 
         self.train_labels = info.train_labels.float().clone()
-        # memory banks: row i = the latest output for training sample i (spec §2)
+        # memory banks: row i = the latest output for training sample i
         self.banks = {name: torch.zeros(n, k if name.startswith("H") else d)
                       for name in ("F_label", "H_label", "F_text", "H_text", "F_image", "H_image")}
         self.B = torch.ones(n, k)  # unified codes sign(H^l + H^x + H^y), set by on_fit_start

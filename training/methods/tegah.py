@@ -1,6 +1,6 @@
 """TEGAH: text-enhanced graph attention hashing (Zou, Cheng, Du, Chen, Entropy 2024).
 
-Spec: ``shared/specs/tegah.md`` (section numbers below refer to it). Four networks are
+Where the authors' code differs from the paper, the choice is stated beside it. Four networks are
 trained jointly with one summed loss and one backward pass per batch:
 
 - image net (:class:`ImageTower`): a backbone (Swin-S by default), a linear head to the
@@ -14,7 +14,7 @@ trained jointly with one summed loss and one backward pass per batch:
 Only the image and text nets are towers; the label net, the fusion module, the GAT and
 the three memory banks shape training alone.
 
-Two behaviours, one switch (spec §9 A2, A3, A7):
+Two behaviours, one switch:
 
 - default: the paper's design with the published code's bugs fixed: the GAT's weights are
   trained and saved, the graph is the cosine-quantised co-occurrence graph the paper
@@ -23,7 +23,7 @@ Two behaviours, one switch (spec §9 A2, A3, A7):
   code's adjacency recipe (the identity on real data), the GRU run over the mini-batch as
   one sequence, and the code's learning-rate formula.
 
-Ablations (spec §7, paper Table 3): ``variant`` in baseline, V1..V6, full switches MLAH,
+Ablations (paper Table 3): ``variant`` in baseline, V1..V6, full switches MLAH,
 GAFM and DTFEN on and off.
 """
 
@@ -58,7 +58,7 @@ LABEL_GRAPHS = ("cosine", "code", "cooccurrence")
 LR_SCHEDULES = ("constant", "cosine", "code")
 PLAIN_TEXT_NETS = ("autoencoder", "gcdh")
 
-# Weights of the seven distillation terms (spec §3.2); the paper gives none.
+# Weights of the seven distillation terms; the paper gives none.
 KL_WEIGHTS = {"l_l": 1.9, "l_f": 1.0, "l_g": 0.3, "i_f": 1.9, "i_l": 1.0, "t_g": 1.9, "t_l": 1.0}
 
 
@@ -69,7 +69,7 @@ class TEGAHConfig(MethodConfig):
     backbone: str = "timm:swin_small_patch4_window7_224"  # see blocks.backbones; 'clip:ViT-B-32', ...
     backbone_weights: str | None = None  # local weights file; None: random init (nothing is downloaded)
     freeze_backbone: bool = False
-    # per-channel normalisation of the images; None: the backbone's (the code used each dataset's own, spec §6)
+    # per-channel normalisation of the images; None: the backbone's (the code used each dataset's own)
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     # widths (paper: H = 2048, MLP 8192, attention 128 in 2 groups, GAT 8 heads of 1024)
@@ -88,16 +88,16 @@ class TEGAHConfig(MethodConfig):
     reference_code: bool = False
     label_graph: str | None = None  # 'cosine' (paper), 'code' (code's recipe), 'cooccurrence' (ML-GCN); None: by mode
     graph_threshold: float = 0.5  # edge threshold of the 'cosine' and 'cooccurrence' graphs
-    code_threshold: float = 0.3  # threshold of the code's recipe (0.01 on NUS-WIDE, spec §6)
+    code_threshold: float = 0.3  # threshold of the code's recipe (0.01 on NUS-WIDE)
     lr_schedule: str | None = None  # 'constant', 'cosine', 'code'; None: 'code' with reference_code, else 'constant'
     lr_cosine_epochs: int = 300  # period of the 'cosine' schedule
-    # losses (spec §3)
+    # losses
     alpha: float = 10.0  # weight of the triplet term
     margin: float = 0.4
     wasserstein_reg: float = 0.01
     wasserstein_iters: int = 100
-    detach_teacher: bool = False  # spec A11: the code lets the KL terms train the label net
-    # optimisers (spec §4: AdamW / Adam / AdamW / AdamW)
+    detach_teacher: bool = False  # the code lets the KL terms train the label net
+    # optimisers (AdamW / Adam / AdamW / AdamW)
     lr_image: float = 1e-5
     lr_text: float = 1e-4
     lr_fusion: float = 1e-5
@@ -106,7 +106,7 @@ class TEGAHConfig(MethodConfig):
     weight_decay_text: float = 1e-5
     weight_decay_fusion: float = 1e-4
     weight_decay_label: float = 1e-4
-    bank_init: str = "randn"  # the code's N(0, 1) banks (spec A12)
+    bank_init: str = "randn"  # the code's N(0, 1) banks
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,7 +181,7 @@ def _mlp(in_dim: int, widths: list[int], norm: str = "batch") -> nn.Sequential:
     for width in widths:
         linear = nn.Linear(in_dim, width)
         if norm == "batch":
-            _kaiming(linear)  # the image and text MLPs; the label MLP keeps PyTorch's init (spec §2.3)
+            _kaiming(linear)  # the image and text MLPs; the label MLP keeps PyTorch's init
         layers += [linear, nn.BatchNorm1d(width) if norm == "batch" else nn.LayerNorm(width), nn.ReLU()]
         in_dim = width
     return nn.Sequential(*layers)
@@ -191,7 +191,7 @@ class ConvStage(nn.Module):
     """Conv1d(kernel 3, padding 1) -> ReLU -> global average pool; (N, C) or (N, C, L) in, (N, out) out.
 
     TEGAH feeds its vectors as sequences of length 1 (C channels): then only the centre
-    tap of the kernel sees data and the stage is a linear layer + ReLU (spec §2.2).
+    tap of the kernel sees data and the stage is a linear layer + ReLU.
     """
 
     def __init__(self, in_dim: int, out_dim: int):
@@ -205,7 +205,7 @@ class ConvStage(nn.Module):
 
 
 class LKA1d(nn.Module):
-    """Van-style large kernel attention in 1-D (the code's LKA_Attention_1d, spec §2.3):
+    """Van-style large kernel attention in 1-D (the code's LKA_Attention_1d):
     x + P2(LKA(ReLU(P1(x)))), LKA(u) = u * PW(DWd(DW(u))); DW depthwise k5, DWd depthwise
     k7 dilation 3, P1/P2/PW pointwise."""
 
@@ -225,7 +225,7 @@ class LKA1d(nn.Module):
 
 class AEMM(nn.Module):
     """One branch of MLAH / the LFF block: conv -> ReLU -> LKA1d -> ReLU -> max pool to
-    length 1. (N, C_in, L) -> (N, C_out, 1). Spec A17: on length-1 inputs the strides are
+    length 1. (N, C_in, L) -> (N, C_out, 1). On length-1 inputs the strides are
     inert; a kernel of 1 with padding 1 (layer4) gives length 3 before the pool."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int = 3, stride: int = 1):
@@ -264,7 +264,7 @@ class ImageTower(nn.Module):
 
 
 class DTFEN(nn.Module):
-    """Deep text feature extraction network (spec §2.2) on the raw 0/1 bag of words:
+    """Deep text feature extraction network on the raw 0/1 bag of words:
     Stage1 (Conv1D + GAP) -> "autoencoder" MLP (f_t) -> Stage2 (Conv1D + GAP) -> hash (h_t).
 
     The published code lays the T-word vector out as T channels of a length-1 sequence, so
@@ -289,7 +289,7 @@ class DTFEN(nn.Module):
 
 
 class PlainTextNet(nn.Module):
-    """The text net of the variants without DTFEN (spec §7): an MLP on the bag of words
+    """The text net of the variants without DTFEN: an MLP on the bag of words
     (the autoencoder's T-8192-2048, or GCDH's T-8192-4096-2048), then the hash head."""
 
     def __init__(self, text_dim: int, config: TEGAHConfig):
@@ -309,7 +309,7 @@ class PlainTextNet(nn.Module):
 
 
 class MultiScaleAttention(nn.Module):
-    """MLAH's attention (spec §2.3): Q from the two small-stride branches, K and V from
+    """MLAH's attention: Q from the two small-stride branches, K and V from
     the two large-stride ones. Each of the D channels is a scalar token; the D channels
     form ``groups`` groups that attend within themselves; scale 1/sqrt(H) as in the code."""
 
@@ -317,7 +317,7 @@ class MultiScaleAttention(nn.Module):
         super().__init__()
         self.groups, self.scale = groups, dim ** -0.5
         self.q = nn.Conv1d(2 * dim, inner, 3, padding=1, bias=False)
-        # kernel 3 for K and V too: it makes the parameter count the spec's 143.2 M (with the unused stem)
+        # kernel 3 for K and V too: it makes the parameter count the published code's 143.2 M (with the unused stem)
         self.k = nn.Conv1d(dim, inner, 3, padding=1, bias=False)
         self.v = nn.Conv1d(dim, inner, 3, padding=1, bias=False)
         self.proj = nn.Conv1d(inner, dim, 3, padding=1)
@@ -339,7 +339,7 @@ class MultiScaleAttention(nn.Module):
 
 
 class MLAH(nn.Module):
-    """Multiscale label area hybrid network (spec §2.3): stem, four AEMM branches
+    """Multiscale label area hybrid network: stem, four AEMM branches
     (strides 10, 5, 3 with kernel 3; kernel 1 for the fourth), multi-scale attention
     (Q <- [X3 || X4], K <- X1, V <- X2), the LayerNorm "autoencoder" (f_l), hash (h_l)."""
 
@@ -351,7 +351,7 @@ class MLAH(nn.Module):
         self.stem = nn.Conv1d(num_labels, h, 3, padding=1)
         self.branches = nn.ModuleList(AEMM(h, h, k, s) for k, s in self.STRIDES)
         self.attention = MultiScaleAttention(h, config.attention_dim, config.attention_groups)
-        self.autoencoder = _mlp(h, [config.mlp_dim, h], norm="layer")  # spec A1: the COCO branch for all
+        self.autoencoder = _mlp(h, [config.mlp_dim, h], norm="layer")  # the COCO branch for all
         self.hash = HashHead(h, config.bits)
 
     def forward(self, labels: Tensor) -> Tensor:
@@ -362,7 +362,7 @@ class MLAH(nn.Module):
 
 
 class LabelGAT(nn.Module):
-    """Two GAT networks in sequence over the label graph (spec §2.5), each pyGAT's dense
+    """Two GAT networks in sequence over the label graph, each pyGAT's dense
     GAT: dropout -> ``heads`` attention heads (ELU, concatenated) -> dropout -> one output
     head. Node features are the normalised adjacency itself. gat1: C -> hidden, LeakyReLU;
     gat2: hidden -> out. Returns G (C, out): one classifier vector per label.
@@ -408,7 +408,7 @@ class LabelGAT(nn.Module):
 
 
 class GAFM(nn.Module):
-    """Graph attention feature fusion (spec §2.4) and the GAT classifier.
+    """Graph attention feature fusion and the GAT classifier.
 
     F_c = [f_i || f_t] (2H); m = LRP1(F_c) (H); r = GRU(m); p = m sigmoid(m) + m sigmoid(r)
     (the code's gate, A4); x = LRP2(p) + F_c; F_fusion = LFF(x); logits = F_fusion G^T.
@@ -444,7 +444,7 @@ class GAFM(nn.Module):
 
 
 def _normalised(binary: np.ndarray) -> np.ndarray:
-    """ML-GCN's gen_A re-weighting and gen_adj normalisation (the code's recipe, spec §2.5):
+    """ML-GCN's gen_A re-weighting and gen_adj normalisation (the code's recipe):
     A = 0.25 P / (column sums + 1e-6) + I, then D A^T D with D = rowsum(A)^-1/2."""
     a = binary * 0.25 / (binary.sum(axis=0, keepdims=True) + 1e-6) + np.eye(binary.shape[0])
     d = a.sum(axis=1) ** -0.5
@@ -456,7 +456,7 @@ def tegah_adjacency(labels: np.ndarray | Tensor, kind: str, threshold: float) ->
 
     - ``code``: the published code: S = (Co Co) / ||Co||_F^2 (its "cosine_similarity"),
       divided row-wise by the class counts, thresholded. On real data no entry reaches the
-      threshold, so the graph is the identity (spec §2.5, A5).
+      threshold, so the graph is the identity.
     - ``cosine``: the paper's "cosine quantisation" of the co-occurrence (Eq. 11 is
       garbled): the cosine similarity of the rows of Co, thresholded.
     - ``cooccurrence``: ML-GCN's P(j | i) = Co_ij / n_i, thresholded (GCDH's graph).
@@ -477,7 +477,7 @@ def tegah_adjacency(labels: np.ndarray | Tensor, kind: str, threshold: float) ->
     return _normalised((weights >= threshold).astype(np.float64)).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- losses (spec §3)
+# --------------------------------------------------------------------------- losses
 
 
 def triplet_term(h_i: Tensor, h_t: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -496,13 +496,13 @@ def quantization_term(h: Tensor, shared_rows: Tensor) -> Tensor:
 
 def tegah_wasserstein(h_i: Tensor, h_t: Tensor, reg: float = 0.01, max_iter: int = 100) -> Tensor:
     """Entropic OT between the image and the text codes of the batch (uniform weights,
-    squared Euclidean cost), differentiated through the Sinkhorn iterations (spec §3.5)."""
+    squared Euclidean cost), differentiated through the Sinkhorn iterations."""
     return wasserstein_loss(h_i, h_t, reg=reg, max_iter=max_iter)
 
 
 def lr_factor(schedule: str, epoch: int, batches: int, period: int) -> float:
     """The learning-rate factor after epoch ``epoch`` (0-based) has run ``batches`` batches.
-    ``code``: the published formula 1/2 (1 + cos(pi n_b / (e + 1))) (spec §4, A7), which is
+    ``code``: the published formula 1/2 (1 + cos(pi n_b / (e + 1))), which is
     0 after some early epochs; ``cosine``: standard annealing over ``period`` epochs."""
     if schedule == "code":
         return 0.5 * (1.0 + math.cos(math.pi * batches / (epoch + 1)))
@@ -533,8 +533,8 @@ class TEGAH(HashingMethod):
         new_bank = (lambda: torch.randn(n, bits)) if c.bank_init == "randn" else (lambda: torch.zeros(n, bits))
         self.F_bank, self.G_bank = new_bank(), new_bank()
         self.L_bank = new_bank() if c.use_mlah else None
-        self.train_labels = info.train_labels.float()  # the teacher's bank without MLAH (spec §7)
-        self.B_glob = self._shared_codes()  # refreshed only at epoch ends (spec A12)
+        self.train_labels = info.train_labels.float()  # the teacher's bank without MLAH
+        self.B_glob = self._shared_codes()  # refreshed only at epoch ends
 
         def adamw(module, lr, wd):
             return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
@@ -597,7 +597,7 @@ class TEGAH(HashingMethod):
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """Forward every network and return the loss terms (and 'total'), writing the bank
-        rows of the batch in the code's order (spec §3, "per-batch order")."""
+        rows of the batch in the code's order ("per-batch order")."""
         labels = batch.labels
         h_l = self.label_net(labels) if self.label_net is not None else None
         h_t, f_t = self.text_net.encode(batch.text)
@@ -615,7 +615,7 @@ class TEGAH(HashingMethod):
         if h_l is not None:
             self.L_bank[ind] = h_l.detach()
             teacher, teacher_bank = (h_l.detach() if c.detach_teacher else h_l), self.L_bank
-        else:  # spec §7: the ground-truth labels teach
+        else:  # the ground-truth labels teach
             teacher, teacher_bank = labels, self.train_labels
         if logits is not None:
             terms["classification"] = classification_loss(logits, labels)
