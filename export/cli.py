@@ -25,6 +25,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="train a small EGATH on generated data, evaluate it, export it, search with it")
     demo.add_argument("--out", help="keep the run (checkpoints, metrics, bundle) in this folder")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -32,8 +33,9 @@ def cmd_demo(args) -> int:
     training_run()  # the train extra; the export extra is optional here
     from .demo import demo
 
-    setup_logging(True)
-    result = demo(args.out, progress=not args.json)
+    quiet = args.json or args.quiet
+    setup_logging(quiet)
+    result = demo(args.out, progress=not quiet)
     if args.json:
         print_json(result)
         return 0

@@ -7,6 +7,7 @@ because it uses every layer below; without the export extra it stops after train
 from __future__ import annotations
 
 import importlib.util
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from cmhash.training.data import captions
 from cmhash.training.run import Prepared, encode_both, load_config, prepare_data
 from cmhash.training.trainer import Trainer, build_method
 
+log = logging.getLogger("cmhash.demo")
 DEMO_CONFIG = "egath/demo"
 
 
@@ -29,7 +31,11 @@ def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Se
     with tempfile.TemporaryDirectory(prefix="cmhash-demo-") as tmp:
         out = Path(out_dir) if out_dir is not None else Path(tmp)
         config = load_config(DEMO_CONFIG, [f"train.out_dir={out}", f"train.progress={progress}", *overrides])
+        started = time.perf_counter()
+        log.info("demo: generating %s images of coloured shapes with captions", config.data.get("n", "the"))
         prepared = prepare_data(config)
+        log.info("demo: data ready in %.0f s; training EGATH for %d epochs", time.perf_counter() - started,
+                 config.train.epochs)
         method = build_method(config, prepared.info)
         started = time.perf_counter()
         result = Trainer(config, method, prepared.train, prepared.query, prepared.database).fit()
@@ -43,6 +49,7 @@ def demo(out_dir: str | Path | None = None, progress: bool = True, overrides: Se
         random_map = mean_average_precision(rng.integers(0, 256, (len(q_lab), width), dtype=np.uint8),
                                             rng.integers(0, 256, (len(d_lab), width), dtype=np.uint8), q_lab, d_lab)
         if _export_available():  # search as an application would: the SDK's codes of raw inputs
+            log.info("demo: exporting the bundle, then hashing the captions and images again with cmhash.Encoder")
             deployed = _demo_deployed(out, prepared, texts)
             d_img, q_txt = deployed.pop("database_image_codes"), deployed.pop("query_text_codes")
         else:

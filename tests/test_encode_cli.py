@@ -293,3 +293,16 @@ def test_bench_json_quick(bundle, tmp_path, capsys):
     assert main(["bench", str(bundle), "--batch-sizes", "2", "--repeats", "2"]) == 0
     table = capsys.readouterr().out
     assert "p50 ms" in table and "onnxruntime" in table
+
+
+def test_progress_rate_counts_only_this_runs_items():
+    import io
+
+    from cmhash.offline import Progress
+
+    out = io.StringIO()
+    progress = Progress(stream=out)
+    progress(600, 1000, 0.0)  # an earlier run finished 600 items
+    progress(700, 1000, 2.0)  # this run: 100 items in 2 s
+    last = out.getvalue().splitlines()[-1]
+    assert "700/1000 items" in last and " 50.0 items/s" in last and "ETA 0:00:06" in last, last

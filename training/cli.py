@@ -32,13 +32,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="a YAML file, or a shipped config such as egath/demo or egath/mirflickr25k-64")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3 model.bits=32")
     train.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    train.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     train.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
     run = training_run()
-    setup_logging(args.json)
-    config = run.load_config(args.config, args.overrides)
+    quiet = args.json or args.quiet
+    setup_logging(quiet)
+    config = run.load_config(args.config, [*args.overrides, "train.progress=false"] if quiet else args.overrides)
     result = run.train(config)
     summary = {"out_dir": str(result.out_dir), "best": result.best,
                "last": {k: v for k, v in result.last.items() if k.startswith(("epoch", "map_"))}}

@@ -59,6 +59,7 @@ from .errors import ConfigError, NonFiniteLossError
 from .method import Batch, DatasetInfo, HashingMethod, StepContext, get_method
 
 log = logging.getLogger("cmhash.training")
+PLAIN_PROGRESS_SECONDS = 30.0  # between progress lines when stderr is not a terminal
 
 # Purposes mixed into derived seeds, so that no two random streams coincide.
 _SHUFFLE, _STEP, _LOADER, _FIT_START = 1, 2, 3, 4
@@ -175,7 +176,10 @@ class Trainer:
         amp_dtype = getattr(torch, tc.amp_dtype) if tc.amp and device.type == "cuda" else None
         self.ctx = StepContext(device, self.env, amp_dtype)
         self.out_dir = Path(tc.out_dir)
+        # a bar on a terminal; elsewhere (a log, nohup, a notebook's subprocess) a plain line
+        # every PLAIN_PROGRESS_SECONDS, so a long epoch is never silent
         self.show_progress = tc.progress and self.env.is_main and sys.stderr.isatty()
+        self.plain_progress = tc.progress and self.env.is_main and not self.show_progress
 
         method.to(device)
         self.history: list[dict[str, Any]] = []
@@ -268,6 +272,7 @@ class Trainer:
         sums: dict[str, float] = {}
         bar = tqdm(total=len(shard), unit="item", desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
+        seen, report_at = 0, started + PLAIN_PROGRESS_SECONDS
         with bar:
             for items in loader:
                 batch = _to_batch(items, self.device)
@@ -278,6 +283,12 @@ class Trainer:
                 ctx.step += 1
                 ctx.global_step += 1
                 bar.update(len(batch.index))
+                seen += len(batch.index)
+                if self.plain_progress and time.perf_counter() >= report_at:
+                    report_at = time.perf_counter() + PLAIN_PROGRESS_SECONDS
+                    rate = seen / (time.perf_counter() - started)
+                    log.info("epoch %d/%d: %d/%d items, %.1f items/s, ETA %.0f s", epoch + 1, tc.epochs, seen,
+                             len(shard), rate, (len(shard) - seen) / rate)
                 if ctx.global_step % tc.log_every == 0:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
                     if self._writer is not None:

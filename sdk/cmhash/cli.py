@@ -219,7 +219,7 @@ def cmd_encode(args) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
-        progress=None if args.json else Progress(),
+        progress=None if args.json or args.quiet else Progress(),
     )
     if args.json:
         print_json(summary)
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     encode.add_argument("--threads", type=positive_int, help="onnxruntime threads")
     encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
+    encode.add_argument("--quiet", action="store_true", help="no progress lines")
     encode.set_defaults(func=cmd_encode)
 
     verify = sub.add_parser("verify", help="recompute a bundle's reference codes on this machine, per variant")

@@ -87,7 +87,8 @@ def encode_collection(
         shard: ``(i, N)`` or ``"i/N"``: encode every N-th item starting at the i-th.
         resume: continue a job in ``out_dir`` (else the folder must be new or empty).
         chunk_size: items per part file (the unit of resumption); fixed for a job.
-        progress: called as ``progress(done, total, seconds)`` after each chunk.
+        progress: called as ``progress(done, total, seconds)`` once at the start (seconds 0,
+            ``done`` the items an earlier run finished) and after each chunk.
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -132,6 +133,8 @@ def encode_collection(
     total = len(mine)
     done = sum(len(chunks[k]) for k in done_parts if k < len(chunks))
     items_now = 0
+    if progress is not None:
+        progress(done, total, 0.0)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmhash-decode") as pool:
         for k, chunk in enumerate(chunks):
             if k in done_parts:
@@ -307,19 +310,24 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
 
 
 class Progress:
-    """A one-line progress display on stderr: items, items/s and ETA."""
+    """A progress display on stderr: items, items/s and ETA; one line kept up to date on a
+    terminal, a plain line per chunk otherwise (a log, ``nohup``). The rate counts only the
+    items of this run: the first call (at 0 seconds) says how many an earlier run finished."""
 
     def __init__(self, stream=None, every: float = 0.5):
         self.stream = stream or sys.stderr
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every = every
         self._last = -1.0
+        self._before: int | None = None
 
     def __call__(self, done: int, total: int, seconds: float) -> None:
-        if self.live and seconds - self._last < self.every and done < total:
+        if self._before is None:
+            self._before = done
+        if seconds > 0 and self.live and seconds - self._last < self.every and done < total:
             return
         self._last = seconds
-        rate = done / seconds if seconds > 0 else 0.0
+        rate = (done - self._before) / seconds if seconds > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         line = f"{done}/{total} items  {rate:,.1f} items/s  ETA {_clock(eta)}"
         if self.live:

@@ -393,3 +393,18 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     straight = make_trainer(toy_config(tmp_path / "straight", f"train.epochs={done + 2}"))
     straight.fit()
     assert_identical(everything(straight), everything(resumed))
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, caplog):
+    """Under a log, nohup or a notebook's subprocess a long epoch still reports (step, rate, ETA)."""
+    from cmhash.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "PLAIN_PROGRESS_SECONDS", 0.0)
+    trainer = make_trainer(toy_config(tmp_path, "train.progress=true", "train.epochs=1"))
+    assert trainer.plain_progress and not trainer.show_progress  # pytest's stderr is no terminal
+    with caplog.at_level("INFO", logger="cmhash.training"):
+        trainer.fit()
+    lines = [r.getMessage() for r in caplog.records if "items/s" in r.getMessage()]
+    assert lines and lines[0].startswith("epoch 1/1: 16/64 items") and "ETA" in lines[0], lines
+    quiet = make_trainer(toy_config(tmp_path / "quiet", "train.epochs=1"))  # train.progress=false
+    assert not quiet.plain_progress and not quiet.show_progress
