@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds at batch 1 (a quarter at batch 32)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--backbone", default="clip:ViT-B-32",
+                        help="the EGATH image backbone (clip:tiny-resnet: a smoke run in seconds)")
     parser.add_argument("--photos", default=str(Path(__file__).resolve().parents[2] / "shared/data/mirflickr-mini/images"))
     args = parser.parse_args()
     photos = sorted(Path(args.photos).glob("*.jpg"))[: args.calibration + 64]
@@ -66,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     cls = get_method("egath")
-    config = cls.Config(bits=64, backbone="clip:ViT-B-32")
+    config = cls.Config(bits=64, backbone=args.backbone)
     info = DatasetInfo(n_train=1, n_labels=24, text_dim=1386, train_labels=torch.zeros(1, 24))
     tower = cls(config, info).image_tower().eval()
     pre = ImagePreprocessor.from_dict(cls.image_preprocessing(config))
@@ -115,7 +117,7 @@ def main() -> None:
     import onnxruntime
 
     print(json.dumps({
-        "model": "EGATH image tower, CLIP ViT-B/32 (random weights), 224 px, 64 bits",
+        "model": f"EGATH image tower, {args.backbone} (random weights), {pre.output_size[0]} px, 64 bits",
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

@@ -4,6 +4,7 @@ at the top what it needs, a missing extra or a bad argument is one line and exit
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def test_bench_export_names_its_extra_and_its_photos(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("open_clip")
     one_line_error(run("bench_export.py", "--photos", tmp_path, "--calibration", 4), "0 .jpg photos", "at least 6")
+
+
+def test_bench_export_smallest_setting(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("open_clip")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.jpg")
+    out = run("bench_export.py", "--backbone", "clip:tiny-resnet", "--photos", tmp_path, "--calibration", 4,
+              "--threads", 1, "--rounds", 2, "--batches", 1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout)
+    assert {r["runner"] for r in record["rows"]} == {"pytorch-eager", "fp32", "int8", "int8-dynamic"}
+    assert record["agreement_untrained"]["fp32"]["bit_agreement_vs_pytorch"] == 1.0
 
 
 def test_quickstart_names_its_extra():
