@@ -360,3 +360,14 @@ def test_variants_are_listed_and_picked_by_name(tmp_path):
         bundle.model_file("text", "fp16")
     with pytest.raises(ValueError, match="unknown variant"):
         bundle.model_file("image", "int4")
+
+
+def test_fingerprint_names_the_code_space_not_the_variants(tmp_path):
+    plain = load_bundle(write_bundle(tmp_path / "a", manifest(), FILES))
+    m = manifest()
+    m["modalities"]["image"]["variants"] = {"int8": {"file": "image.int8.onnx"}}
+    with_variant = load_bundle(write_bundle(tmp_path / "b", m, {**FILES, "image.int8.onnx": b"q"}))
+    assert len(plain.fingerprint) == 64 and plain.fingerprint == with_variant.fingerprint
+    retrained = load_bundle(write_bundle(tmp_path / "c", manifest(), {**FILES, "image.onnx": b"other weights"}))
+    longer = load_bundle(write_bundle(tmp_path / "d", manifest(bits=32), FILES))
+    assert len({plain.fingerprint, retrained.fingerprint, longer.fingerprint}) == 3

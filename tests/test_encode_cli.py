@@ -84,6 +84,7 @@ def test_folder_codes_ids_errors_and_index(bundle, folder, tmp_path, capsys):
     assert [names[i] for i in result["ids"]] == list(result["names"])
     enc = Encoder.load(bundle, threads=1)
     assert np.array_equal(result["codes"], enc.hash_images([folder / n for n in result["names"]]))
+    assert str(result["bundle_fingerprint"]) == summary["bundle_fingerprint"] == enc.fingerprint
 
     index = HashIndex(32)
     index.add(result["codes"], result["ids"])

@@ -140,6 +140,16 @@ class Bundle:
     def label_names(self) -> list[str]:
         return list(self.manifest.get("label_names", []))
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 naming the code space this bundle hashes into: the method, the bit length
+        and the fp32 model of each modality. Codes of two bundles are comparable exactly when
+        their fingerprints are equal; the reduced-precision variants of one bundle share it
+        (they approximate the fp32 model), so adding a variant does not change it."""
+        models = {m: self.manifest["files"][self.modality(m)["file"]] for m in self.modalities}
+        space = {"method": self.method, "bits": self.bits, "models": models}
+        return sha256_bytes(json.dumps(space, sort_keys=True, separators=(",", ":")).encode())
+
     def modality(self, name: str) -> dict:
         try:
             return self.manifest["modalities"][name]

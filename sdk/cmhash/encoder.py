@@ -114,6 +114,12 @@ class Encoder:
         return self.bundle.modalities
 
     @property
+    def fingerprint(self) -> str:
+        """The bundle's fingerprint (:attr:`cmhash.bundle.Bundle.fingerprint`): codes of two
+        encoders are comparable exactly when these are equal."""
+        return self.bundle.fingerprint
+
+    @property
     def backend(self) -> str:
         """The backend that runs the models (``"onnxruntime"`` or ``"tensorrt"``)."""
         return next(iter(self.backends.values())).name

@@ -8,7 +8,8 @@ Output folder::
                     must match it
     parts/          one part-NNNNNN.npz per finished chunk (codes, ids, errors), written
                     atomically; removed once merged
-    codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,): ``HashIndex.add(codes,
+    codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,), bundle_fingerprint (the
+                    bundle's :attr:`~cmhash.bundle.Bundle.fingerprint`): ``HashIndex.add(codes,
                     ids)`` and ``cmhash index build out/codes.npz`` take it directly
     errors.jsonl    one line per item that could not be encoded (unreadable, or a text with no
                     word in the vocabulary): id, item, reason
@@ -122,6 +123,7 @@ def encode_collection(
         "bits": encoder.bits,
         "variant": encoder.variant,
         "bundle": hashlib.sha256(json.dumps(encoder.bundle.manifest, sort_keys=True).encode()).hexdigest(),
+        "bundle_fingerprint": encoder.fingerprint,
     }
     done_parts = _prepare(out, job, resume)
     if (out / "summary.json").exists():  # a finished job, resumed: nothing to do
@@ -286,7 +288,7 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
     # codes.npz, errors.jsonl and summary.json are one unit: summary.json, written last, marks
     # the job finished; until it exists the parts stay and a resume redoes this merge.
     buffer = io.BytesIO()
-    np.savez(buffer, codes=codes, ids=ids, names=names)
+    np.savez(buffer, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
     atomic_write(out / "codes.npz", buffer.getvalue())
     atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
     summary = {
@@ -298,6 +300,7 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         "errors": len(errors),
         "bits": job["bits"],
         "variant": job["variant"],
+        "bundle_fingerprint": job["bundle_fingerprint"],
         "items_this_run": items_now,  # less than items after a resume
         "seconds": round(seconds, 3),
         "items_per_second": round(items_now / seconds, 1) if seconds > 0 else 0.0,
