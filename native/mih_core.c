@@ -291,6 +291,9 @@ static int query_one(const mih_ctx *c, workspace *w, size_t qi, int64_t *lookups
                     hi[i] = off[keys[i] + 1] > (int64_t)n_tab ? (int64_t)n_tab : off[keys[i] + 1];
                     if (lo[i] < hi[i]) __builtin_prefetch(&pos[lo[i]]);
                 }
+                for (size_t i = 0; i < nk; i++)
+                    for (int64_t s = lo[i]; s < hi[i]; s++)
+                        if ((uint32_t)pos[s] < n_tab) __builtin_prefetch(&w->seen[(uint32_t)pos[s] >> 6]);
                 size_t np = 0;
                 for (size_t i = 0; i < nk; i++) {
                     if (hi[i] > lo[i] && ws_reserve(w, np + (size_t)(hi[i] - lo[i])) < 0) return -1;

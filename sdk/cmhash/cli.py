@@ -165,14 +165,20 @@ def _load_code_extras(path: str, count: int) -> tuple[list[str] | None, dict]:
 
 
 def cmd_index(args) -> int:
-    from .index import HashIndex, load_index
+    from .index import HashIndex, MultiIndex, load_index
 
     if args.index_cmd == "build":
         if Path(args.out).exists() and not args.force:
             raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
         codes, ids = _load_codes(args.codes)
         names, metadata = _load_code_extras(args.codes, len(codes))
-        index = HashIndex(codes.shape[1] * 8, metadata=metadata)
+        bits = codes.shape[1] * 8
+        if args.kind == "mih":
+            index = MultiIndex(bits, substrings=args.substrings, metadata=metadata)
+        elif args.substrings is not None:
+            raise CmhashError("--substrings applies to --kind mih only")
+        else:
+            index = HashIndex(bits, metadata=metadata)
         index.add(codes, ids, names=names)
         index.save(args.out)
         path = args.out
@@ -199,12 +205,19 @@ def cmd_search(args) -> int:
     t0 = time.perf_counter()
     dist, ids = index.search(queries, args.k)
     seconds = time.perf_counter() - t0
+    report = None
+    if args.explain:
+        report = index.explain(queries, k=args.k) if hasattr(index, "explain") else {
+            "path": "scan", "reason": f"a {index.kind} index always scans"}
     if args.json:
-        print_json({"distances": dist.tolist(), "ids": ids.tolist(), "seconds": seconds})
+        print_json({"distances": dist.tolist(), "ids": ids.tolist(), "seconds": seconds,
+                    **({"explain": report} if report is not None else {})})
         return 0
     for qi in range(len(ids)):
         print(f"query {qi}: " + ", ".join(f"{i} ({d})" for i, d in zip(ids[qi], dist[qi]) if i >= 0))
     print(f"{len(ids)} queries, k={args.k}, {seconds * 1e3:.2f} ms", file=sys.stderr)
+    if report is not None:
+        print(f"path: {report['path']} ({report['reason']})", file=sys.stderr)
     return 0
 
 
@@ -379,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "'bundle_fingerprint') as cmhash encode writes")
     build.add_argument("--out", required=True, help="the index file to write")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
+    build.add_argument("--kind", choices=["flat", "mih"], default="flat",
+                       help="flat: a scan of every code; mih: multi-index hashing tables (default flat)")
+    build.add_argument("--substrings", type=positive_int, default=None,
+                       help="--kind mih: number of tables (default: bits / log2(n))")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     info = isub.add_parser("info", help="count, bit length, kind and metadata of an index file")
     info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
@@ -390,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("queries", help=".npy of packed uint8 codes or .npz with 'codes'")
     search.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     search.add_argument("--json", action="store_true", help="print distances, ids and seconds as JSON")
+    search.add_argument("--explain", action="store_true",
+                        help="also say how the search was answered (tables or scan, and why)")
     search.set_defaults(func=cmd_search)
 
     encode = sub.add_parser("encode", help="hash a folder, file list or manifest into codes + ids (resumable)")

@@ -13,10 +13,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from cmhash.errors import IndexFileError, ResourceLimitError  # noqa: E402
-from cmhash.index import HashIndex, load_index  # noqa: E402
+from cmhash.index import HashIndex, MultiIndex, load_index, mih  # noqa: E402
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-KINDS = {"flat": lambda bits: HashIndex(bits, metadata={"m": "x"})}
+KINDS = {"flat": lambda bits: HashIndex(bits, metadata={"m": "x"}),
+         "mih": lambda bits: MultiIndex(bits, substrings=2, metadata={"m": "x"})}
 
 
 def _blob(kind: str, n: int, bits: int) -> bytes:
@@ -60,6 +61,7 @@ def damaged(draw):
 @given(damaged(), st.booleans())
 def test_damaged_files_load_consistently_or_raise_typed_errors(tmp_path_factory, case, mmap):
     key, blob = case
+    mih.MIN_CODES, mih.SCAN_COST = 1, 1e9  # search through whatever tables were loaded
     path = tmp_path_factory.mktemp("fuzz") / "x.cmhidx"
     path.write_bytes(blob)
     try:
@@ -73,3 +75,10 @@ def test_damaged_files_load_consistently_or_raise_typed_errors(tmp_path_factory,
     assert len(index.names(index.ids)) == len(index)
     lims, D, I = index.range_search(q, index.bits)
     assert lims[-1] == 2 * len(index)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cost_model():
+    saved = mih.MIN_CODES, mih.SCAN_COST
+    yield
+    mih.MIN_CODES, mih.SCAN_COST = saved
