@@ -163,6 +163,14 @@ class MultiIndex(CodeStore):
             t = self._tables  # the file is let go on the first change: copy what was mapped
             self._tables = _Tables(t.start.copy(), t.width.copy(), t.offsets.copy(), t.positions.copy(), t.n_tab)
 
+    def build_tables(self) -> None:
+        """Build the tables now, rather than in the first search that needs them (a
+        collection below ``MIN_CODES`` gets none: it is always scanned)."""
+        with self._lock:
+            self._check_mapped_file()
+            if self._count >= MIN_CODES and self._stale():
+                self._build_tables()
+
     def _stale(self) -> bool:
         t, n = self._tables, self._count
         return t is None or n - t.n_tab > max(t.n_tab // 8, 1024)
