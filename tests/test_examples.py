@@ -50,6 +50,15 @@ def test_bench_search_smallest_setting_and_without_faiss():
     one_line_error(run("bench_search.py", "--quick", missing=("faiss",)), "faiss not installed", "cmhash-sdk[dev]")
 
 
+def test_bench_mih_smallest_setting_and_without_faiss():
+    pytest.importorskip("faiss")
+    out = run("bench_mih.py", "--quick", "--data", "clustered", "--hnsw-max", 0)
+    assert out.returncode == 0, out.stderr
+    assert "cmhash-mih" in out.stdout and "faiss-multihash" in out.stdout and "Targets (" in out.stdout
+    assert "ERROR" not in out.stderr  # MultiIndex equals the flat scan
+    one_line_error(run("bench_mih.py", "--quick", missing=("faiss",)), "faiss not installed", "cmhash-sdk[dev]")
+
+
 def test_bench_eval_smallest_setting():
     out = run("bench_eval.py", "--queries", 5, "--database", 2000, "--repeat", 1)
     assert out.returncode == 0, out.stderr

@@ -25,10 +25,11 @@ from .errors import (
     ReferenceCheckError,
     ResourceLimitError,
     TextInputError,
+    UnknownIdError,
     UnknownTextWarning,
     UnsupportedInputError,
 )
-from .index import HashIndex
+from .index import HashIndex, MultiIndex, load_index
 from .search import hamming_distances, knn_search, range_search
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "knn_search",
     "range_search",
     "HashIndex",
+    "MultiIndex",
+    "load_index",
     "Encoder",
     "metrics",
     "CmhashError",
@@ -50,6 +53,7 @@ __all__ = [
     "ResourceLimitError",
     "IndexFileError",
     "IndexChangedError",
+    "UnknownIdError",
     "BundleError",
     "ImageDecodeError",
     "TextInputError",
