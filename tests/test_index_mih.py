@@ -267,3 +267,16 @@ def test_cli_builds_and_searches_a_multi_index(tables_always, tmp_path, capsys):
     assert main(["index", "build", str(tmp_path / "codes.npz"), "--out", str(tmp_path / "x"), "--kind", "mih",
                  "--substrings", "2"]) == 2
     assert "substrings must be within" in capsys.readouterr().err
+
+
+def test_long_codes_in_a_small_collection_get_no_tables(tables_always, tmp_path):
+    db = dataset("clustered", 300, 1024)
+    multi, flat = MultiIndex(1024), HashIndex(1024)
+    multi.add(db)
+    flat.add(db)
+    report = multi.explain(db[:3], k=4)
+    assert report["path"] == "scan" and "no tables" in report["reason"] and multi.table_bytes == 0
+    assert same(flat.search(db[:3], 4), multi.search(db[:3], 4))
+    multi.save(tmp_path / "long.cmhidx")  # saved without tables, loads and scans
+    loaded = load_index(tmp_path / "long.cmhidx", mmap=True)
+    assert same(flat.search(db[:3], 4), loaded.search(db[:3], 4))

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import limits
 from ..codes import as_packed, check_bits
-from ..errors import (ArgumentTypeError, IndexChangedError, IndexFileError, IndexFullError, InvalidArgumentError,
+from ..errors import (ArgumentTypeError, CmhashError, IndexChangedError, IndexFileError, IndexFullError, InvalidArgumentError,
                       ResourceLimitError, UnknownIdError)
 from . import _file
 
@@ -475,7 +475,10 @@ class CodeStore:
     @classmethod
     def _from_contents(cls, path: str, c: _file.Contents, mmap: bool, redo: str):
         metadata = _read_metadata(path, c.sections.get(b"META"), redo)
-        index = cls(c.bits, metadata=None)
+        try:
+            index = cls(c.bits)
+        except CmhashError as exc:  # a valid header of a kind that cannot hold such codes
+            raise IndexFileError(f"{path}: {exc}; {redo}") from None
         index._metadata = metadata
         count = c.count
         ids = c.ids.astype(np.int64, copy=False)

@@ -171,15 +171,24 @@ class MultiIndex(CodeStore):
             if self._count >= MIN_CODES and self._stale():
                 self._build_tables()
 
+    def _layout(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The substrings the tables would have now; None when, with the number of tables
+        left to the index, their offsets alone would outweigh the collection (long codes
+        in a small collection): it is then scanned. A number given is always honoured."""
+        m = self._substrings or auto_substrings(self._bits, self._count)
+        start, width = substring_layout(self._bits, m)
+        if self._substrings is None and int(((1 << width.astype(np.int64)) + 1).sum()) > 4 * self._count + (1 << 20):
+            return None
+        return start, width
+
     def _stale(self) -> bool:
         t, n = self._tables, self._count
         return t is None or n - t.n_tab > max(t.n_tab // 8, 1024)
 
     def _build_tables(self) -> None:
-        """(Re)build the tables of every code; called under the lock."""
-        codes = self._codes[: self._count]
-        m = self._substrings or auto_substrings(self._bits, self._count)
-        self._tables = _Tables.build(np.ascontiguousarray(codes), m)
+        """(Re)build the tables of every code, if they fit (see _layout); under the lock."""
+        layout = self._layout()
+        self._tables = None if layout is None else _Tables.build(self._codes[: self._count], len(layout[0]))
 
     def _search_snapshot(self):
         """Codes, ids and tables (None: scan), consistent with each other."""
@@ -189,7 +198,7 @@ class MultiIndex(CodeStore):
                 self._build_tables()
             count = self._count
             codes, ids = self._codes[:count], self._ids[:count]
-            tables = self._tables if count >= MIN_CODES else None
+            tables = self._tables if count >= MIN_CODES and not self._stale() else None
         return codes, ids, tables
 
     # -- search ----------------------------------------------------------------------
@@ -221,7 +230,10 @@ class MultiIndex(CodeStore):
     def _plan(self, tables, n: int, k: int | None = None, radius: int | None = None) -> tuple[str | None, int]:
         """(why the tables are not used, or None; the work cap per query)."""
         if tables is None:
-            return f"{n} codes, fewer than MIN_CODES={MIN_CODES}: a scan is as fast", 0
+            if n < MIN_CODES:
+                return f"{n} codes, fewer than MIN_CODES={MIN_CODES}: a scan is as fast", 0
+            return (f"no tables: {self._bits}-bit codes need tables larger than the {n} codes "
+                    "themselves; a scan is as fast"), 0
         max_work = max(int(n * SCAN_COST), 64)
         if k is not None and k > n * MAX_K_SHARE:
             return f"k={k} is more than {MAX_K_SHARE:.4g} of the {n} codes: a scan is as fast", max_work
@@ -296,8 +308,8 @@ class MultiIndex(CodeStore):
 
     # -- persistence -----------------------------------------------------------------
     def _extra_sections(self) -> dict:
-        if self._count == 0:
-            return {}
+        if self._count == 0 or self._layout() is None:
+            return {}  # no tables to save: the loaded index scans, or builds them when it grows
         if self._tables is None or self._tables.n_tab != self._count:
             self._build_tables()
         t = self._tables
@@ -307,10 +319,11 @@ class MultiIndex(CodeStore):
 
     def _load_extra(self, path: str, c: _file.Contents, mmap: bool, redo: str) -> None:
         s = c.sections
-        if c.count == 0:
-            return
-        if not {b"MIHP", b"MIHO", b"MIHI"} <= s.keys():
-            raise IndexFileError(f"{path}: a multi-index file without its tables (MIHP, MIHO, MIHI); {redo}")
+        present = {b"MIHP", b"MIHO", b"MIHI"} & s.keys()
+        if not present:
+            return  # saved without tables (see _extra_sections): built when needed
+        if len(present) < 3 or c.count == 0:
+            raise IndexFileError(f"{path}: a multi-index file with part of its tables ({sorted(present)}); {redo}")
         try:
             params = json.loads(bytes(s[b"MIHP"]).decode())
             start = np.asarray(params["start"], dtype=np.int64)
