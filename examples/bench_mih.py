@@ -144,22 +144,23 @@ def run(args) -> list[dict]:
                 fdb.add(db)
                 approx = {}
                 m = info["substrings"] or mih.auto_substrings(bits, n)
-                t = time.perf_counter()
-                fmh = faiss.IndexBinaryMultiHash(bits, m, bits // m)
-                fmh.add(db)
-                fmh.nflip = args.nflip
-                approx["faiss-multihash"] = (fmh, time.perf_counter() - t)
-                if n <= args.hnsw_max:
+                if "faiss-multihash" in args.baselines:
+                    t = time.perf_counter()
+                    fmh = faiss.IndexBinaryMultiHash(bits, m, bits // m)
+                    fmh.add(db)
+                    fmh.nflip = args.nflip
+                    approx["faiss-multihash"] = (fmh, time.perf_counter() - t)
+                if n <= args.hnsw_max and "faiss-hnsw" in args.baselines:
                     t = time.perf_counter()
                     fh = faiss.IndexBinaryHNSW(bits, 16)
                     fh.hnsw.efSearch = 64
                     fh.add(db)
                     approx["faiss-hnsw"] = (fh, time.perf_counter() - t)
-                    if UsearchIndex is not None:
-                        t = time.perf_counter()
-                        us = UsearchIndex(ndim=bits, metric="hamming", dtype="b1")
-                        us.add(np.arange(n), db, threads=max(args.threads))
-                        approx["usearch-b1x8"] = (us, time.perf_counter() - t)
+                if n <= args.hnsw_max and "usearch" in args.baselines and UsearchIndex is not None:
+                    t = time.perf_counter()
+                    us = UsearchIndex(ndim=bits, metric="hamming", dtype="b1")
+                    us.add(np.arange(n), db, threads=max(args.threads))
+                    approx["usearch-b1x8"] = (us, time.perf_counter() - t)
                 for threads in args.threads:
                     faiss.omp_set_num_threads(threads)
                     for k in args.k:
@@ -174,11 +175,12 @@ def run(args) -> list[dict]:
                              **{key: info[key] for key in ("build_s", "bytes_per_code", "memory_ratio", "substrings")})
                         if not exact:
                             print("ERROR: MultiIndex results differ from the flat scan", file=sys.stderr)
-                        if k not in args.baseline_k:
+                        if k not in args.baseline_k or threads not in args.baseline_threads:
                             continue
-                        t, (d, _) = timed(lambda: fdb.search(q, k), args.repeat)
-                        emit(**base, method="faiss-flat", seconds=t, qps=len(q) / t, speedup=round(t_flat / t, 2),
-                             recall=round(recall(d, fd, k), 4))
+                        if "faiss-flat" in args.baselines:
+                            t, (d, _) = timed(lambda: fdb.search(q, k), args.repeat)
+                            emit(**base, method="faiss-flat", seconds=t, qps=len(q) / t,
+                                 speedup=round(t_flat / t, 2), recall=round(recall(d, fd, k), 4))
                         for name, (index, build) in approx.items():
                             if name == "usearch-b1x8":
                                 t, res = timed(lambda: index.search(q, k, threads=threads), args.repeat)
@@ -225,6 +227,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model-codes", help="codes for --data model (.npy, or codes.npz of cmhash encode)")
     parser.add_argument("--noise", type=float, default=0.02, help="bit-flip probability for --data model")
     parser.add_argument("--nflip", type=int, default=2, help="FAISS IndexBinaryMultiHash nflip (default 2)")
+    parser.add_argument("--baselines", type=lambda s: [] if s == "none" else s.split(","),
+                        default=["faiss-flat", "faiss-multihash", "faiss-hnsw", "usearch"],
+                        help="which of faiss-flat, faiss-multihash, faiss-hnsw, usearch to run, or none (default all)")
+    parser.add_argument("--baseline-threads", type=ints, help="thread counts at which they run (default: all of --threads)")
     parser.add_argument("--baseline-k", type=ints, help="k values at which FAISS and usearch run (default: all of --k)")
     parser.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest n for the HNSW indexes (slow builds)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per search (the best counts)")
@@ -235,6 +241,7 @@ def main(argv=None) -> int:
     if "model" in args.data and not args.model_codes:
         parser.error("--data model needs --model-codes")
     args.baseline_k = args.baseline_k or args.k
+    args.baseline_threads = args.baseline_threads or args.threads
     if args.quick:
         args.sizes, args.bits, args.k, args.threads, args.nq, args.repeat = [40_000], [64], [10], [1], 50, 1
         args.baseline_k = [10]
