@@ -55,9 +55,9 @@ MAX_SUBSTRINGS = 64
 #: Below this many codes the tables are not built: a scan is as fast.
 MIN_CODES = 1 << 15
 #: Random accesses (table lookups, candidates) that cost as much as scanning one code; from
-#: timings on an AMD EPYC with AVX-512 (64-bit codes: ~0.1 ns per code scanned with many
-#: queries, ~10 ns per random access into a table or the codes).
-SCAN_COST = 1 / 64
+#: timings on a 2-vCPU AMD EPYC VM with AVX-512, loaded: the scan takes ~0.4 ns per 64-bit
+#: code and query, a random access into the tables or codes of 10 M codes ~100 ns.
+SCAN_COST = 1 / 256
 #: A kNN query with k above this share of the collection is answered by the scan.
 MAX_K_SHARE = 1 / 64
 PATHS = ("tables", "gave up (work over max_work)", "skipped (earlier queries gave up)")
