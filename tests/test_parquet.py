@@ -62,6 +62,20 @@ def test_folder_of_parts_read_in_name_order(tmp_path):
     assert got.names == [None] * 10
 
 
+def test_variable_length_binary_codes_as_spark_writes_them(tmp_path):
+    # Spark has no fixed-size binary type: its BinaryType columns arrive as variable-length binary
+    codes = _codes(5, bits=32)
+    (tmp_path / "spark").mkdir()
+    for k, rows in enumerate((slice(0, 3), slice(3, 3), slice(3, 5))):  # an empty part too
+        pq.write_table(pa.table({"id": pa.array(np.arange(5)[rows], pa.int64()),
+                                 "code": pa.array([c.tobytes() for c in codes[rows]], pa.binary())}),
+                       tmp_path / "spark" / f"part-{k:05d}-x.snappy.parquet")
+    got = cp.read_codes(tmp_path / "spark")
+    assert got.bits == 32 and got.names is None
+    np.testing.assert_array_equal(got.codes, codes)
+    np.testing.assert_array_equal(got.ids, np.arange(5))
+
+
 def test_fsspec_url(tmp_path):
     pytest.importorskip("fsspec")
     codes = _codes(3)
@@ -108,9 +122,12 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(CodesFileError, match="not a readable Parquet"):
         cp.read_codes(tmp_path / "junk.parquet")
-    pq.write_table(pa.table({"id": [1], "code": pa.array([b"\x01\x02"], pa.binary())}), tmp_path / "var.parquet")
-    with pytest.raises(CodesFileError, match="fixed_size_binary"):
+    pq.write_table(pa.table({"id": [1, 2], "code": pa.array([b"\x01\x02", b"\x03"], pa.binary())}), tmp_path / "var.parquet")
+    with pytest.raises(CodesFileError, match="different lengths"):
         cp.read_codes(tmp_path / "var.parquet")
+    pq.write_table(pa.table({"id": [1], "code": pa.array([[1, 2]], pa.list_(pa.uint8()))}), tmp_path / "list.parquet")
+    with pytest.raises(CodesFileError, match="fixed_size_binary"):
+        cp.read_codes(tmp_path / "list.parquet")
     pq.write_table(pa.table({"id": [1], "vec": pa.array([b"\x01"], pa.binary(1))}), tmp_path / "nocode.parquet")
     with pytest.raises(CodesFileError, match="no 'code' column"):
         cp.read_codes(tmp_path / "nocode.parquet")

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 __all__ = ["FORMAT", "CodeColumns", "codes_schema", "codes_table", "ERRORS_SCHEMA", "errors_table",
-           "write_table", "read_codes", "read_errors"]
+           "write_table", "read_codes", "read_errors", "milvus_table"]
 
 FORMAT = "cmhash-codes/1"
 KEY_FORMAT = b"cmhash.format"
@@ -218,20 +218,28 @@ def _meta(schema, key: bytes) -> str | None:
     return value.decode() if value is not None else None
 
 
-def _part_info(path: str, schema) -> dict:
-    """bits, bitorder and fingerprint of one part, from its schema, checked."""
+def _part_info(path: str, schema, first_code: bytes | None = None) -> dict:
+    """bits, bitorder and fingerprint of one part, from its schema, checked. A variable-length
+    ``binary`` code column (what Spark writes, and Milvus reads) takes its width from the
+    metadata, else from ``first_code``; bits is None for such a part with no rows."""
     pa, _ = _pyarrow()
     if "code" not in schema.names:
         raise CodesFileError(f"{path}: no 'code' column (it has {schema.names}); cmhash codes files have id, name, code")
     code_type = schema.field("code").type
-    if not pa.types.is_fixed_size_binary(code_type):
-        raise CodesFileError(f"{path}: the 'code' column is {code_type}, not fixed_size_binary(bits/8); "
-                             "write codes with cmhash.parquet.codes_table")
-    bits = code_type.byte_width * 8
     declared = _meta(schema, KEY_BITS)
+    if pa.types.is_fixed_size_binary(code_type):
+        bits = code_type.byte_width * 8
+    elif pa.types.is_binary(code_type) or pa.types.is_large_binary(code_type):
+        bits = int(declared) if declared is not None and declared.isdigit() else \
+            None if first_code is None else len(first_code) * 8
+    else:
+        raise CodesFileError(f"{path}: the 'code' column is {code_type}, not fixed_size_binary(bits/8) or binary; "
+                             "write codes with cmhash.parquet.codes_table")
+    if bits is not None:
+        check_bits(bits, f"{path}: the code length", CodesFileError)
     if declared is not None and declared != str(bits):
         raise CodesFileError(f"{path}: the metadata says {declared}-bit codes but the 'code' column holds "
-                             f"{code_type.byte_width} bytes ({bits} bits); the file is inconsistent, write it again")
+                             f"{bits}-bit codes; the file is inconsistent, write it again")
     bitorder = _meta(schema, KEY_BITORDER) or BIT_ORDER
     if bitorder not in ("little", "big"):
         raise CodesFileError(f"{path}: unknown bit order {bitorder!r} in the metadata (little or big)")
@@ -294,12 +302,21 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
             if isinstance(exc, FileNotFoundError):
                 raise
             raise CodesFileError(f"{part}: not a readable Parquet file ({exc})") from None
-        info = _part_info(part, pf.schema_arrow)
-        total += pf.metadata.num_rows * info["bits"] // 8
+        first_code = None
+        if "code" in pf.schema_arrow.names and not pa.types.is_fixed_size_binary(pf.schema_arrow.field("code").type) \
+                and pf.metadata.num_rows:
+            first_code = next(pf.iter_batches(batch_size=1, columns=["code"])).column(0)[0].as_py()
+        info = _part_info(part, pf.schema_arrow, first_code)
+        total += pf.metadata.num_rows * (info["bits"] or 0) // 8
         infos.append(info)
         files.append(pf)
-    first = infos[0]
+    known = [info for info in infos if info["bits"] is not None]
+    if not known:
+        raise CodesFileError(f"{path}: no rows and no recorded bit length; nothing to read codes of")
+    first = known[0]
     for part, info in zip(parts, infos):
+        if info["bits"] is None:  # an empty part of variable-length codes: any length fits
+            info["bits"] = first["bits"]
         for key in ("bits", "bitorder", "bundle_fingerprint", "has_ids"):
             if info[key] != first[key]:
                 raise CodesFileError(f"{path}: the parts disagree on {key.replace('has_ids', 'having an id column')}: "
@@ -314,9 +331,12 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
             table = pf.read(columns=[c for c in columns if c != "name" or info["has_names"]])
             if "name" in columns and not info["has_names"]:
                 table = table.append_column("name", pa.nulls(table.num_rows, pa.string()))
+            code = table.column("code")
+            if not pa.types.is_fixed_size_binary(code.type):
+                table = table.set_column(table.schema.get_field_index("code"), "code", code.cast(pa.binary(width)))
             tables.append(table.select(columns))
     except pa.ArrowException as exc:
-        raise CodesFileError(f"{path}: a part could not be decoded ({exc}); write it again") from None
+        raise CodesFileError(f"{path}: a part could not be decoded, or holds codes of different lengths ({exc})") from None
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     codes = _codes_view(table.column("code"), width)
     codes.flags.writeable = False
@@ -331,6 +351,30 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
     names = table.column("name").to_pylist() if "name" in columns else None
     return CodeColumns(codes=codes, ids=ids, names=names, bits=first["bits"],
                        bundle_fingerprint=first["bundle_fingerprint"], bitorder=first["bitorder"])
+
+
+def milvus_table(table: "pa.Table", *, vector_field: str = "code", names: bool = True) -> "pa.Table":
+    """A codes table (:func:`codes_table`) as Milvus bulk import takes it for a ``BINARY_VECTOR``
+    field: the same rows and bytes, the code column as variable-length ``binary`` (Milvus's
+    Parquet reader takes ``binary`` or ``list<uint8>`` for binary vectors, not
+    ``fixed_size_binary``) named ``vector_field``; without ``names`` the name column is left
+    out (Milvus refuses columns its collection has no field for). Codes must be little bit
+    order, Milvus's. See docs/interop.md for the collection schema and the import steps."""
+    pa, _ = _pyarrow()
+    info = _part_info("milvus_table", table.schema)
+    if info["bitorder"] != BIT_ORDER:
+        raise InvalidArgumentError("milvus_table: Milvus reads bit i of a vector from bit i % 8 of byte i // 8 "
+                                   "(little bit order); write the table with bitorder='little'")
+    if not info["has_ids"]:
+        raise InvalidArgumentError("milvus_table: the table has no 'id' column (Milvus's primary key)")
+    columns = [pa.field("id", pa.int64(), nullable=False)]
+    arrays = [table.column("id")]
+    if names and info["has_names"]:
+        columns.append(pa.field("name", pa.string()))
+        arrays.append(table.column("name"))
+    columns.append(pa.field(vector_field, pa.binary(), nullable=False))
+    arrays.append(table.column("code").cast(pa.binary()))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(columns, metadata=table.schema.metadata))
 
 
 def read_errors(path_or_url, *, filesystem=None) -> list[dict]:
