@@ -168,3 +168,16 @@ def test_errors_table_matches_errors_jsonl_fields(tmp_path):
     assert json.loads(json.dumps(rows[0])) == cp.read_errors(tmp_path / "e.parquet")[0]
     with pytest.raises(InvalidArgumentError):
         cp.errors_table([{"id": 1}])
+
+
+def test_import_cmhash_imports_no_optional_package(tmp_path):
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "c.npy", _codes(3))
+    script = ("import sys, cmhash, cmhash.cli, cmhash.parquet, cmhash.codefiles, cmhash.sharded, cmhash.faiss_interop\n"
+              f"cmhash.codefiles.load_codes({str(tmp_path / 'c.npy')!r})\n"
+              "print(sorted(m for m in ('pyarrow', 'fsspec', 'faiss', 'ray', 'pyspark', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
