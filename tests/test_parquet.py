@@ -77,10 +77,20 @@ def test_variable_length_binary_codes_as_spark_writes_them(tmp_path):
 
 
 def test_fsspec_url(tmp_path):
-    pytest.importorskip("fsspec")
+    fsspec = pytest.importorskip("fsspec")
     codes = _codes(3)
     cp.write_table(cp.codes_table([1, 2, 3], codes), f"file://{tmp_path}/u.parquet")
     np.testing.assert_array_equal(cp.read_codes(f"file://{tmp_path}/u.parquet").codes, codes)
+    # an object store stand-in: fsspec's in-memory file system, a folder of parts
+    table = cp.codes_table([4, 5, 6], codes, bundle_fingerprint="fp")
+    cp.write_table(table.slice(0, 1), "memory://bucket/codes/part-0.parquet")
+    cp.write_table(table.slice(1), "memory://bucket/codes/part-1.parquet")
+    got = cp.read_codes("memory://bucket/codes")
+    np.testing.assert_array_equal(got.codes, codes)
+    assert got.ids.tolist() == [4, 5, 6] and got.bundle_fingerprint == "fp"
+    fs = fsspec.filesystem("memory")
+    np.testing.assert_array_equal(cp.read_codes("/bucket/codes", filesystem=fs).ids, [4, 5, 6])
+    fs.rm("/bucket", recursive=True)
 
 
 def test_parts_that_disagree_are_refused(tmp_path):

@@ -183,17 +183,18 @@ def write_table(table: "pa.Table", path_or_url, *, filesystem=None) -> None:
     """Write an Arrow table as one Parquet file.
 
     A local path is written atomically (a temporary file beside it, then ``os.replace``): a
-    crash leaves the previous file whole. A URL (``s3://...``, ``gs://...``) goes through
+    crash leaves the previous file whole. Every page carries a CRC-32, which :func:`read_codes`
+    verifies, so a corrupted file is an error rather than other codes. A URL (``s3://...``, ``gs://...``) goes through
     fsspec, or through ``filesystem`` (an fsspec or pyarrow filesystem) when given; there
     the store's own put is what makes the file appear whole.
     """
     _, pq = _pyarrow()
     fs, path = _filesystem(path_or_url, filesystem)
     if fs is not None:
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, write_page_checksum=True)
         return
     with atomic_path(path) as tmp:
-        pq.write_table(table, str(tmp))
+        pq.write_table(table, str(tmp), write_page_checksum=True)
 
 
 def _parts(path: str, fs) -> list[str]:
@@ -215,7 +216,10 @@ def _parts(path: str, fs) -> list[str]:
 
 def _meta(schema, key: bytes) -> str | None:
     value = (schema.metadata or {}).get(key)
-    return value.decode() if value is not None else None
+    try:
+        return value.decode() if value is not None else None
+    except UnicodeDecodeError:
+        raise CodesFileError(f"the metadata value of {key.decode()} is not UTF-8; the file is damaged") from None
 
 
 def _part_info(path: str, schema, first_code: bytes | None = None) -> dict:
@@ -297,15 +301,16 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
     total = 0
     for part in parts:
         try:
-            pf = pq.ParquetFile(part, memory_map=memory_map and fs is None, filesystem=fs)
+            pf = pq.ParquetFile(part, memory_map=memory_map and fs is None, filesystem=fs,
+                                page_checksum_verification=True)
+            first_code = None
+            if "code" in pf.schema_arrow.names and not pa.types.is_fixed_size_binary(pf.schema_arrow.field("code").type) \
+                    and pf.metadata.num_rows:
+                first_code = next(pf.iter_batches(batch_size=1, columns=["code"])).column(0)[0].as_py()
         except (pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
             raise CodesFileError(f"{part}: not a readable Parquet file ({exc})") from None
-        first_code = None
-        if "code" in pf.schema_arrow.names and not pa.types.is_fixed_size_binary(pf.schema_arrow.field("code").type) \
-                and pf.metadata.num_rows:
-            first_code = next(pf.iter_batches(batch_size=1, columns=["code"])).column(0)[0].as_py()
         info = _part_info(part, pf.schema_arrow, first_code)
         total += pf.metadata.num_rows * (info["bits"] or 0) // 8
         infos.append(info)
@@ -335,8 +340,9 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
             if not pa.types.is_fixed_size_binary(code.type):
                 table = table.set_column(table.schema.get_field_index("code"), "code", code.cast(pa.binary(width)))
             tables.append(table.select(columns))
-    except pa.ArrowException as exc:
-        raise CodesFileError(f"{path}: a part could not be decoded, or holds codes of different lengths ({exc})") from None
+    except (pa.ArrowException, OSError) as exc:  # Arrow reports damaged pages and checksums as OSError
+        raise CodesFileError(f"{path}: a part is damaged or holds codes of different lengths ({exc}); "
+                             "write it again") from None
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     codes = _codes_view(table.column("code"), width)
     codes.flags.writeable = False
