@@ -144,6 +144,10 @@ def test_bad_inputs(tmp_path):
     pq.write_table(pa.table({"id": [1, None], "code": pa.array([b"\x01", b"\x02"], pa.binary(1))}), tmp_path / "n.parquet")
     with pytest.raises(CodesFileError, match="nulls"):
         cp.read_codes(tmp_path / "n.parquet")
+    pq.write_table(pa.table({"id": pa.array([2**63], pa.uint64()), "code": pa.array([b"\x01"], pa.binary(1))}),
+                   tmp_path / "u64.parquet")
+    with pytest.raises(CodesFileError, match="int64"):
+        cp.read_codes(tmp_path / "u64.parquet")
     schema = cp.codes_schema(8).with_metadata({b"cmhash.bits": b"16"})
     pq.write_table(pa.table({"id": [1], "name": ["x"], "code": pa.array([b"\x01"], pa.binary(1))}, schema=schema),
                    tmp_path / "lie.parquet")

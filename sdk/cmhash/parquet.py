@@ -353,7 +353,10 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
         id_column = table.column("id")
         if id_column.null_count:
             raise CodesFileError(f"{path}: the 'id' column holds nulls; every code needs an id")
-        ids = id_column.to_numpy().astype(np.int64, copy=False) if table.num_rows else np.empty(0, np.int64)
+        ids = id_column.to_numpy() if table.num_rows else np.empty(0, np.int64)
+        if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise CodesFileError(f"{path}: ids over 2**63 - 1; cmhash ids are int64")
+        ids = ids.astype(np.int64, copy=False)
     names = table.column("name").to_pylist() if "name" in columns else None
     return CodeColumns(codes=codes, ids=ids, names=names, bits=first["bits"],
                        bundle_fingerprint=first["bundle_fingerprint"], bitorder=first["bitorder"])
