@@ -315,17 +315,17 @@ def read_codes(path_or_url, *, filesystem=None, memory_map: bool = True) -> Code
         total += pf.metadata.num_rows * (info["bits"] or 0) // 8
         infos.append(info)
         files.append(pf)
-    known = [info for info in infos if info["bits"] is not None]
+    known = [(part, info) for part, info in zip(parts, infos) if info["bits"] is not None]
     if not known:
         raise CodesFileError(f"{path}: no rows and no recorded bit length; nothing to read codes of")
-    first = known[0]
+    first_part, first = known[0]
     for part, info in zip(parts, infos):
         if info["bits"] is None:  # an empty part of variable-length codes: any length fits
             info["bits"] = first["bits"]
         for key in ("bits", "bitorder", "bundle_fingerprint", "has_ids"):
             if info[key] != first[key]:
                 raise CodesFileError(f"{path}: the parts disagree on {key.replace('has_ids', 'having an id column')}: "
-                                     f"{parts[0]} has {first[key]!r}, {part} has {info[key]!r}; "
+                                     f"{first_part} has {first[key]!r}, {part} has {info[key]!r}; "
                                      "codes of one data set come from one bundle and writer")
     check_input_size(f"{path}: codes", total)
     width = first["bits"] // 8
