@@ -96,7 +96,7 @@ def cmd_index(args) -> int:
     else:
         index = _open_index(args.index)
         info = {"path": args.index, "count": len(index), "bits": index.bits}
-        if hasattr(index, "shards"):
+        if not isinstance(index, HashIndex):  # a ShardedIndex
             info["shards"] = len(index.shards)
     if args.json:
         print_json(info)
