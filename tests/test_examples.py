@@ -126,3 +126,11 @@ def test_quickstart_runs_end_to_end_without_warnings(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "trained: mAP" in out.stdout and "query:" in out.stdout
     assert "Warning" not in out.stderr, out.stderr
+
+
+def test_bench_codes_io_smallest_setting_and_without_pyarrow():
+    pytest.importorskip("pyarrow")
+    out = run("bench_codes_io.py", "--n", 3000, "--shards", 3, "--nq", 4, "--repeat", 1)
+    assert out.returncode == 0, out.stderr
+    assert "3,000 random 64-bit codes" in out.stdout and "results identical" in out.stdout
+    one_line_error(run("bench_codes_io.py", missing=("pyarrow",)), "pyarrow not installed", "cmhash-sdk[parquet]")

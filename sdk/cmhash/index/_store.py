@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -442,6 +443,31 @@ class CodeStore:
         state = self._state()
         _file.write(os.fspath(path), kind=self.KIND, bits=self._bits, next_id=state["next_id"],
                     codes=state["codes"], ids=state["ids"], sections=state["sections"])
+
+    @classmethod
+    def from_codes_file(cls, path, **options):
+        """An in-memory index of a codes file: ``.npy``, ``.npz`` as ``cmhash encode`` writes
+        it, or Parquet codes (a file or a folder of parts); read by
+        :func:`cmhash.codefiles.load_codes`. The file's ids and item names come along, and its
+        bundle fingerprint (plus the modality, from the ``summary.json`` that ``cmhash encode``
+        writes beside it) goes into the metadata. ``options`` go to the constructor
+        (``substrings=`` for a :class:`~cmhash.index.MultiIndex`)."""
+        from ..codefiles import load_codes
+
+        columns = load_codes(path)
+        metadata = {}
+        if columns.bundle_fingerprint is not None:
+            metadata["bundle_fingerprint"] = columns.bundle_fingerprint
+        summary = Path(path).parent / "summary.json" if not Path(path).is_dir() else Path(path) / "summary.json"
+        try:
+            modality = json.loads(summary.read_text()).get("modality")
+        except (OSError, ValueError, AttributeError):
+            modality = None
+        if isinstance(modality, str):
+            metadata["modality"] = modality
+        index = cls(columns.bits, metadata=metadata, **options)
+        index.add(columns.codes, columns.ids, names=columns.names)
+        return index
 
     @classmethod
     def load(cls, path, mmap: bool = False):
