@@ -84,7 +84,7 @@ CMHASH_API uint32_t cmhash_index_version(const cmhash_index *idx); /* major * 10
 
 /* ------------------------------------------------------------------------------------ */
 /* Search. Queries are nq packed codes of bits/8 bytes each, back to back, as
- * numpy.packbits writes them (first bit = most significant bit of byte 0). */
+ * cmhash.pack_codes writes them (bit i is bit i % 8 of byte i / 8, docs/formats.md). */
 
 /* The k nearest codes of each query: rows of k (distance, id) in out_dist (int32, nq * k)
  * and out_ids (int64, nq * k), sorted by distance, then by position in the file, as
