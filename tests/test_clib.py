@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +164,14 @@ def ptr(arr: np.ndarray, ctype):
     return arr.ctypes.data_as(ctypes.POINTER(ctype)) if arr.size else None
 
 
+class RangeResult(ctypes.Structure):
+    _fields_ = [("nq", ctypes.c_size_t), ("total", ctypes.c_size_t), ("lims", ctypes.POINTER(ctypes.c_int64)),
+                ("distances", ctypes.POINTER(ctypes.c_int32)), ("ids", ctypes.POINTER(ctypes.c_int64))]
+
+
 class Lib:
-    """libcmhash.so through ctypes, with the signatures of cmhash.h."""
+    """libcmhash.so through ctypes, with the signatures of cmhash.h. ctypes releases the
+    GIL during each call, so Python threads call it in parallel."""
 
     def __init__(self, path: Path):
         lib = self.lib = ctypes.CDLL(str(path))
@@ -175,18 +182,36 @@ class Lib:
         lib.cmhash_index_bits.argtypes = lib.cmhash_index_count.argtypes = lib.cmhash_index_version.argtypes = [p]
         lib.cmhash_index_count.restype = ctypes.c_uint64
         lib.cmhash_knn.argtypes = [p, u8p, sz, sz, sz, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)]
+        lib.cmhash_range.argtypes = [p, u8p, sz, sz, sz, ctypes.POINTER(ctypes.POINTER(RangeResult))]
+        lib.cmhash_range_result_free.argtypes = [ctypes.POINTER(RangeResult)]
         lib.cmhash_distances.argtypes = [u8p, sz, u8p, sz, sz, sz, ctypes.POINTER(ctypes.c_int32)]
 
-    def open(self, path) -> tuple[int, ctypes.c_void_p]:
-        idx = ctypes.c_void_p(1)
-        return self.lib.cmhash_index_open(os.fsencode(path), 1, ctypes.byref(idx)), idx
+    def error(self) -> str:
+        return self.lib.cmhash_last_error().decode()
 
-    def knn(self, idx, queries: np.ndarray, k: int):
+    def open(self, path, flags: int = 1) -> tuple[int, ctypes.c_void_p]:
+        idx = ctypes.c_void_p(1)
+        return self.lib.cmhash_index_open(os.fsencode(path), flags, ctypes.byref(idx)), idx
+
+    def knn(self, idx, queries: np.ndarray, k: int, threads: int = 2):
         dist = np.zeros((len(queries), k), np.int32)
         ids = np.zeros((len(queries), k), np.int64)
-        rc = self.lib.cmhash_knn(idx, ptr(queries, ctypes.c_uint8), len(queries), k, 2, ptr(dist, ctypes.c_int32),
-                                 ptr(ids, ctypes.c_int64))
+        rc = self.lib.cmhash_knn(idx, ptr(queries, ctypes.c_uint8), len(queries), k, threads,
+                                 ptr(dist, ctypes.c_int32), ptr(ids, ctypes.c_int64))
         return rc, dist, ids
+
+    def range(self, idx, queries: np.ndarray, radius: int):
+        res = ctypes.POINTER(RangeResult)()
+        rc = self.lib.cmhash_range(idx, ptr(queries, ctypes.c_uint8), len(queries), radius, 2, ctypes.byref(res))
+        if rc:
+            return rc, None
+        r = res.contents
+        lims = np.ctypeslib.as_array(r.lims, (r.nq + 1,)).copy()
+        found = (np.ctypeslib.as_array(r.distances, (r.total,)).copy() if r.total else np.zeros(0, np.int32),
+                 np.ctypeslib.as_array(r.ids, (r.total,)).copy() if r.total else np.zeros(0, np.int64))
+        assert r.total == lims[-1]
+        self.lib.cmhash_range_result_free(res)
+        return rc, (lims, *found)
 
 
 def test_shared_library(build, case):
@@ -196,7 +221,7 @@ def test_shared_library(build, case):
     assert [lib.lib.cmhash_strerror(code).decode() for code in (0, 6, 99)] == [
         "success", "index file truncated", "unknown status code"]
     rc, idx = lib.open(path)
-    assert rc == 0, lib.lib.cmhash_last_error()
+    assert rc == 0, lib.error()
     try:
         assert (lib.lib.cmhash_index_bits(idx), lib.lib.cmhash_index_count(idx)) == (index.bits, N)
         assert lib.lib.cmhash_index_version(idx) in (100, 101)
@@ -204,19 +229,53 @@ def test_shared_library(build, case):
             rc, dist, ids = lib.knn(idx, queries, k)
             want_dist, want_ids = index.search(queries, k)
             assert rc == 0 and np.array_equal(dist, want_dist) and np.array_equal(ids, want_ids)
-        rc, _, _ = lib.knn(idx, queries, 0)
-        assert rc == STATUS["ARGUMENT"] and b"k must be >= 1" in lib.lib.cmhash_last_error()
-        rc, _, _ = lib.knn(idx, queries[:0], 3)  # no queries: nothing to do
-        assert rc == 0
+        for radius in (0, index.bits * 3 // 8):
+            rc, got = lib.range(idx, queries, radius)
+            assert rc == 0 and all(np.array_equal(a, b) for a, b in zip(got, index.range_search(queries, radius)))
+        assert lib.knn(idx, queries[:0], 3)[0] == 0  # no queries: nothing to do
+        assert lib.range(idx, queries[:0], 3)[1][0].tolist() == [0]
+        assert lib.knn(idx, queries, 0)[0] == STATUS["ARGUMENT"] and "k must be >= 1" in lib.error()
+        one_d, one_i = np.zeros(1, np.int32), np.zeros(1, np.int64)  # refused before anything is written
+        rc = lib.lib.cmhash_knn(idx, ptr(queries, ctypes.c_uint8), len(queries), 2**62, 1, ptr(one_d, ctypes.c_int32),
+                                ptr(one_i, ctypes.c_int64))
+        assert rc == STATUS["ARGUMENT"] and "do not fit in memory" in lib.error()
     finally:
         lib.lib.cmhash_index_close(idx)
     rc, idx = lib.open(path.parent / "missing.cmhidx")
-    assert rc == STATUS["IO"] and idx.value is None and b"missing.cmhidx" in lib.lib.cmhash_last_error()
+    assert rc == STATUS["IO"] and idx.value is None and "missing.cmhidx" in lib.error()
+    assert lib.open(path, flags=2)[0] == STATUS["ARGUMENT"] and "unknown flags" in lib.error()
     codes = np.ascontiguousarray(index.codes)
     out = np.zeros((len(queries), len(codes)), np.int32)
     rc = lib.lib.cmhash_distances(ptr(queries, ctypes.c_uint8), len(queries), ptr(codes, ctypes.c_uint8), len(codes),
                                   index.bits // 8, 0, ptr(out, ctypes.c_int32))
     assert rc == 0 and np.array_equal(out, hamming_distances(queries, codes))
+    assert lib.lib.cmhash_distances(None, 0, None, 0, 0, 1, None) == STATUS["ARGUMENT"] and "nbytes" in lib.error()
+
+
+def test_threads_share_an_open_index(build, case):
+    """Threads search one open index at once, and each sees its own error messages."""
+    index, queries, path, _ = case
+    lib = Lib(build / "libcmhash.so")
+    rc, idx = lib.open(path)
+    assert rc == 0, lib.error()
+    want = index.search(queries, 6)
+
+    def task(i: int):
+        if i % 3 == 0:  # a failing call, then its message on this thread
+            rc = lib.open(path.parent / f"missing{i}.cmhidx")[0]
+            return rc, lib.error()
+        rc, dist, ids = lib.knn(idx, queries, 6, threads=1 + i % 2)
+        return rc, np.array_equal(dist, want[0]) and np.array_equal(ids, want[1])
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(task, range(60)))
+    finally:
+        lib.lib.cmhash_index_close(idx)
+    for i, (rc, got) in enumerate(results):
+        assert (rc, got) == ((STATUS["IO"], got) if i % 3 == 0 else (0, True)), i
+        if i % 3 == 0:
+            assert got.startswith(str(path.parent / f"missing{i}.cmhidx") + ":"), got
 
 
 def test_install(build, tmp_path):
