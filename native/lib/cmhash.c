@@ -113,7 +113,7 @@ static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le
 
 static int64_t id_at(const cmhash_index *idx, size_t pos) { return (int64_t)le64(idx->ids + 8 * pos); }
 
-/* zlib's CRC-32 (reflected polynomial 0xEDB88320), continued from `crc`. */
+/* zlib's CRC-32 (reflected polynomial 0xEDB88320), one byte per step. */
 static uint32_t crc_table[256];
 static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
 
@@ -125,9 +125,9 @@ static void make_crc_table(void) {
     }
 }
 
-static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n) {
+static uint32_t crc32_of(const uint8_t *p, size_t n) {
     pthread_once(&crc_once, make_crc_table);
-    crc = ~crc;
+    uint32_t crc = 0xFFFFFFFFu;
     for (size_t i = 0; i < n; i++) crc = crc_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
     return ~crc;
 }
@@ -141,7 +141,7 @@ static const char REDO[] = "re-create it with HashIndex.save";
 
 /* The payload checksum and the ids, as HashIndex.load checks them. */
 static int verify_payload(const cmhash_index *idx, const char *path, uint32_t want_crc) {
-    const uint32_t crc = crc32_update(0, idx->map + HEADER_SIZE, idx->map_len - HEADER_SIZE);
+    const uint32_t crc = crc32_of(idx->map + HEADER_SIZE, idx->map_len - HEADER_SIZE);
     if (crc != want_crc)
         return fail(CMHASH_ERR_PAYLOAD_CHECKSUM,
                     "%s: payload checksum mismatch (file says %#010x, data gives %#010x): the codes "
@@ -198,7 +198,7 @@ static int check_header(const char *path, const uint8_t *head, size_t got, uint6
     if (got < HEADER_SIZE)
         return fail(CMHASH_ERR_TRUNCATED, "%s: truncated file (%llu bytes, the header alone is %d); %s",
                     path, (unsigned long long)size, HEADER_SIZE, REDO);
-    if (crc32_update(0, head, 60) != le32(head + 60))
+    if (crc32_of(head, 60) != le32(head + 60))
         return fail(CMHASH_ERR_HEADER_CHECKSUM, "%s: header checksum mismatch: the header is corrupted; %s",
                     path, REDO);
     const uint32_t flags = le32(head + 12), bits = le32(head + 16), offset = le32(head + 20);
