@@ -14,8 +14,8 @@ extern PyMethodDef cmh_rank_methods[];
 static int level_from_name(PyObject *name, const char *func) {
     const char *s = PyUnicode_AsUTF8(name);
     if (!s) return -2;
-    for (int level = 0; level < CMH_SIMD_COUNT; level++)
-        if (strcmp(s, cmh_simd_name(level)) == 0) return level;
+    const int level = cmh_simd_level_named(s);
+    if (level >= 0) return level;
     PyErr_Format(PyExc_ValueError, "%s(): unknown SIMD level '%s' (choose from generic, popcnt, avx2, avx512, neon)",
                  func, s);
     return -2;
