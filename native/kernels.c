@@ -418,6 +418,18 @@ int cmh_simd_set(int level) {
     return 0;
 }
 
+int cmh_simd_level_named(const char *name) {
+    for (int level = 0; level < CMH_SIMD_COUNT; level++)
+        if (strcmp(name, cmh_simd_name(level)) == 0) return level;
+    return -1;
+}
+
+int cmh_simd_from_env(void) {
+    const char *env = getenv("CMHASH_SIMD");
+    if (!env || !*env) return 0;
+    return cmh_simd_set(cmh_simd_level_named(env));
+}
+
 cmh_dist_fn cmh_dist_kernel(size_t nbytes) {
     switch (cmh_simd_current()) {
 #if CMH_X86

@@ -31,6 +31,10 @@ int cmh_simd_supported(int level);   /* 1 when this CPU (and OS) can run that le
 int cmh_simd_best(void);             /* highest supported level */
 int cmh_simd_current(void);          /* the level kernels are chosen for now */
 int cmh_simd_set(int level);         /* 0 on success, -1 when unsupported */
+int cmh_simd_level_named(const char *name); /* the level of that name, or -1 */
+/* Pins the level named by the environment variable CMHASH_SIMD when it is set and not empty:
+ * 0 when unset or pinned, -1 when it names no level this CPU can run. */
+int cmh_simd_from_env(void);
 
 /* The distance kernel for this code length at the current level. */
 cmh_dist_fn cmh_dist_kernel(size_t nbytes);

@@ -16,8 +16,8 @@ extern PyMethodDef cmh_mih_methods[];
 static int level_from_name(PyObject *name, const char *func) {
     const char *s = PyUnicode_AsUTF8(name);
     if (!s) return -2;
-    for (int level = 0; level < CMH_SIMD_COUNT; level++)
-        if (strcmp(s, cmh_simd_name(level)) == 0) return level;
+    const int level = cmh_simd_level_named(s);
+    if (level >= 0) return level;
     PyErr_Format(PyExc_ValueError, "%s(): unknown SIMD level '%s' (choose from generic, popcnt, avx2, avx512, neon)",
                  func, s);
     return -2;
@@ -106,19 +106,13 @@ PyMODINIT_FUNC PyInit__hamming(void) {
         return NULL;
     }
     /* The level can be pinned for the whole process, e.g. to compare kernels. */
-    const char *env = getenv("CMHASH_SIMD");
-    if (env && *env) {
-        int level = -1;
-        for (int l = 0; l < CMH_SIMD_COUNT; l++)
-            if (strcmp(env, cmh_simd_name(l)) == 0) level = l;
-        if (level < 0 || cmh_simd_set(level) < 0) {
-            PyErr_Format(PyExc_RuntimeError,
-                         "CMHASH_SIMD=%s: not a level this CPU can run (choose from generic, popcnt, "
-                         "avx2, avx512 on x86-64, generic, neon on ARM64, as "
-                         "cmhash._hamming.simd_levels() lists)", env);
-            Py_DECREF(m);
-            return NULL;
-        }
+    if (cmh_simd_from_env() < 0) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "CMHASH_SIMD=%s: not a level this CPU can run (choose from generic, popcnt, "
+                     "avx2, avx512 on x86-64, generic, neon on ARM64, as "
+                     "cmhash._hamming.simd_levels() lists)", getenv("CMHASH_SIMD"));
+        Py_DECREF(m);
+        return NULL;
     }
     return m;
 }

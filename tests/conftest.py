@@ -28,6 +28,8 @@ CPU_SENSITIVE = {
     "tests/test_export_attention.py::test_int8_dynamic_quantises_all_but_the_hash_head": "int8",
     # the kernel level is drawn by hypothesis, not set by a fixture
     "tests/test_search.py::test_knn_property": "simd",
+    # the C library loaded into this process (ctypes) chooses its kernels from this CPU
+    "tests/test_clib.py::test_shared_library": "simd",
     # learning: a trained model must beat a margin; float kernels (AVX-512 or AVX2 GEMMs)
     # round differently, so the margin is set from a spread over seeds. Marked ``learning``
     # too: minutes each, too slow to emulate.

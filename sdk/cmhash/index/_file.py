@@ -229,6 +229,8 @@ def _check_header(path: str, head: bytes, size: int, redo: str) -> dict:
         problems.append(f"unknown index kind {kind} (this cmhash knows {sorted(KIND_NAMES)}; upgrade cmhash)")
     if reserved != 0:
         problems.append(f"reserved field {reserved:#x} is not zero")
+    if minor == 0 and kind != 0:
+        problems.append(f"index kind {kind} in a format 1.0 file (whose bytes 52..59 are reserved, zero)")
     if not problems:
         codes_len = count * (bits // 8)
         expected = codes_len + pad(codes_len) + count * 8
