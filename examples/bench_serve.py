@@ -20,6 +20,7 @@ Needs the train extra (for the generated shapes) and the serve extra:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -61,7 +62,9 @@ def build(bundle: str, source: Path, out: Path, modality: str) -> Path:
     if not index.exists():
         for argv in (["encode", bundle, str(source), "--out", str(out), "--modality", modality, "--quiet"],
                      ["index", "build", str(out / "codes.npz"), "--out", str(index)]):
-            if cmhash_main(argv) != 0:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for the one JSON record
+                status = cmhash_main(argv)
+            if status != 0:
                 raise SystemExit(f"cmhash {' '.join(argv)} failed")
     return index
 
