@@ -158,6 +158,9 @@ def test_bad_uploads_get_4xx_with_a_message(server, collection):
     assert status == 413 and body["type"] == "RequestTooLargeError" and f"{UPLOAD_LIMIT:,}" in body["error"]
     status, body, _ = call(f"{server}/api/search", data=b'{"text": "a dog"}', headers={"Content-Type": "application/json"})
     assert status == 400 and "takes a form" in body["error"]
+    status, body, _ = call(f"{server}/api/search", data=b"--x\r\nContent-Disposition: form-data\r\n\r\nbroken",
+                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= status < 500 and body["error"], body
 
 
 def test_thumbnails_only_for_items_of_the_index_inside_the_folder(server, collection):
