@@ -197,7 +197,7 @@ def test_bad_files_raise_index_file_error(tmp_path):
         "header checksum": [data[:16] + bytes([data[16] ^ 1]) + data[17:], data[:30] + b"\xff" + data[31:]],
         "payload checksum": [data[:100] + bytes([data[100] ^ 0x10]) + data[101:], data[:-3] + b"\x00\x00\x01"],
         "not a cmhash index": [np.random.default_rng(0).bytes(4096), b"\x89PNG\r\n\x1a\n" + bytes(600)],
-        "version 2.0 is not supported.*versions 1.x": [_rewrite_header(data, "<H", 8, 2)],
+        "version 2.1 is not supported.*versions 1.x": [_rewrite_header(data, "<H", 8, 2)],
         "bad header values.*bits=12": [_rewrite_header(data, "<I", 16, 12)],
         "truncated file.*announces": [_rewrite_header(_rewrite_header(data, "<Q", 24, 10**6), "<Q", 40,
                                                                       10**6 * 9 + 10**6 * 8)],

@@ -111,10 +111,10 @@ def test_limits_on_k_and_text(collection, monkeypatch, capsys):
     with pytest.raises(InvalidArgumentError):
         searcher.search_text("a dog", k=0)
     with pytest.raises(InvalidArgumentError):
-        searcher.search_text("a dog", radius=-1)
+        searcher.search_text("a dog", k=1, radius=-1)
     monkeypatch.setattr(limits, "MAX_QUERY_TEXT_CHARS", 20)
     with pytest.raises(ResourceLimitError, match="over the limit of 20"):
-        searcher.search_text("a dog " * 10)
+        searcher.search_text("a dog " * 10, k=1)
 
 
 def test_search_of_codes_prints_names_and_points_photos_to_query(collection, capsys, tmp_path):
@@ -136,3 +136,17 @@ def test_import_cmhash_loads_no_web_framework():
               "print(sorted(m for m in ('starlette', 'uvicorn', 'python_multipart', 'selenium') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_index_of_bare_codes_is_searched_with_a_warning(collection, tmp_path, capsys):
+    import numpy as np
+
+    from cmhash.errors import UncheckedIndexWarning
+
+    bare = tmp_path / "codes.npy"
+    np.save(bare, collection.encoder.hash_images([collection.photos / n for n in collection.photo_names[:5]]))
+    assert main(["index", "build", str(bare), "--out", str(tmp_path / "bare.cmhidx")]) == 0
+    with pytest.warns(UncheckedIndexWarning, match="does not record which bundle made its codes"):
+        searcher = Searcher.open(collection.encoder, tmp_path / "bare.cmhidx")
+    hits = searcher.search_image(collection.photos / collection.photo_names[1], k=2)
+    assert hits[0].id == 1 and hits[0].distance == 0 and hits[0].name is None

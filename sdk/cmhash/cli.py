@@ -133,24 +133,62 @@ def _read_npy(fh, what: str, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
+def _load_code_extras(path: str, count: int) -> tuple[list[str] | None, dict]:
+    """Item names and index metadata from what ``cmhash encode`` writes beside the codes: the
+    ``names`` and ``bundle_fingerprint`` arrays of codes.npz, and the modality from the
+    summary.json next to it. Missing pieces are simply left out."""
+    names, metadata = None, {}
+    p = Path(path)
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:
+            present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            for key, ndim in (("names", 1), ("bundle_fingerprint", 0)):
+                if key in present:
+                    with zf.open(f"{key}.npy") as fh:
+                        arr = _read_npy(fh, f"{path}: '{key}'", ndim)
+                    if arr.dtype.kind != "U":
+                        raise CmhashError(f"{path}: '{key}' must be strings, got dtype {arr.dtype}")
+                    if key == "names":
+                        if len(arr) != count:
+                            raise CmhashError(f"{path}: {len(arr)} names for {count} codes")
+                        names = arr.tolist()
+                    else:
+                        metadata["bundle_fingerprint"] = str(arr)
+    summary = p.parent / "summary.json"
+    if summary.is_file():
+        try:
+            modality = json.loads(summary.read_text()).get("modality")
+        except (OSError, ValueError, AttributeError):
+            modality = None
+        if isinstance(modality, str):
+            metadata["modality"] = modality
+    return names, metadata
+
+
 def cmd_index(args) -> int:
-    from .index import HashIndex
+    from .index import HashIndex, load_index
 
     if args.index_cmd == "build":
         if Path(args.out).exists() and not args.force:
             raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
         codes, ids = _load_codes(args.codes)
-        index = HashIndex(codes.shape[1] * 8)
-        index.add(codes, ids)
+        names, metadata = _load_code_extras(args.codes, len(codes))
+        index = HashIndex(codes.shape[1] * 8, metadata=metadata)
+        index.add(codes, ids, names=names)
         index.save(args.out)
-        info = {"path": args.out, "count": len(index), "bits": index.bits}
+        path = args.out
     else:
-        index = HashIndex.load(args.index, mmap=True)
-        info = {"path": args.index, "count": len(index), "bits": index.bits}
+        index = load_index(args.index, mmap=True)
+        path = args.index
+    info = {"path": path, "count": len(index), "bits": index.bits, "kind": index.kind,
+            "names": index.has_names, "metadata": index.metadata}
     if args.json:
         print_json(info)
     else:
-        print(f"{info['path']}: {info['count']} codes of {info['bits']} bits")
+        print(f"{info['path']}: {info['count']} codes of {info['bits']} bits, {info['kind']} index"
+              f"{', with item names' if info['names'] else ''}")
+        for key, value in sorted(info["metadata"].items()):
+            print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
     return 0
 
 
@@ -170,10 +208,9 @@ def cmd_search(args) -> int:
     if args.json:
         print_json({"distances": dist.tolist(), "ids": ids.tolist(), "seconds": seconds})
         return 0
-    names = getattr(index, "names", None)  # TEMPORARY check until index format 1.1 lands
     for qi in range(len(ids)):
         found = [int(i) for i in ids[qi] if i >= 0]
-        shown = names(found) if names else [None] * len(found)
+        shown = index.names(found) if found else []
         print(f"query {qi}: " + ", ".join(f"{i} {n} ({d})" if n else f"{i} ({d})"
                                           for i, n, d in zip(found, shown, dist[qi])))
     print(f"{len(ids)} queries, k={args.k}, {seconds * 1e3:.2f} ms", file=sys.stderr)
@@ -388,12 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build or inspect a HashIndex file")
     isub = index.add_subparsers(dest="index_cmd", required=True)
-    build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
-    build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids') as cmhash encode writes")
+    build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids, names])")
+    build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids', 'names', "
+                       "'bundle_fingerprint') as cmhash encode writes")
     build.add_argument("--out", required=True, help="the index file to write")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
     build.add_argument("--json", action="store_true", help="print one JSON object")
-    info = isub.add_parser("info", help="count and bit length of an index file")
+    info = isub.add_parser("info", help="count, bit length, kind and metadata of an index file")
     info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=cmd_index)

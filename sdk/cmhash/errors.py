@@ -54,6 +54,13 @@ class IndexFullError(CmhashError, OverflowError):
     """Automatic ids have run out: the next one would not fit in int64. Pass explicit ids."""
 
 
+class UnknownIdError(CmhashError, KeyError):
+    """An id that is not in the index (e.g. asking ``HashIndex.names`` about a removed id)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedInputError(CmhashError, TypeError):
     """An input of a type the encoder cannot take (e.g. a dict where an image or a text goes)."""
 

@@ -13,8 +13,8 @@ import os
 
 from .errors import ResourceLimitError
 
-__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_QUERY_K", "MAX_QUERY_TEXT_CHARS",
-           "MAX_RESULT_BYTES", "MAX_UPLOAD_BYTES", "check_input_size", "check_result_size"]
+__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_METADATA_BYTES", "MAX_QUERY_K",
+           "MAX_QUERY_TEXT_CHARS", "MAX_RESULT_BYTES", "MAX_UPLOAD_BYTES", "check_input_size", "check_result_size"]
 
 
 def _from_env(name: str, default: int) -> int:
@@ -35,6 +35,10 @@ MAX_BUNDLE_BYTES = _from_env("MAX_BUNDLE_BYTES", 16 << 30)
 #: Largest array the command line loads from one ``.npy``/``.npz`` input, in bytes (as declared
 #: by the file, checked before anything is inflated).
 MAX_INPUT_BYTES = _from_env("MAX_INPUT_BYTES", 16 << 30)
+
+#: Largest metadata an index carries (its JSON text, UTF-8), in bytes: metadata describes the
+#: codes (where they come from), it is no place for per-item data.
+MAX_METADATA_BYTES = _from_env("MAX_METADATA_BYTES", 1 << 20)
 
 
 #: Most bytes read from a file object given as an image (``Encoder.hash(fh)``); paths are

@@ -53,11 +53,9 @@ def open_index(path: str | os.PathLike, mmap: bool = True):
 
     Every query opens its index here, so that another kind of index plugs in by being
     recognised in this one function."""
-    from . import index as _index
+    from .index import load_index
 
-    if hasattr(_index, "load_index"):
-        return _index.load_index(path, mmap=mmap)
-    return _index.HashIndex.load(path, mmap=mmap)  # TEMPORARY until index format 1.1 lands
+    return load_index(path, mmap=mmap)
 
 
 def check_query_k(k: Any) -> int:
@@ -164,9 +162,7 @@ class Searcher:
 
     def names(self, ids: list[int]) -> list[str | None]:
         """The names ``cmhash encode`` recorded for ``ids`` (None where there is none)."""
-        if not ids or not hasattr(self.index, "names"):  # TEMPORARY until index format 1.1 lands
-            return [None] * len(ids)
-        return list(self.index.names(ids))
+        return list(self.index.names(ids)) if ids else []
 
 
 def _check_pair(encoder, index, where: str) -> str | None:
@@ -174,7 +170,7 @@ def _check_pair(encoder, index, where: str) -> str | None:
     if index.bits != encoder.bits:
         raise BundleMismatchError(f"{where} holds {index.bits}-bit codes but the bundle hashes to {encoder.bits} bits; "
                                   "query it with the bundle that encoded its collection")
-    recorded = getattr(index, "bundle_fingerprint", None)
+    recorded = index.bundle_fingerprint
     if recorded is None:
         warnings.warn(f"{where} does not record which bundle made its codes, so nothing checks that this bundle's "
                       "queries belong in it; build it with `cmhash index build` from the codes.npz of `cmhash encode`",
