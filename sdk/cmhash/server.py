@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import limits
-from .errors import CmhashError, InvalidArgumentError, NotFoundError, RequestTooLargeError
+from .errors import CmhashError, ImageNotFoundError, InvalidArgumentError, NotFoundError, RequestTooLargeError
 from .query import Searcher, check_query_k
 
 log = logging.getLogger("cmhash.serve")
@@ -134,12 +134,16 @@ def create_app(collections: dict[str, Searcher], images: str | Path | None = Non
         path = _item_path(name, item)
         if path is None:
             raise NotFoundError(f"no thumbnail for item {item} of {name!r}")
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except ImageNotFoundError:  # removed since it was found
+            raise NotFoundError(f"no thumbnail for item {item} of {name!r}") from None
         image.thumbnail((thumbnail_side, thumbnail_side))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)
         return out.getvalue()
 
+    @functools.lru_cache(maxsize=4 * THUMBNAIL_CACHE)  # every result asks; resolving a path costs several stats
     def _item_path(name: str, item: int) -> Path | None:
         """The image file of an item: its recorded name, inside the images folder."""
         if root is None or not 0 <= item < 2**63:

@@ -73,7 +73,8 @@ function show(body, what) {
     const distance = document.createElement("span");
     distance.className = "distance";
     distance.textContent = `${hit.distance}`;
-    caption.append(`#${hit.rank} · distance `, distance, ` · ${hit.name ?? "id " + hit.id}`);
+    caption.append(`#${hit.rank} · distance `, distance);
+    if (hit.thumbnail) caption.append(` · ${hit.name ?? "id " + hit.id}`);  // a text item shows its name above
     figure.appendChild(caption);
     grid.appendChild(figure);
   }
