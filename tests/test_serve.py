@@ -6,6 +6,7 @@ own codes (tests/fixtures/collection.py), never from the service."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,7 +18,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,14 +38,13 @@ def collection(tmp_path_factory):
     return make_collection(tmp_path_factory.mktemp("collection"))
 
 
-@pytest.fixture(scope="module")
-def server(collection):
-    """``cmhash serve`` on a free loopback port (port 0), photos and captions, thumbnails from
-    the photo folder; yields its base URL."""
-    argv = [sys.executable, "-m", "cmhash.cli", "serve", collection.bundle, collection.photo_index,
-            collection.caption_index, "--images", collection.photos, "--port", "0", "--threads", "1"]
-    env = {**os.environ, "CMHASH_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
-    process = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+@contextlib.contextmanager
+def running(*argv, env: dict | None = None):
+    """``cmhash serve ARGV --port 0`` in a subprocess; yields its base URL, then stops it and
+    checks that it printed no traceback."""
+    command = [sys.executable, "-m", "cmhash.cli", "serve", *map(str, argv), "--port", "0", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
     try:
         line = process.stdout.readline()  # "cmhash serve: http://127.0.0.1:PORT/  (Ctrl-C stops)"
         assert line.startswith("cmhash serve: http://127.0.0.1:"), line + process.stderr.read()
@@ -54,6 +53,14 @@ def server(collection):
         process.terminate()
         process.wait(10)
     assert "Traceback" not in process.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def server(collection):
+    """The photos and the captions, thumbnails from the photo folder, a small upload limit."""
+    with running(collection.bundle, collection.photo_index, collection.caption_index, "--images", collection.photos,
+                 env={"CMHASH_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}) as url:
+        yield url
 
 
 def call(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict | bytes, dict]:
@@ -175,11 +182,7 @@ def test_thumbnails_only_for_items_of_the_index_inside_the_folder(server, collec
 def test_names_that_leave_the_images_folder_get_no_thumbnail(collection, tmp_path):
     """An index whose names point outside --images (a file list with ``../``) is served, but
     no file outside the folder is ever read for a thumbnail."""
-    from starlette.testclient import TestClient
-
     from cmhash.cli import main
-    from cmhash.query import Searcher
-    from cmhash.server import create_app
 
     outside = tmp_path / "private"
     outside.mkdir()
@@ -191,13 +194,12 @@ def test_names_that_leave_the_images_folder_get_no_thumbnail(collection, tmp_pat
     listing.write_text("shown.jpg\n../private/secret.jpg\n")
     assert main(["encode", str(collection.bundle), str(listing), "--out", str(tmp_path / "enc"), "--quiet"]) == 0
     assert main(["index", "build", str(tmp_path / "enc" / "codes.npz"), "--out", str(tmp_path / "x.cmhidx")]) == 0
-    app = create_app({"x": Searcher.open(collection.encoder, tmp_path / "x.cmhidx")}, images=inside)
-    with TestClient(app) as client:
-        hits = client.get("/api/search", params={"text": "a dog", "k": 2}).json()["results"]
-        by_name = {hit["name"]: hit for hit in hits}
+    with running(collection.bundle, tmp_path / "x.cmhidx", "--images", inside) as url:
+        status, body = search(url, text="a dog", k=2)
+        by_name = {hit["name"]: hit for hit in body["results"]}
         assert by_name["shown.jpg"]["thumbnail"] and by_name["../private/secret.jpg"]["thumbnail"] is None
-        assert client.get(f"/api/thumbnail/x/{by_name['shown.jpg']['id']}").status_code == 200
-        assert client.get(f"/api/thumbnail/x/{by_name['../private/secret.jpg']['id']}").status_code == 404
+        assert call(f"{url}/api/thumbnail/x/{by_name['shown.jpg']['id']}")[0] == 200
+        assert call(f"{url}/api/thumbnail/x/{by_name['../private/secret.jpg']['id']}")[0] == 404
 
 
 def test_serve_refuses_a_busy_port_and_names_its_extra(collection):
