@@ -2,7 +2,7 @@
 
 ``main(argv)`` takes its arguments as a list, so tests call it directly.
 
-Where commands come from. The runtime's own commands (encode, index, search, bench) are
+Where commands come from. The runtime's own commands (encode, index, search, query, serve, bench) are
 defined here. Commands that run training or export code (train, eval, demo, export) are
 defined beside that code, in ``cmhash.training.cli`` and ``cmhash.export.cli``, and declared
 in the ``cmhash.commands`` entry-point group of pyproject.toml::
