@@ -1,7 +1,8 @@
 /* cmhash._hamming: native Hamming-space kernels for cmhash.
  *
  * The module is put together from method tables defined next to their kernels:
- * search.c (distances, kNN, radius search) and rank.c (ranking metrics). This file
+ * search.c (distances, kNN, radius search), mih.c (multi-index hashing) and rank.c
+ * (ranking metrics). This file
  * holds only the SIMD-level controls and the module definition. */
 #include "pyargs.h"
 
@@ -10,6 +11,7 @@
 
 extern PyMethodDef cmh_search_methods[];
 extern PyMethodDef cmh_rank_methods[];
+extern PyMethodDef cmh_mih_methods[];
 
 static int level_from_name(PyObject *name, const char *func) {
     const char *s = PyUnicode_AsUTF8(name);
@@ -98,7 +100,8 @@ PyMODINIT_FUNC PyInit__hamming(void) {
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     if (PyModule_AddFunctions(m, cmh_search_methods) < 0 ||
-        PyModule_AddFunctions(m, cmh_rank_methods) < 0) {
+        PyModule_AddFunctions(m, cmh_rank_methods) < 0 ||
+        PyModule_AddFunctions(m, cmh_mih_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

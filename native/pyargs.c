@@ -51,15 +51,15 @@ static int format_is(const char *fmt, const char *kind) {
     return strchr(strcmp(kind, "int") == 0 ? "bhilqn" : "efd", fmt[0]) != NULL;
 }
 
-int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
-                cmh_out *o) {
+static int get_buffer(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
+                      cmh_out *o, int writable) {
     o->held = 0;
     const int is_float = strncmp(dtype, "float", 5) == 0;
     const size_t itemsize = (size_t)atoi(dtype + (is_float ? 5 : 3)) / 8; /* "int32" -> 4 */
-    if (PyObject_GetBuffer(obj, &o->view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+    if (PyObject_GetBuffer(obj, &o->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s(): %s must be a writable C-contiguous %s array, not '%.200s'",
-                     func, arg, dtype, Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s(): %s must be a %sC-contiguous %s array, not '%.200s'",
+                     func, arg, writable ? "writable " : "", dtype, Py_TYPE(obj)->tp_name);
         return -1;
     }
     o->held = 1;
@@ -79,6 +79,16 @@ int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dt
     }
     o->data = o->view.buf;
     return 0;
+}
+
+int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
+                cmh_out *o) {
+    return get_buffer(obj, func, arg, dtype, count, o, 1);
+}
+
+int cmh_get_in(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
+               cmh_out *o) {
+    return get_buffer(obj, func, arg, dtype, count, o, 0);
 }
 
 void cmh_release_matrix(cmh_matrix *m) {

@@ -27,6 +27,9 @@ typedef struct {
 int cmh_get_matrix(PyObject *obj, const char *func, const char *arg, cmh_matrix *m);
 int cmh_get_out(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
                 cmh_out *o);
+/* The same for a read-only input buffer (data is then not to be written). */
+int cmh_get_in(PyObject *obj, const char *func, const char *arg, const char *dtype, size_t count,
+               cmh_out *o);
 void cmh_release_matrix(cmh_matrix *m);
 void cmh_release_out(cmh_out *o);
 

@@ -4,6 +4,8 @@ checksummed file format.
 Index kinds:
 
 - :class:`HashIndex` (kind 0, "flat"): an exact linear scan over every code.
+- :class:`MultiIndex` (kind 1, "mih"): multi-index hashing, exact search in sublinear time
+  on structured codes, falling back to the scan where that is faster (:mod:`cmhash.index.mih`).
 
 ``load_index(path, mmap=...)`` reads a file of any kind and returns the matching class;
 ``HashIndex.load`` reads flat files. Saves are atomic (temporary file in the same
@@ -54,7 +56,11 @@ know. Tags defined so far:
            NAME; the name of the code at position i is NAME[NOFF[i]:NOFF[i+1]], and an
            empty name means "no name"
     NAME   item names, bytes: the names in position order, UTF-8, back to back
-    MIH*   tags starting with MIH are kept for the tables of multi-index hashing
+    MIHP   multi-index parameters: JSON {"substrings": m or null, "start": [...], "width": [...]}
+    MIHO   multi-index bucket offsets: for each table j, 2**width[j] + 1 int32, from 0 to count
+    MIHI   multi-index positions: m x count int32, table j's bucket `key` being
+           MIHI[j*count + MIHO[b_j + key] : j*count + MIHO[b_j + key + 1]], b_j the start of
+           table j's offsets (see :mod:`cmhash.index.mih`)
 
 Every section starts at a multiple of 64, so ``mmap=True`` maps the names and tables
 without copying, as it does the codes and ids.
@@ -65,10 +71,11 @@ from __future__ import annotations
 from . import _file
 from ._store import CodeStore, _IdSet
 from .flat import HashIndex
+from .mih import MultiIndex
 
-__all__ = ["CodeStore", "HashIndex", "load_index"]
+__all__ = ["CodeStore", "HashIndex", "MultiIndex", "load_index"]
 
-_KINDS = {cls.KIND: cls for cls in (HashIndex,)}
+_KINDS = {cls.KIND: cls for cls in (HashIndex, MultiIndex)}
 
 
 def load_index(path, mmap: bool = False) -> CodeStore:

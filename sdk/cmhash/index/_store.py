@@ -3,7 +3,8 @@ lock that makes searches safe beside writers, and memory-mapped copy-on-write.
 
 An index kind subclasses :class:`CodeStore` and adds its search; it may keep derived
 structures (tables) in step by overriding :meth:`CodeStore._changed`, which runs under the
-lock after every add and remove.
+lock after every add and remove, and save and load more sections through
+:meth:`CodeStore._extra_sections` and :meth:`CodeStore._load_extra`.
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ class CodeStore:
         if mapped is not None:
             os.close(mapped[0])
 
-    def _changed(self) -> None:
-        """Hook for index kinds: the codes changed (called under the lock)."""
+    def _changed(self, removed: bool) -> None:
+        """Hook for index kinds: codes were appended, or some ``removed`` (positions then
+        shift). Called under the lock."""
 
     # -- mutation --------------------------------------------------------------------
     def add(self, codes, ids=None, names=None) -> np.ndarray:
@@ -308,7 +310,7 @@ class CodeStore:
             id_set.add(new_ids)
             self._id_order = None
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-            self._changed()
+            self._changed(removed=False)
             return new_ids
 
     def _grow(self, need: int) -> None:
@@ -368,7 +370,7 @@ class CodeStore:
             self._release_mapping()
             self._ensure_id_set().discard(cur[drop])
             self._id_order = None
-            self._changed()
+            self._changed(removed=True)
             return removed
 
     # -- names -----------------------------------------------------------------------
@@ -422,13 +424,13 @@ class CodeStore:
                 ends = self._name_ends[: count + 1]
                 state["sections"][b"NOFF"] = [_file.as_bytes(ends)]
                 state["sections"][b"NAME"] = [memoryview(self._name_bytes[: int(ends[-1])])]
-            state.update(self._extra_state())
+            state["sections"].update(self._extra_sections())
         if state["metadata"]:
             state["sections"][b"META"] = [json.dumps(state["metadata"], ensure_ascii=False).encode()]
         return state
 
-    def _extra_state(self) -> dict:
-        """Hook for index kinds: more sections to save (called under the lock)."""
+    def _extra_sections(self) -> dict:
+        """Hook for index kinds: more sections to save, by tag (called under the lock)."""
         return {}
 
     def save(self, path) -> None:
