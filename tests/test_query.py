@@ -150,3 +150,21 @@ def test_an_index_of_bare_codes_is_searched_with_a_warning(collection, tmp_path,
         searcher = Searcher.open(collection.encoder, tmp_path / "bare.cmhidx")
     hits = searcher.search_image(collection.photos / collection.photo_names[1], k=2)
     assert hits[0].id == 1 and hits[0].distance == 0 and hits[0].name is None
+
+
+def test_a_multi_index_answers_as_the_flat_index(collection, tmp_path, capsys):
+    """``cmhash query`` opens any kind of index file; a MultiIndex of the same codes, names
+    and metadata gives the flat index's answers."""
+    from cmhash.index import MultiIndex, load_index
+
+    flat = load_index(collection.photo_index)
+    multi = MultiIndex(flat.bits, substrings=4, metadata=flat.metadata)
+    multi.add(flat.codes, flat.ids, names=flat.names(flat.ids))
+    multi.save(tmp_path / "photos-mih.cmhidx")
+    answers = []
+    for index in (collection.photo_index, tmp_path / "photos-mih.cmhidx"):
+        status, out, _ = query(capsys, collection.bundle, index, "--text", "a photo of sky", "-k", 9, "--json")
+        assert status == 0
+        answers.append(json.loads(out)["results"])
+    assert load_index(tmp_path / "photos-mih.cmhidx").kind == "mih"
+    assert answers[0] == answers[1] and len(answers[0]) == 9
