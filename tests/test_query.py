@@ -100,6 +100,8 @@ def test_another_bundle_is_a_typed_error(collection, tmp_path, capsys):
     wider = make_bundle(tmp_path / "wider", bits=64, image_size=32, vocabulary=vocabulary)[0]
     status, _, err = query(capsys, wider, collection.photo_index, "--text", "a dog")
     assert status == 2 and "32-bit codes but the bundle hashes to 64 bits" in err
+    status, _, err = query(capsys, collection.photo_index, collection.bundle, "--text", "a dog")  # swapped
+    assert status == 2 and "is a bundle, not an index; the arguments are BUNDLE INDEX" in err
 
 
 def test_limits_on_k_and_text(collection, monkeypatch, capsys):

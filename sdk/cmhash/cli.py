@@ -217,9 +217,16 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _index_argument(path: str) -> None:
+    """A bundle given where an index goes (the two swapped) is named as such."""
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        raise CmhashError(f"{path} is a bundle, not an index; the arguments are BUNDLE INDEX")
+
+
 def cmd_query(args) -> int:
     from .query import Searcher
 
+    _index_argument(args.index)
     if args.radius is not None and args.radius < 0:
         raise CmhashError(f"--radius must be at least 0, got {args.radius}")
     searcher = Searcher.open(args.bundle, args.index, threads=args.threads)
@@ -248,6 +255,8 @@ def cmd_serve(args) -> int:
     from .query import Searcher
     from .server import create_app, serve
 
+    for path in args.index:
+        _index_argument(path)
     names = [Path(p).stem for p in args.index]
     if len(set(names)) != len(names):
         raise CmhashError(f"two indexes share a name ({', '.join(names)}); the page names each collection by its "
