@@ -32,14 +32,16 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
     with np.load(Path(args.out) / "codes.npz", allow_pickle=False) as z:
-        codes, ids, names = z["codes"], z["ids"], z["names"]
-    index = HashIndex(codes.shape[1] * 8)
-    index.add(codes, ids)
+        codes, ids, names = z["codes"], z["ids"], z["names"].tolist()
+        fingerprint = str(z["bundle_fingerprint"])
+    # the index remembers the items' names and the bundle whose codes it holds, as
+    # `cmhash index build` makes it, so that `cmhash query` and `cmhash serve` can use it
+    index = HashIndex(codes.shape[1] * 8, metadata={"bundle_fingerprint": fingerprint, "modality": "image"})
+    index.add(codes, ids, names=names)
     index.save(Path(args.out) / "index.chi")
     # near-duplicates: the first image's nearest neighbours in Hamming distance
     distances, hits = index.search(codes[:1], 5)
-    by_id = dict(zip(ids.tolist(), names.tolist()))
-    print(f"nearest to {names[0]}:", ", ".join(f"{by_id[int(i)]} ({d})" for i, d in zip(hits[0], distances[0])))
+    print(f"nearest to {names[0]}:", ", ".join(f"{name} ({d})" for name, d in zip(index.names(hits[0]), distances[0])))
 
 
 if __name__ == "__main__":

@@ -108,14 +108,21 @@ def test_encode_folder_then_edge_search_on_a_tiny_bundle(bundle, tmp_path):
     encoded = run("encode_folder.py", bundle, photos, out, "--workers", 2)
     assert encoded.returncode == 0, encoded.stderr
     assert '"encoded": 6' in encoded.stdout and "nearest to" in encoded.stdout
-    common = [bundle, out / "index.chi", out / "codes.npz"]
-    found = run("edge_search.py", *common, "a cat on the beach", photos / "img3.png", "-k", 2)
+    common = [bundle, out / "index.chi"]
+    found = run("edge_search.py", *common, "--text", "a cat on the beach", "--image", photos / "img3.png", "-k", 2)
     assert found.returncode == 0, found.stderr  # the script asserts torch never loaded
     lines = found.stdout.splitlines()
     assert lines[1].startswith("[text] 'a cat on the beach' -> ")
     assert lines[2].startswith(f"[image] {str(photos / 'img3.png')!r} -> img3.png (0)")  # finds itself
-    for typo in ("photos/img3.pgn", "img9.png", str(photos / "nothing")):  # paths, never searched as texts
-        one_line_error(run("edge_search.py", *common, "a cat", typo), f"no such image: {typo}")
+    unknown = run("edge_search.py", *common, "--text", "zebra")
+    assert unknown.returncode == 0 and "[text] 'zebra': no word of 'zebra'" in unknown.stdout, unknown.stderr
+    for typo in ("photos/img3.pgn", "img9.png", str(photos / "nothing"), "a cat"):  # paths, never searched as texts
+        one_line_error(run("edge_search.py", *common, "--image", typo), f"no such image: {typo}")
+
+
+def test_bench_serve_names_its_extras():
+    one_line_error(run("bench_serve.py", "bundle", missing=("starlette",)), "starlette not installed",
+                   "cmhash-sdk[serve]")
 
 
 @pytest.mark.slow
@@ -134,3 +141,23 @@ def test_bench_codes_io_smallest_setting_and_without_pyarrow():
     assert out.returncode == 0, out.stderr
     assert "3,000 random 64-bit codes" in out.stdout and "results identical" in out.stdout
     one_line_error(run("bench_codes_io.py", missing=("pyarrow",)), "pyarrow not installed", "cmhash-sdk[parquet]")
+
+
+def test_bench_serve_smallest_setting(tmp_path):
+    """The latency benchmark end to end on a few generated shapes, with a bundle of tiny
+    towers whose vocabulary holds the shapes' captions."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("onnx")
+    pytest.importorskip("torch")
+    from fixtures.towers import make_bundle
+
+    from cmhash.text import Vocabulary
+    from cmhash.training.data.shapes import captions, make_shapes
+
+    vocabulary = Vocabulary.build(captions(make_shapes(200, seed=0)), ngram_max=2)
+    bundle = make_bundle(tmp_path / "bundle", bits=32, image_size=32, vocabulary=vocabulary)[0]
+    out = run("bench_serve.py", bundle, "--n", 30, "--queries", 12, "--images", 3, "--work", tmp_path / "work")
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout)
+    assert record["text_query_api"]["n"] == 12 and record["image_upload_api"]["n"] == 3
+    assert 0 < record["text_query_in_process"]["p50_ms"] < record["text_query_api"]["p50_ms"]

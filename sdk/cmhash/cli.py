@@ -2,7 +2,7 @@
 
 ``main(argv)`` takes its arguments as a list, so tests call it directly.
 
-Where commands come from. The runtime's own commands (encode, index, search, bench) are
+Where commands come from. The runtime's own commands (encode, index, search, query, serve, bench) are
 defined here. Commands that run training or export code (train, eval, demo, export) are
 defined beside that code, in ``cmhash.training.cli`` and ``cmhash.export.cli``, and declared
 in the ``cmhash.commands`` entry-point group of pyproject.toml::
@@ -40,6 +40,7 @@ from .backends import BACKENDS, backends_for
 from .bundle import VARIANTS
 from .cpus import quiet_openmp_waits
 from .errors import CmhashError
+from .inputs import IMAGE_SUFFIXES
 
 COMMAND_GROUP = "cmhash.commands"
 BASELINE_GROUP = "cmhash.bench_baselines"
@@ -99,7 +100,9 @@ def cmd_index(args) -> int:
         write_faiss(index, args.out)
         info = {"path": args.out, "count": len(index), "bits": index.bits, "format": args.format}
     else:
-        index = _open_index(args.index)
+        from .query import open_index
+
+        index = open_index(args.index)
         info = {"path": args.index}
     if args.index_cmd != "export":
         if hasattr(index, "shards"):  # a ShardedIndex
@@ -120,21 +123,16 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _open_index(path: str):
-    """The index in one index file (any kind, memory-mapped), else a ShardedIndex: a folder
-    of shards, a JSON shard list, or Parquet codes."""
-    from .index import load_index
-    from .sharded import ShardedIndex
-
-    if Path(path).is_file() and not path.endswith((".json", ".parquet")):
-        return load_index(path, mmap=True)
-    return ShardedIndex.open(path)
-
-
 def cmd_search(args) -> int:
     from .codefiles import load_codes
+    from .query import open_index
 
-    index = _open_index(args.index)
+    queries_path = Path(args.queries)
+    if queries_path.is_dir() or queries_path.suffix.lower() in IMAGE_SUFFIXES:
+        raise CmhashError(f"{args.queries} is {'a folder' if queries_path.is_dir() else 'an image'}, not a file of "
+                          "packed codes; to search with a text or an image, run: cmhash query BUNDLE INDEX "
+                          "--text '...' or --image PATH")
+    index = open_index(args.index)
     queries = load_codes(args.queries).codes
     t0 = time.perf_counter()
     dist, ids = index.search(queries, args.k)
@@ -148,10 +146,64 @@ def cmd_search(args) -> int:
                     **({"explain": report} if report is not None else {})})
         return 0
     for qi in range(len(ids)):
-        print(f"query {qi}: " + ", ".join(f"{i} ({d})" for i, d in zip(ids[qi], dist[qi]) if i >= 0))
+        found = [int(i) for i in ids[qi] if i >= 0]
+        shown = index.names(found) if found else []
+        print(f"query {qi}: " + ", ".join(f"{i} {n} ({d})" if n else f"{i} ({d})"
+                                          for i, n, d in zip(found, shown, dist[qi])))
     print(f"{len(ids)} queries, k={args.k}, {seconds * 1e3:.2f} ms", file=sys.stderr)
     if report is not None:
         print(f"path: {report['path']} ({report['reason']})", file=sys.stderr)
+    return 0
+
+
+def _index_argument(path: str) -> None:
+    """A bundle given where an index goes (the two swapped) is named as such."""
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        raise CmhashError(f"{path} is a bundle, not an index; the arguments are BUNDLE INDEX")
+
+
+def cmd_query(args) -> int:
+    from .query import Searcher
+
+    _index_argument(args.index)
+    if args.radius is not None and args.radius < 0:
+        raise CmhashError(f"--radius must be at least 0, got {args.radius}")
+    searcher = Searcher.open(args.bundle, args.index, threads=args.threads)
+    started = time.perf_counter()
+    if args.image is not None:
+        hits = searcher.search_image(Path(args.image), args.k, args.radius)  # a path, never read as a text
+        query = {"image": args.image}
+    else:
+        hits = searcher.search_text(args.text, args.k, args.radius)
+        query = {"text": args.text}
+    seconds = time.perf_counter() - started
+    if args.json:
+        print_json({"query": query, "bundle": args.bundle, "index": args.index, "k": args.k, "radius": args.radius,
+                    "results": [hit.to_dict() for hit in hits], "seconds": round(seconds, 6)})
+        return 0
+    print(f"{'rank':>4}  {'distance':>8}  {'id':>8}  name")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.distance:>8}  {hit.id:>8}  {hit.name if hit.name is not None else '-'}")
+    print(f"{len(hits)} results of {len(searcher):,} items in {seconds * 1e3:.1f} ms", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    require_extra("serve", "starlette", "uvicorn", "python_multipart")
+    from .encoder import Encoder
+    from .query import Searcher
+    from .server import create_app, serve
+
+    for path in args.index:
+        _index_argument(path)
+    names = [Path(p).stem for p in args.index]
+    if len(set(names)) != len(names):
+        raise CmhashError(f"two indexes share a name ({', '.join(names)}); the page names each collection by its "
+                          "file name, so rename one")
+    encoder = Encoder.load(args.bundle, threads=args.threads)
+    collections = {name: Searcher.open(encoder, path) for name, path in zip(names, args.index)}
+    app = create_app(collections, images=args.images)
+    serve(app, host=args.host, port=args.port)
     return 0
 
 
@@ -353,6 +405,27 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--explain", action="store_true",
                         help="also say how the search was answered (tables or scan, and why)")
     search.set_defaults(func=cmd_search)
+
+    query = sub.add_parser("query", help="search a collection with a text or an image: rank, distance, id and name")
+    query.add_argument("bundle", help="the bundle that encoded the collection (folder or archive)")
+    query.add_argument("index", help="an index built by cmhash index build from the codes.npz of cmhash encode")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text query, in words of the bundle's vocabulary")
+    what.add_argument("--image", help="the path of a query image (it must exist)")
+    query.add_argument("-k", "--k", type=positive_int, default=10, help="results (default 10)")
+    query.add_argument("--radius", type=int, help="only results within this Hamming distance (still at most k)")
+    query.add_argument("--threads", type=positive_int, help="onnxruntime threads")
+    query.add_argument("--json", action="store_true", help="print the query and its results as JSON")
+    query.set_defaults(func=cmd_query)
+
+    serve = sub.add_parser("serve", help="a search page and JSON API over a bundle and its indexes (serve extra)")
+    serve.add_argument("bundle", help="the bundle that encoded the collections (folder or archive)")
+    serve.add_argument("index", nargs="+", help="one or more indexes, each a collection named by its file name")
+    serve.add_argument("--images", help="the folder the image collection was encoded from: thumbnails come from it")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--threads", type=positive_int, help="onnxruntime threads")
+    serve.set_defaults(func=cmd_serve)
 
     encode = sub.add_parser("encode", help="hash a folder, file list or manifest into codes + ids (resumable)")
     encode.add_argument("bundle", help="a bundle folder or archive written by cmhash export")

@@ -35,6 +35,21 @@ class IndexChangedError(IndexFileError):
     Replace index files atomically (``HashIndex.save`` does) and load the new file again."""
 
 
+class BundleMismatchError(CmhashError, ValueError):
+    """A bundle and an index that do not belong together: the index holds codes of another
+    bundle (its recorded fingerprint differs) or of another bit length. Query an index with
+    the bundle that encoded its collection, or encode the collection again with this one."""
+
+
+class NotFoundError(CmhashError, LookupError):
+    """Something a query names that the service does not have: a collection, an item, a
+    thumbnail (``cmhash serve`` answers 404)."""
+
+
+class RequestTooLargeError(ResourceLimitError):
+    """A request body over :data:`cmhash.limits.MAX_UPLOAD_BYTES` (``cmhash serve`` answers 413)."""
+
+
 class IndexFullError(CmhashError, OverflowError):
     """Automatic ids have run out: the next one would not fit in int64. Pass explicit ids."""
 
@@ -71,6 +86,11 @@ class TextInputError(CmhashError, ValueError):
 class UnknownTextError(TextInputError):
     """A text none of whose words is in the bundle's vocabulary (``on_unknown="error"``): its
     code would be the code of the empty text, the same for every such text."""
+
+
+class UncheckedIndexWarning(UserWarning):
+    """An index that records no bundle fingerprint (built from bare codes, or by an older
+    cmhash), so that nothing can check that a bundle's queries belong in it."""
 
 
 class UnknownTextWarning(UserWarning):

@@ -13,7 +13,8 @@ import os
 
 from .errors import ResourceLimitError
 
-__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_METADATA_BYTES", "MAX_RESULT_BYTES", "check_input_size", "check_result_size"]
+__all__ = ["MAX_BUNDLE_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "MAX_INPUT_BYTES", "MAX_METADATA_BYTES", "MAX_QUERY_K",
+           "MAX_QUERY_TEXT_CHARS", "MAX_RESULT_BYTES", "MAX_UPLOAD_BYTES", "check_input_size", "check_result_size"]
 
 
 def _from_env(name: str, default: int) -> int:
@@ -48,6 +49,16 @@ MAX_IMAGE_BYTES = _from_env("MAX_IMAGE_BYTES", 1 << 30)
 #: Largest height or width a bundle's image preprocessing may resize to (models take 224 to
 #: a few hundred; 8192 a side is already 0.75 GiB per float32 image).
 MAX_IMAGE_SIDE = _from_env("MAX_IMAGE_SIDE", 8192)
+
+#: Most results one query of ``cmhash query`` or ``cmhash serve`` may ask for (its k, and the
+#: most hits a radius query returns).
+MAX_QUERY_K = _from_env("MAX_QUERY_K", 1000)
+
+#: Longest query text ``cmhash query`` and ``cmhash serve`` take, in characters.
+MAX_QUERY_TEXT_CHARS = _from_env("MAX_QUERY_TEXT_CHARS", 10_000)
+
+#: Largest request body ``cmhash serve`` reads (an uploaded query image), in bytes.
+MAX_UPLOAD_BYTES = _from_env("MAX_UPLOAD_BYTES", 16 << 20)
 
 
 def check_input_size(what: str, nbytes: int) -> None:

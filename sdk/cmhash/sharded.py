@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .codefiles import is_parquet
-from .errors import CodeFormatError, IndexFileError, InvalidArgumentError
+from .errors import CodeFormatError, IndexFileError, InvalidArgumentError, UnknownIdError
 from .index import HashIndex, load_index
 from .index._store import _first_duplicate
 
@@ -107,8 +107,13 @@ class ShardedIndex:
                 where = [p for p, s in zip(self.paths, shards) if np.isin(dup, s.ids)]
                 raise InvalidArgumentError(f"ShardedIndex: id {dup} is in several shards ({', '.join(where)}); "
                                            "ids must be unique across shards, as in one index")
+        fingerprints = {s.bundle_fingerprint for s in shards} - {None}
+        if len(fingerprints) > 1:
+            raise CodeFormatError(f"ShardedIndex: the shards hold codes of {len(fingerprints)} different bundles "
+                                  "(their bundle fingerprints differ); all shards must come from one bundle")
         self.shards = tuple(shards)
         self._bits = bits
+        self._fingerprint = fingerprints.pop() if fingerprints else None
 
     @classmethod
     def open(cls, paths, *, mmap: bool = True, check_ids: bool = True) -> "ShardedIndex":
@@ -120,6 +125,34 @@ class ShardedIndex:
     @property
     def bits(self) -> int:
         return self._bits
+
+    kind = "sharded"
+
+    @property
+    def bundle_fingerprint(self) -> str | None:
+        """The fingerprint of the bundle whose codes the shards hold (the same in every shard
+        that records one), or None when none does."""
+        return self._fingerprint
+
+    @property
+    def has_names(self) -> bool:
+        return any(s.has_names for s in self.shards)
+
+    def names(self, ids) -> list[str | None]:
+        """The item names of ``ids``, each looked up in the shard that holds it (None for an
+        item without a name); an id in no shard is an ``UnknownIdError``."""
+        want = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out: list[str | None] = [None] * want.size
+        left = np.ones(want.size, dtype=bool)
+        for shard in self.shards:
+            here = left & np.isin(want, shard.ids)
+            if here.any():
+                for at, name in zip(np.flatnonzero(here).tolist(), shard.names(want[here])):
+                    out[at] = name
+                left &= ~here
+        if left.any():
+            raise UnknownIdError(f"ShardedIndex.names: {int(left.sum())} id(s) in no shard, e.g. {want[left][0]}")
+        return out
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
