@@ -32,19 +32,14 @@ import importlib.util
 import json
 import sys
 import time
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from . import __version__
 from .backends import BACKENDS, backends_for
 from .bundle import VARIANTS
 from .cpus import quiet_openmp_waits
 from .errors import CmhashError
-from .limits import check_input_size
 
 COMMAND_GROUP = "cmhash.commands"
 BASELINE_GROUP = "cmhash.bench_baselines"
@@ -82,82 +77,53 @@ def exit_without_extra(extra: str, *modules: str) -> None:
         raise SystemExit(2) from None
 
 
-def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Packed codes (and ids, if present) from a ``.npy`` array or an ``.npz`` with
-    ``codes`` [and ``ids``] - what ``cmhash encode`` writes. Each array's header is checked
-    (no Python objects, 2-D codes, a declared size within ``cmhash.limits.MAX_INPUT_BYTES``)
-    before its data is read or inflated."""
-    p = Path(path)
-    if not p.is_file():
-        raise CmhashError(f"{path}: no such file; give a .npy of packed uint8 codes or an .npz with 'codes'")
-    try:
-        if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as zf:
-                names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-                if "codes" not in names:
-                    raise CmhashError(f"{path}: the .npz has no 'codes' array (it has {sorted(names)})")
-                arrays = {}
-                for name, ndim in (("codes", 2), ("ids", 1)):
-                    if name in names:
-                        with zf.open(f"{name}.npy") as fh:
-                            arrays[name] = _read_npy(fh, f"{path}: '{name}'", ndim)
-                return arrays["codes"], arrays.get("ids")
-        with open(p, "rb") as fh:
-            return _read_npy(fh, path, 2), None
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        if isinstance(exc, CmhashError):
-            raise
-        raise CmhashError(f"{path}: not a readable .npy or .npz of packed codes ({exc})") from None
-
-
-def _read_npy(fh, what: str, ndim: int) -> np.ndarray:
-    """One ``ndim``-D array from an open ``.npy`` stream: header checked first, then exactly its data."""
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    else:
-        raise CmhashError(f"{what}: .npy format version {version} is not supported (write it with numpy.save)")
-    if dtype.hasobject:
-        raise CmhashError(f"{what} holds Python objects (dtype {dtype}), which cmhash never unpickles; "
-                          "save a numeric array")
-    if len(shape) != ndim:
-        raise CmhashError(f"{what} has shape {shape}; codes are 2-D (n, bits/8) and ids 1-D (n,)")
-    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    check_input_size(what, nbytes)
-    data = fh.read(nbytes)
-    if len(data) != nbytes:
-        raise CmhashError(f"{what} is truncated: {len(data):,} of {nbytes:,} bytes")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-
-
 def cmd_index(args) -> int:
     from .index import HashIndex
 
+    if args.index_cmd in ("build", "export") and Path(args.out).exists() and not args.force:
+        raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
     if args.index_cmd == "build":
-        if Path(args.out).exists() and not args.force:
-            raise CmhashError(f"{args.out} already exists; pass --force to replace it, or choose another --out")
-        codes, ids = _load_codes(args.codes)
-        index = HashIndex(codes.shape[1] * 8)
-        index.add(codes, ids)
+        index = HashIndex.from_codes_file(args.codes)
         index.save(args.out)
         info = {"path": args.out, "count": len(index), "bits": index.bits}
-    else:
+    elif args.index_cmd == "export":
+        from .faiss_interop import write_faiss
+
+        require_extra("faiss", "faiss", needed_by="cmhash index export --format faiss")
         index = HashIndex.load(args.index, mmap=True)
+        write_faiss(index, args.out)
+        info = {"path": args.out, "count": len(index), "bits": index.bits, "format": args.format}
+    else:
+        index = _open_index(args.index)
         info = {"path": args.index, "count": len(index), "bits": index.bits}
+        if hasattr(index, "shards"):
+            info["shards"] = len(index.shards)
     if args.json:
         print_json(info)
+    elif args.index_cmd == "export":
+        print(f"{info['path']}: {info['count']} codes of {info['bits']} bits as a FAISS IndexBinaryIDMap2")
     else:
-        print(f"{info['path']}: {info['count']} codes of {info['bits']} bits")
+        print(f"{info['path']}: {info['count']} codes of {info['bits']} bits"
+              + (f" in {info['shards']} shards" if "shards" in info else ""))
     return 0
 
 
-def cmd_search(args) -> int:
+def _open_index(path: str):
+    """A HashIndex for one index file (memory-mapped), else a ShardedIndex: a folder of shards,
+    a JSON shard list, or Parquet codes."""
     from .index import HashIndex
+    from .sharded import ShardedIndex
 
-    index = HashIndex.load(args.index, mmap=True)
-    queries, _ = _load_codes(args.queries)
+    if Path(path).is_file() and not path.endswith((".json", ".parquet")):
+        return HashIndex.load(path, mmap=True)
+    return ShardedIndex.open(path)
+
+
+def cmd_search(args) -> int:
+    from .codefiles import load_codes
+
+    index = _open_index(args.index)
+    queries = load_codes(args.queries).codes
     t0 = time.perf_counter()
     dist, ids = index.search(queries, args.k)
     seconds = time.perf_counter() - t0
@@ -239,6 +205,7 @@ def cmd_encode(args) -> int:
             device=args.device,
             threads=args.threads,
             progress=progress,
+            output_format=args.format,
         )
         where = f"{summary['codes']}; {summary['errors']} unreadable (listed in {summary['errors_file']})"
     if args.json:
@@ -355,19 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build or inspect a HashIndex file")
     isub = index.add_subparsers(dest="index_cmd", required=True)
-    build = isub.add_parser("build", help="index packed codes from .npy / .npz (codes [, ids])")
-    build.add_argument("codes", help=".npy of packed uint8 codes, or .npz with 'codes' (and 'ids') as cmhash encode writes")
+    build = isub.add_parser("build", help="index packed codes from .npy / .npz / Parquet (codes [, ids])")
+    build.add_argument("codes", help=".npy of packed uint8 codes, .npz with 'codes' (and 'ids') or Parquet codes "
+                                     "(a file or a folder of parts), as cmhash encode writes")
     build.add_argument("--out", required=True, help="the index file to write")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
     build.add_argument("--json", action="store_true", help="print one JSON object")
-    info = isub.add_parser("info", help="count and bit length of an index file")
-    info.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
+    info = isub.add_parser("info", help="count and bit length of an index file or sharded index")
+    info.add_argument("index", help="an index file, a folder of shards or a JSON shard list")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    export = isub.add_parser("export", help="write an index file for another library (FAISS)")
+    export.add_argument("index", help="an index file written by cmhash index build or HashIndex.save")
+    export.add_argument("--format", required=True, choices=["faiss"],
+                        help="faiss: an IndexBinaryIDMap2 file faiss.read_index_binary opens, with the same ids")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="k nearest codes of each query in an index")
-    search.add_argument("index", help="an index file")
-    search.add_argument("queries", help=".npy of packed uint8 codes or .npz with 'codes'")
+    search.add_argument("index", help="an index file, a folder of shards (*.cmhidx, *.parquet), a JSON shard list "
+                                      "or Parquet codes")
+    search.add_argument("queries", help=".npy of packed uint8 codes, .npz with 'codes' or Parquet codes")
     search.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     search.add_argument("--json", action="store_true", help="print distances, ids and seconds as JSON")
     search.set_defaults(func=cmd_search)
@@ -378,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --engine ray also Parquet or a URL (s3://...)")
     encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json; "
                         "with --engine ray: codes/ and errors/ Parquet parts, a path or a URL)")
+    encode.add_argument("--format", default="npz", choices=["npz", "parquet"],
+                        help="npz (default): codes.npz + errors.jsonl; parquet: codes.parquet + errors.parquet "
+                        "(--engine ray always writes Parquet parts)")
     encode.add_argument("--modality", choices=["image", "text"], help="default: image when the bundle has it")
     encode.add_argument("--batch-size", type=positive_int, default=32, help="items per model call (default 32)")
     encode.add_argument("--workers", type=positive_int, default=4, help="decoding threads (default 4)")

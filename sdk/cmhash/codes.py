@@ -5,6 +5,11 @@ Bit ``i`` of a code is bit ``i % 8`` of byte ``i // 8``, least significant bit f
 the order FAISS uses for its binary indexes (``faiss.real_to_binary``), numpy's
 ``packbits(..., bitorder="little")`` and ``bitarray(endian="little")``. A set bit means
 +1, a clear bit -1. Codes can be handed to FAISS ``IndexBinary*`` unchanged.
+
+Other tools pack most significant bit first (``numpy.packbits``' default, sentence-transformers'
+``ubinary``): ``bitorder="big"`` on :func:`pack_codes` / :func:`unpack_codes` reads and writes
+that order, and :func:`convert_bitorder` turns one into the other. Hamming distances are the
+same in both orders; only which bit is which dimension differs (see docs/interop.md).
 """
 
 from __future__ import annotations
@@ -17,6 +22,27 @@ from bitarray import bitarray
 from .errors import ArgumentTypeError, CodeFormatError, InvalidArgumentError
 
 BIT_ORDER = "little"
+BIT_ORDERS = ("little", "big")
+# byte -> the same byte with its 8 bits in reverse order: little <-> big bit order
+_REVERSED = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+_REVERSED = np.packbits(_REVERSED, axis=1, bitorder="big")[:, 0]
+
+
+def check_bitorder(bitorder, func: str) -> str:
+    """``bitorder`` if it is ``"little"`` or ``"big"``, else an InvalidArgumentError."""
+    if bitorder not in BIT_ORDERS:
+        raise InvalidArgumentError(f"{func}: bitorder must be 'little' (cmhash, FAISS, Milvus) or 'big' "
+                                   f"(numpy.packbits' default), got {bitorder!r}")
+    return bitorder
+
+
+def convert_bitorder(packed, from_order: str, to_order: str) -> np.ndarray:
+    """Packed codes in ``from_order`` re-packed in ``to_order`` (each byte's bits reversed when
+    the orders differ; the same array when they agree)."""
+    check_bitorder(from_order, "convert_bitorder")
+    check_bitorder(to_order, "convert_bitorder")
+    arr = as_packed(packed, "convert_bitorder", "packed")
+    return arr if from_order == to_order else _REVERSED[arr]
 
 
 def check_bits(bits, what: str = "bits", error: type[Exception] = CodeFormatError) -> int:
@@ -39,8 +65,9 @@ def _only_zeros_and_ones(arr: np.ndarray) -> bool:
     return bool(np.isin(arr, (0, 1)).all())
 
 
-def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.ndarray:
-    """Pack codes into uint8 bytes, 8 bits per byte, least significant bit first.
+def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto", bitorder: str = BIT_ORDER) -> np.ndarray:
+    """Pack codes into uint8 bytes, 8 bits per byte, least significant bit first (``bitorder="big"``:
+    most significant first, for tools that expect it; cmhash's own calls take little).
 
     Args:
         codes: array-like of shape (n, bits) or (bits,), with ``bits`` a multiple of 8.
@@ -59,6 +86,7 @@ def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.n
     check_bits(arr.shape[-1], "pack_codes: the number of bits")
     if arr.dtype.kind not in "biuf":
         raise CodeFormatError(f"pack_codes: codes must be numeric or bool, got dtype {arr.dtype}")
+    check_bitorder(bitorder, "pack_codes")
     if input not in ("auto", "sign", "binary"):
         raise InvalidArgumentError(f"pack_codes: input must be 'auto', 'sign' or 'binary', got {input!r}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -77,17 +105,19 @@ def pack_codes(codes, input: Literal["auto", "sign", "binary"] = "auto") -> np.n
                 "need no packing, 0/1 bits take input='binary'"
             )
         bits = arr >= 0
-    return np.packbits(bits, axis=-1, bitorder=BIT_ORDER)
+    return np.packbits(bits, axis=-1, bitorder=bitorder)
 
 
-def unpack_codes(packed, bits: int | None = None, signed: bool = False) -> np.ndarray:
-    """Unpack uint8 codes (n, nbytes) into (n, bits): 0/1 uint8, or ±1 int8 with ``signed``."""
+def unpack_codes(packed, bits: int | None = None, signed: bool = False, bitorder: str = BIT_ORDER) -> np.ndarray:
+    """Unpack uint8 codes (n, nbytes) into (n, bits): 0/1 uint8, or ±1 int8 with ``signed``.
+    ``bitorder`` is the order the codes were packed in (``"big"``: most significant bit first)."""
+    check_bitorder(bitorder, "unpack_codes")
     arr = as_packed(packed, "unpack_codes", "packed")
     if bits is not None and bits != arr.shape[1] * 8:
         raise CodeFormatError(
             f"unpack_codes: bits={bits} does not match codes of {arr.shape[1]} bytes ({arr.shape[1] * 8} bits)"
         )
-    out = np.unpackbits(arr, axis=1, bitorder=BIT_ORDER)
+    out = np.unpackbits(arr, axis=1, bitorder=bitorder)
     if signed:
         return (out.astype(np.int8) * 2 - 1).astype(np.int8)
     return out

@@ -142,3 +142,14 @@ class VerificationError(ExportError):
 class EncodeJobError(CmhashError, ValueError):
     """An offline encoding job that cannot start or resume: an unreadable input list, an
     output folder holding another job, a bad shard."""
+
+
+class CodesFileError(CmhashError, ValueError):
+    """A codes file (``.npy``, ``.npz``, Parquet or a folder of Parquet parts) that cannot be
+    read as packed codes: a missing column, a wrong type, Python objects, a truncated file, or
+    parts that disagree on bit length, bit order or bundle fingerprint."""
+
+
+class MissingExtraError(CmhashError, ImportError):
+    """An optional package (pyarrow, fsspec, faiss) that a call needs and that is not installed;
+    the message names the pip extra that brings it."""

@@ -427,6 +427,18 @@ class HashIndex:
             raise IndexFileError(f"{path}: the file holds duplicate ids; re-create it with HashIndex.save")
         return index
 
+    @classmethod
+    def from_codes_file(cls, path) -> "HashIndex":
+        """An in-memory index of the codes (and ids, when the file has them) of a codes file:
+        ``.npy``, ``.npz`` as ``cmhash encode`` writes it, or Parquet codes (a file or a folder
+        of parts; see :mod:`cmhash.parquet`). Read by :func:`cmhash.codefiles.load_codes`."""
+        from .codefiles import load_codes
+
+        columns = load_codes(path)
+        index = cls(columns.bits)
+        index.add(columns.codes, columns.ids)
+        return index
+
     @staticmethod
     def _check_header(path: str, head: bytes, size: int) -> dict:
         redo = "re-create it with HashIndex.save"

@@ -15,6 +15,10 @@ Output folder::
                     word in the vocabulary): id, item, reason
     summary.json    counts and timing
 
+With ``output_format="parquet"`` (``--format parquet``) the job writes ``codes.parquet`` (id,
+name, code, with the bits and the bundle fingerprint in its metadata: :mod:`cmhash.parquet`)
+and ``errors.parquet`` (id, item, reason) instead of ``codes.npz`` and ``errors.jsonl``.
+
 Ids are the items' positions in the whole input (see :mod:`cmhash.inputs`), so the shards of
 ``--shard i/N`` (every N-th item, from the i-th) never collide and their codes can be added
 to one index. A job killed at any point resumes with ``resume=True``: finished chunks are
@@ -46,6 +50,7 @@ from .inputs import Record, read_collection, text_input
 JOB_FORMAT = "cmhash.encode"
 JOB_VERSION = 1
 DEFAULT_CHUNK = 1024
+OUTPUT_FORMATS = ("npz", "parquet")
 NO_KNOWN_WORD = "no word of the text is in the bundle's vocabulary"
 
 
@@ -77,6 +82,7 @@ def encode_collection(
     threads: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     encoder: Any = None,
+    output_format: str = "npz",
 ) -> dict:
     """Encode every item of ``source`` into ``out_dir`` (see the module docstring).
 
@@ -90,6 +96,8 @@ def encode_collection(
         chunk_size: items per part file (the unit of resumption); fixed for a job.
         progress: called as ``progress(done, total, seconds)`` once at the start (seconds 0,
             ``done`` the items an earlier run finished) and after each chunk.
+        output_format: ``"npz"`` (codes.npz, errors.jsonl) or ``"parquet"`` (codes.parquet,
+            errors.parquet; needs the parquet extra).
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -101,6 +109,12 @@ def encode_collection(
             raise ArgumentTypeError(f"{name} must be a positive int, got {value!r}")
         if value < 1:
             raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidArgumentError(f"output_format must be 'npz' or 'parquet', got {output_format!r}")
+    if output_format == "parquet":
+        from .parquet import _pyarrow
+
+        _pyarrow()  # a missing extra is said now, not after the encoding
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     parse_shard(f"{shard[0]}/{shard[1]}")
     out = Path(out_dir)
@@ -124,6 +138,7 @@ def encode_collection(
         "variant": encoder.variant,
         "bundle": hashlib.sha256(json.dumps(encoder.bundle.manifest, sort_keys=True).encode()).hexdigest(),
         "bundle_fingerprint": encoder.fingerprint,
+        "output_format": output_format,
     }
     done_parts = _prepare(out, job, resume)
     if (out / "summary.json").exists():  # a finished job, resumed: nothing to do
@@ -159,8 +174,13 @@ def _require_some_encoded(summary: dict) -> dict:
     (the files stay written: errors.jsonl lists every reason)."""
     if summary["encoded"] or not summary["items"]:
         return summary
-    with open(summary["errors_file"], encoding="utf-8") as f:
-        first = json.loads(f.readline())
+    if summary["errors_file"].endswith(".parquet"):
+        from .parquet import read_errors
+
+        first = read_errors(summary["errors_file"])[0]
+    else:
+        with open(summary["errors_file"], encoding="utf-8") as f:
+            first = json.loads(f.readline())
     other = _OTHER_MODALITY.get(first["reason"])
     hint = f"; encode it with --modality {other} (modality='{other}')" if other else ""
     raise EncodeJobError(f"none of the {summary['items']} items could be encoded ({first['item']}: {first['reason']}; "
@@ -294,12 +314,21 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
     by_number = {r.number: r.name for r in mine}
     names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
-    # codes.npz, errors.jsonl and summary.json are one unit: summary.json, written last, marks
-    # the job finished; until it exists the parts stay and a resume redoes this merge.
-    buffer = io.BytesIO()
-    np.savez(buffer, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
-    atomic_write(out / "codes.npz", buffer.getvalue())
-    atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+    # the codes file, the errors file and summary.json are one unit: summary.json, written last,
+    # marks the job finished; until it exists the parts stay and a resume redoes this merge.
+    if job.get("output_format") == "parquet":
+        from . import parquet
+
+        codes_file, errors_file = out / "codes.parquet", out / "errors.parquet"
+        parquet.write_table(parquet.codes_table(ids, codes, names.tolist(), bits=job["bits"],
+                                                bundle_fingerprint=job["bundle_fingerprint"]), codes_file)
+        parquet.write_table(parquet.errors_table(errors), errors_file)
+    else:
+        codes_file, errors_file = out / "codes.npz", out / "errors.jsonl"
+        buffer = io.BytesIO()
+        np.savez(buffer, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
+        atomic_write(codes_file, buffer.getvalue())
+        atomic_write(errors_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
     summary = {
         "input": job["input"],
         "modality": job["modality"],
@@ -313,8 +342,8 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         "items_this_run": items_now,  # less than items after a resume
         "seconds": round(seconds, 3),
         "items_per_second": round(items_now / seconds, 1) if seconds > 0 else 0.0,
-        "codes": str(out / "codes.npz"),
-        "errors_file": str(out / "errors.jsonl"),
+        "codes": str(codes_file),
+        "errors_file": str(errors_file),
     }
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(out / "parts", ignore_errors=True)

@@ -107,7 +107,8 @@ def test_inflating_npz_is_refused_before_allocation(tmp_path, capsys, monkeypatc
 
 
 def test_unusable_paths(tmp_path, codes_npy, index_file, capsys):
-    fails(capsys, ["index", "info", tmp_path], "is a directory", str(tmp_path))
+    (tmp_path / "empty").mkdir()  # a folder is a sharded index: one without shards is refused
+    fails(capsys, ["index", "info", tmp_path / "empty"], "no .cmhidx or .parquet shards", str(tmp_path / "empty"))
     fails(capsys, ["index", "build", codes_npy, "--out", tmp_path / "no" / "such" / "x"], "No such file")
     (tmp_path / "taken").mkdir()
     fails(capsys, ["index", "build", codes_npy, "--out", tmp_path / "taken"], "taken")
