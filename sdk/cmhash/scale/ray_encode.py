@@ -409,6 +409,8 @@ def _prepare(out: str, job: dict, resume: bool) -> set[int]:
         if fs.exists(path) and fs.ls(path):
             raise EncodeJobError(f"{out} is not empty and holds no encoding job; choose a new or empty folder")
         _write_json(f"{out}/job.json", job)
+    for kind in ("codes", "errors"):
+        fs.makedirs(f"{path}/{kind}", exist_ok=True)
     codes = f"{path}/codes"
     finished = fs.ls(codes, detail=False) if fs.exists(codes) else []
     return {int(Path(p).name[5:11]) for p in finished
