@@ -61,33 +61,28 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-class Steady:
-    """A progress callback that keeps the rate between the first and the last part done:
-    the job's rate once its workers are up (start-up and bundle loading left out)."""
-
-    def __init__(self):
-        self.points = []
-
-    def __call__(self, done: int, total: int, seconds: float) -> None:
-        if seconds > 0:
-            self.points.append((done, seconds))
-
-    @property
-    def rate(self) -> float:
-        (d0, t0), (d1, t1) = self.points[0], self.points[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 else float("nan")
-
-
 def bench_encoding(args, folder: Path, tmp: Path) -> None:
     from cmhash.encoder import Encoder
     from cmhash.offline import encode_collection
 
-    n = args.items
+    n, m = args.items, args.items // 8
+    small = tmp / "small"
+    small.mkdir()
+    for path in sorted(folder.iterdir())[:m]:
+        shutil.copy(path, small / path.name)
     rates, steady = {}, {}
-    progress = Steady()
-    seconds = timed(lambda: encode_collection(args.bundle, folder, tmp / "local", workers=args.cpus, threads=args.cpus,
-                                              batch_size=args.batch_size, chunk_size=args.chunk_size, progress=progress))
-    rates["cmhash encode"], steady["cmhash encode"] = n / seconds, progress.rate
+
+    def measure(name, job):
+        """End to end rate of the whole job, and the steady rate: the extra items of the
+        whole job over its extra time against a job of n/8 items (the fixed costs of starting
+        workers and loading the bundle cancel out)."""
+        whole = timed(lambda: job(folder, "whole"))
+        part = timed(lambda: job(small, "small"))
+        rates[name], steady[name] = n / whole, (n - m) / (whole - part)
+
+    measure("cmhash encode", lambda source, out: encode_collection(
+        args.bundle, source, tmp / f"local-{out}", workers=args.cpus, threads=args.cpus, batch_size=args.batch_size,
+        chunk_size=args.chunk_size))
     if "ray" in args.engines:
         import ray
 
@@ -96,11 +91,9 @@ def bench_encoding(args, folder: Path, tmp: Path) -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 1024**2)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        progress = Steady()
-        seconds = timed(lambda: encode_with_ray(args.bundle, folder, tmp / "ray", actors=args.cpus, cpus_per_actor=1,
-                                                batch_size=args.batch_size, chunk_size=args.chunk_size,
-                                                progress=progress))
-        rates["ray (encode_with_ray)"], steady["ray (encode_with_ray)"] = n / seconds, progress.rate
+        measure("ray (encode_with_ray)", lambda source, out: encode_with_ray(
+            args.bundle, source, tmp / f"ray-{out}", actors=args.cpus, cpus_per_actor=1, batch_size=args.batch_size,
+            chunk_size=args.chunk_size))
         ray.shutdown()
     if "spark" in args.engines:
         from pyspark.sql import SparkSession
@@ -109,12 +102,12 @@ def bench_encoding(args, folder: Path, tmp: Path) -> None:
 
         os.environ["PYSPARK_PYTHON"] = sys.executable
         spark = (SparkSession.builder.master(f"local[{args.cpus}]").config("spark.ui.enabled", "false")
-                 .config("spark.driver.memory", "1g").getOrCreate())
+                 .config("spark.driver.memory", "1g").config("spark.ui.showConsoleProgress", "false").getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
         df = spark.read.format("binaryFile").load(str(folder)).repartition(args.cpus * 2)
         codes = df.mapInPandas(spark_hasher(str(Path(args.bundle).resolve()), column="content",
                                             batch_size=args.batch_size), schema=spark_code_schema(df.schema, "content"))
-        codes.select("reason").limit(1).collect()  # the Python workers start and load the bundle once, untimed
+        codes.select("reason").collect()  # the Python workers start and load the bundle, untimed
         seconds = timed(lambda: codes.write.mode("overwrite").parquet(str(tmp / "spark")))
         rates["spark (mapInPandas)"] = n / seconds
         spark.stop()
@@ -127,7 +120,7 @@ def bench_encoding(args, folder: Path, tmp: Path) -> None:
         if name in steady:
             line += f"   {steady[name]:8.1f} items/s {steady[name] / steady['cmhash encode']:5.2f}x"
         print(line)
-    print("  (ratios against cmhash encode; spark's timing starts with its workers up, so it is a steady rate)")
+    print("  (ratios against cmhash encode; spark's timing starts with its workers up: its one figure is steady)")
 
     # what bounds one machine: decode (JPEG, resize) against the model, per item on one core
     encoder = Encoder.load(args.bundle, threads=1)
@@ -179,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", help="a bundle folder (cmhash export, or cmhash demo)")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="a folder of photos")
-    parser.add_argument("--items", type=int, default=1024, help="photos to encode (repeated when fewer)")
+    parser.add_argument("--items", type=int, default=1024, help="photos to encode (repeated when fewer); the steady "
+                        "rate also times a job of items/8")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs every engine gets")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=64, help="items per Ray part")
