@@ -125,6 +125,25 @@ def test_bench_serve_names_its_extras():
                    "cmhash-sdk[serve]")
 
 
+def test_bench_scale_names_its_extra(bundle):
+    one_line_error(run("bench_scale.py", bundle, "--engines", "ray", missing=("ray",)), "ray not installed",
+                   "cmhash-sdk[ray]")
+
+
+@pytest.mark.slow
+def test_bench_scale_smallest_setting(bundle, tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.jpg")
+    out = run("bench_scale.py", bundle, "--photos", tmp_path, "--items", 16, "--chunk-size", 4, "--engines", "ray",
+              "--search", "--shards", 2, "--codes", 2000, "--batch-queries", 10)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ray (encode_with_ray)" in out.stdout and "x cmhash encode" not in out.stderr
+    assert "results equal" in out.stdout and "overhead" in out.stdout
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_without_warnings(tmp_path):
     pytest.importorskip("onnx")

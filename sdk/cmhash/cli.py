@@ -240,30 +240,49 @@ def cmd_verify(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .offline import Progress, encode_collection
+    from .offline import Progress
 
-    summary = encode_collection(
-        args.bundle,
-        args.input,
-        args.out,
-        modality=args.modality,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        shard=args.shard,
-        resume=args.resume,
-        chunk_size=args.chunk_size,
-        variant=args.variant,
-        backend=args.backend,
-        device=args.device,
-        threads=args.threads,
-        progress=None if args.json or args.quiet else Progress(),
-        output_format=args.format,
-    )
+    progress = None if args.json or args.quiet else Progress()
+    if args.engine == "ray":
+        require_extra("ray", "ray", "pyarrow", "fsspec", needed_by="--engine ray")
+        from .offline import parse_shard
+        from .scale.ray_encode import encode_with_ray
+
+        if parse_shard(args.shard) != (0, 1):
+            raise CmhashError("--shard splits a job by hand; with --engine ray the cluster splits it (leave --shard out)")
+        summary = encode_with_ray(
+            args.bundle, args.input, args.out, modality=args.modality, column=args.column, address=args.address,
+            actors=args.actors, cpus_per_actor=args.threads or 1, gpus_per_actor=0 if args.device == "cpu" else 1,
+            chunk_size=args.chunk_size, batch_size=args.batch_size, variant=args.variant, backend=args.backend,
+            resume=args.resume, progress=progress)
+        where = f"Parquet parts in {summary['codes']}; {summary['errors']} unreadable (listed in {summary['errors_dir']})"
+    else:
+        from .offline import encode_collection
+
+        if args.address or args.actors or args.column:
+            raise CmhashError("--address, --actors and --column go with --engine ray")
+        summary = encode_collection(
+            args.bundle,
+            args.input,
+            args.out,
+            modality=args.modality,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard=args.shard,
+            resume=args.resume,
+            chunk_size=args.chunk_size,
+            variant=args.variant,
+            backend=args.backend,
+            device=args.device,
+            threads=args.threads,
+            progress=progress,
+            output_format=args.format,
+        )
+        where = f"{summary['codes']}; {summary['errors']} unreadable (listed in {summary['errors_file']})"
     if args.json:
         print_json(summary)
     else:
-        print(f"{summary['encoded']} of {summary['items']} items encoded into {summary['codes']}; "
-              f"{summary['errors']} unreadable (listed in {summary['errors_file']}); "
+        print(f"{summary['encoded']} of {summary['items']} items encoded into {where}; "
               f"{summary['items_per_second']:,.1f} items/s")
     return 0
 
@@ -429,10 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = sub.add_parser("encode", help="hash a folder, file list or manifest into codes + ids (resumable)")
     encode.add_argument("bundle", help="a bundle folder or archive written by cmhash export")
-    encode.add_argument("input", help="folder, file list (one path or text per line) or manifest (.jsonl/.csv)")
-    encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json)")
+    encode.add_argument("input", help="folder, file list (one path or text per line) or manifest (.jsonl/.csv); "
+                        "with --engine ray also Parquet or a URL (s3://...)")
+    encode.add_argument("--out", required=True, help="output folder (codes.npz, errors.jsonl, summary.json; "
+                        "with --engine ray: codes/ and errors/ Parquet parts, a path or a URL)")
     encode.add_argument("--format", default="npz", choices=["npz", "parquet"],
-                        help="npz (default): codes.npz + errors.jsonl; parquet: codes.parquet + errors.parquet")
+                        help="npz (default): codes.npz + errors.jsonl; parquet: codes.parquet + errors.parquet "
+                        "(--engine ray always writes Parquet parts)")
     encode.add_argument("--modality", choices=["image", "text"], help="default: image when the bundle has it")
     encode.add_argument("--batch-size", type=positive_int, default=32, help="items per model call (default 32)")
     encode.add_argument("--workers", type=positive_int, default=4, help="decoding threads (default 4)")
@@ -444,7 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="inference backend (default auto)")
     encode.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    encode.add_argument("--threads", type=positive_int, help="onnxruntime threads")
+    encode.add_argument("--threads", type=positive_int,
+                        help="onnxruntime threads (with --engine ray: CPUs per actor, default 1)")
+    encode.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this process (default); ray: a Ray cluster, Parquet parts out (the ray extra)")
+    encode.add_argument("--address", help="with --engine ray: the cluster (ray://host:10001, auto); default a local one")
+    encode.add_argument("--actors", type=positive_int, help="with --engine ray: encoder actors (default: as CPUs allow)")
+    encode.add_argument("--column", help="with --engine ray and Parquet input: the column of image bytes, paths or texts")
     encode.add_argument("--json", action="store_true", help="print the summary as JSON (no progress line)")
     encode.add_argument("--quiet", action="store_true", help="no progress lines")
     encode.set_defaults(func=cmd_encode)

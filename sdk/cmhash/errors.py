@@ -180,3 +180,8 @@ class CodesFileError(CmhashError, ValueError):
 class MissingExtraError(CmhashError, ImportError):
     """An optional package (pyarrow, fsspec, faiss) that a call needs and that is not installed;
     the message names the pip extra that brings it."""
+
+
+class ShardUnavailableError(CmhashError, RuntimeError):
+    """A shard of a distributed index could not answer: its server died more often than the
+    retries allow during one query. Check the node and the shard file, then ask again."""

@@ -40,7 +40,7 @@ LIST_SEPARATOR = "|"
 class Record:
     number: int  # position in the collection: the code's id
     name: str  # path, manifest id or line number, for the user
-    image: Path | None = None
+    image: Path | bytes | None = None  # a path, or the encoded image itself (engines that read bytes)
     text: str | None = None
     tags: tuple = ()
     labels: tuple[str, ...] | None = None

@@ -156,7 +156,7 @@ def encode_collection(
         for k, chunk in enumerate(chunks):
             if k in done_parts:
                 continue
-            codes, ids, errors = _encode_chunk(encoder, modality, chunk, batch_size, pool)
+            codes, ids, errors = encode_records(encoder, modality, chunk, batch_size, pool)
             _write_part(out / "parts" / f"part-{k:06d}.npz", codes, ids, errors)
             items_now += len(chunk)
             done += len(chunk)
@@ -239,11 +239,15 @@ def _write_part(path: Path, codes, ids, errors) -> None:
 # --- encoding ----------------------------------------------------------------------------------------
 
 
-def _encode_chunk(encoder, modality: str, chunk: list[Record], batch_size: int, pool: ThreadPoolExecutor):
-    prepare = _image_input if modality == "image" else _text_input
-    prepared = list(pool.map(lambda r: prepare(encoder, r), chunk))
-    errors = [{"id": r.number, "item": r.name, "reason": reason} for r, (_, reason) in zip(chunk, prepared) if reason]
-    good = [(r, x) for r, (x, reason) in zip(chunk, prepared) if not reason]
+def encode_records(encoder, modality: str, records: list[Record], batch_size: int, pool: ThreadPoolExecutor | None = None):
+    """Records -> (codes (n, bits/8) uint8, their ids, error rows ``{"id", "item", "reason"}``).
+
+    The one way every engine turns items into codes (this module, Ray's and Spark's batch
+    functions): an item that cannot be prepared becomes an error row, never an exception.
+    ``pool`` decodes in parallel; without it, in this thread."""
+    prepared = list((pool.map if pool is not None else map)(lambda r: prepare_input(encoder, modality, r), records))
+    errors = [{"id": r.number, "item": r.name, "reason": reason} for r, (_, reason) in zip(records, prepared) if reason]
+    good = [(r, x) for r, (x, reason) in zip(records, prepared) if not reason]
     codes = np.zeros((0, encoder.bits // 8), dtype=np.uint8)
     if good:
         outs = []
@@ -252,6 +256,11 @@ def _encode_chunk(encoder, modality: str, chunk: list[Record], batch_size: int, 
             outs.append(encoder.hash_preprocessed(modality, batch))
         codes = np.concatenate(outs)
     return codes, [r.number for r, _ in good], errors
+
+
+def prepare_input(encoder, modality: str, record: Record):
+    """One record -> (model input, None), or (None, the reason it cannot be encoded)."""
+    return (_image_input if modality == "image" else _text_input)(encoder, record)
 
 
 def _image_input(encoder, record: Record):
