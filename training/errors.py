@@ -88,3 +88,7 @@ class PretrainedWeightsError(ConfigError):
             f"and pass model.pretrained=/path/to/weights (a state dict in {library}'s own format, "
             f".safetensors or .pth/.bin)"
         )
+
+
+class MissingWeightsFileError(CmhashError, FileNotFoundError):
+    """A weights file named by the config (``model.pretrained``, ``model.backbone_weights``) is absent."""

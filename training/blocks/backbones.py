@@ -201,7 +201,8 @@ def resolve_backbone_weights(name: str, pretrained: str | Path | None) -> Pretra
     if family == "clip":
         return _clip_weights(model, str(pretrained))[1]
     if family == "timm":
-        return resolve_timm(model, str(pretrained), _timm_architecture(model)[0])
+        timm_name, args = _timm_architecture(model)
+        return resolve_timm(model, str(pretrained), timm_name, args.get("img_size"))
     return resolve_torchvision(model, str(pretrained))
 
 
@@ -249,7 +250,7 @@ def _timm_trunk(model: str, pretrained: str | None) -> tuple[nn.Module, int, dic
     import timm
 
     timm_name, args = _timm_architecture(model)
-    weights = resolve_timm(model, str(pretrained), timm_name) if pretrained is not None else None
+    weights = resolve_timm(model, str(pretrained), timm_name, args.get("img_size")) if pretrained is not None else None
     tagged = weights.tag if weights is not None and weights.tag else timm_name
     if weights is not None and weights.path is not None:
         # timm's own file loading (its checkpoint filter adapts the layout), as for a download

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD, preprocess_config
-from ..errors import ConfigError, PretrainedWeightsError
+from ..errors import ConfigError, MissingWeightsFileError, PretrainedWeightsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _ARCHITECTURE_ONLY = contextvars.ContextVar("cmhash_pretrained_architecture_only", default=False)
@@ -128,7 +128,8 @@ def _local_file(pretrained: str) -> Path | None:
     if path.suffix in WEIGHT_SUFFIXES or ("/" in pretrained and not pretrained.startswith("hf-hub:")):
         if _ARCHITECTURE_ONLY.get():
             return path
-        raise ConfigError(f"model.pretrained {pretrained!r} looks like a file but there is no such file")
+        raise MissingWeightsFileError(f"weights file not found: {path} (model.pretrained names a file that does not "
+                                      f"exist; give an existing file or a tag of the library)")
     return None
 
 
@@ -138,26 +139,29 @@ def _file_weights(library: str, model: str, path: Path, model_cfg: dict | None =
 
 
 def _hf_download(library: str, model: str, tag: str, repo: str, filenames: list[str], valid: list[str]) -> Path:
-    """The first of ``filenames`` in Hugging Face repository ``repo``, from the hub cache or
-    (online) downloaded into it."""
+    """The first of ``filenames`` in Hugging Face repository ``repo`` that the hub cache holds or
+    (online) the hub serves, as the library itself would fetch it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     offline = is_offline()
-    last: Exception | None = None
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo, filename, cache_dir=hf_cache_dir(), local_files_only=offline))
-        except EntryNotFoundError as exc:  # the repository exists but not this file: try the next name
-            last = exc
         except LocalEntryNotFoundError as exc:
-            last = exc
-        except Exception as exc:  # no network, unknown repository, HTTP errors
-            raise PretrainedWeightsError(library, model, tag, f"cannot download {repo}/{filename} ({exc})",
-                                         hf_cache_dir(), valid) from exc
+            if offline:
+                continue  # another of the names may be in the cache
+            reason = (f"cannot reach the Hugging Face hub for {repo}/{filename} and it is not in the cache "
+                      f"({str(exc).splitlines()[0][:200]}); on a machine without network set HF_HUB_OFFLINE=1")
+            raise PretrainedWeightsError(library, model, tag, reason, hf_cache_dir(), valid) from exc
+        except EntryNotFoundError:  # the hub has the repository but not this file: the next name
+            continue
+        except Exception as exc:  # unknown repository, HTTP errors
+            reason = f"cannot download {repo}/{filename} ({str(exc).splitlines()[0][:200]})"
+            raise PretrainedWeightsError(library, model, tag, reason, hf_cache_dir(), valid) from exc
     reason = (f"{repo} ({' or '.join(filenames)}) is not in the cache and HF_HUB_OFFLINE is set, so nothing is "
-              f"downloaded" if offline else f"{repo} has none of {filenames} ({last})")
-    raise PretrainedWeightsError(library, model, tag, reason, hf_cache_dir(), valid) from last
+              f"downloaded" if offline else f"the hub repository {repo} has none of {filenames}")
+    raise PretrainedWeightsError(library, model, tag, reason, hf_cache_dir(), valid)
 
 
 def _url_download(library: str, model: str, tag: str, url: str, directory: str, valid: list[str]) -> Path:
@@ -266,11 +270,11 @@ def timm_tagged_name(model: str, pretrained: str) -> str:
     return full
 
 
-def _timm_preprocess(cfg) -> dict:
+def _timm_preprocess(cfg, image_size: int | None = None) -> dict:
     if cfg.crop_mode not in (None, "center"):
         raise ConfigError(f"timm's crop_mode {cfg.crop_mode!r} of {cfg.architecture}.{cfg.tag} is not supported; "
                           "set model.image_mean/std or use another tag")
-    size = int(cfg.input_size[-1])
+    size = int(image_size or cfg.input_size[-1])  # a smaller variant of the architecture keeps crop_pct
     resize = int(math.floor(size / cfg.crop_pct)) if cfg.crop_pct else size
     interpolation = cfg.interpolation if cfg.interpolation in ("bicubic", "bilinear") else "bicubic"
     pre = preprocess_config(size, tuple(cfg.mean), tuple(cfg.std), interpolation)
@@ -279,8 +283,9 @@ def _timm_preprocess(cfg) -> dict:
     return pre
 
 
-def resolve_timm(model: str, pretrained: str, timm_name: str) -> PretrainedWeights:
-    """``pretrained`` for timm's ``model`` (cmhash's name; ``timm_name`` the architecture in timm)."""
+def resolve_timm(model: str, pretrained: str, timm_name: str, image_size: int | None = None) -> PretrainedWeights:
+    """``pretrained`` for timm's ``model`` (cmhash's name; ``timm_name`` the architecture in timm,
+    built for ``image_size`` pixels when that is not the tag's own input size)."""
     import timm
 
     local = _local_file(pretrained)
@@ -299,7 +304,7 @@ def resolve_timm(model: str, pretrained: str, timm_name: str) -> PretrainedWeigh
         else:
             raise PretrainedWeightsError("timm", timm_name, full, "timm lists no download location for it",
                                          None, valid)
-    return PretrainedWeights("timm", timm_name, full, path, _timm_preprocess(cfg))
+    return PretrainedWeights("timm", timm_name, full, path, _timm_preprocess(cfg, image_size))
 
 
 # --------------------------------------------------------------------------- torchvision
