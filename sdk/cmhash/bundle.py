@@ -352,7 +352,8 @@ def _validate_pretrained(pretrained: Any, fail) -> None:
 
 def describe_pretrained(pretrained: Mapping[str, Any] | None) -> str:
     """One line naming the weights a model's image backbone started from (a checkpoint's or
-    a manifest's ``pretrained`` record), for ``cmhash eval`` and ``Encoder.info``."""
+    a manifest's ``provenance.pretrained`` record), for ``cmhash eval`` and any tool that
+    shows a bundle."""
     if not pretrained:
         return "random initialisation (no pretrained weights)"
     what = f"tag {pretrained['tag']!r}" if pretrained.get("tag") else "a local file"
