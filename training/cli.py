@@ -16,8 +16,8 @@ from cmhash.bundle import describe_pretrained
 from cmhash.errors import CmhashError
 
 # import names of the train extra's packages (pyproject.toml)
-TRAIN_MODULES = ("torch", "torchvision", "open_clip", "timm", "torch_geometric", "ot", "scipy", "safetensors",
-                 "yaml", "tqdm")
+TRAIN_MODULES = ("torch", "torchvision", "open_clip", "timm", "huggingface_hub", "torch_geometric", "ot", "scipy",
+                 "safetensors", "yaml", "tqdm")
 
 
 def training_run():
