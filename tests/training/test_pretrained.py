@@ -310,6 +310,10 @@ def test_provenance_goes_from_checkpoint_to_bundle_and_eval(tmp_path_factory, ca
     assert Encoder.load(bundle, threads=1).preprocessor == ImagePreprocessor.from_dict(hub_preprocess)
     assert cli(["eval", str(out)]) == 0
     assert f"backbone started from {describe_pretrained(expected)}" in capsys.readouterr().out
+    weights.unlink()  # a trained checkpoint holds every weight: rebuilding it fetches nothing
+    from cmhash.training.run import load_trained
+
+    assert load_trained(out)[1].pretrained_provenance() is None
     assert expected["sha256"][:16] in describe_pretrained(expected)
 
 

@@ -164,8 +164,10 @@ def _hf_download(library: str, model: str, tag: str, repo: str, filenames: list[
     raise PretrainedWeightsError(library, model, tag, reason, hf_cache_dir(), valid)
 
 
-def _url_download(library: str, model: str, tag: str, url: str, directory: str, valid: list[str]) -> Path:
-    """The file of ``url`` in ``directory`` (the library's URL cache), downloaded when online."""
+def _url_download(library: str, model: str, tag: str, url: str, directory: str, valid: list[str],
+                  check_hash: bool = False) -> Path:
+    """The file of ``url`` in ``directory`` (the library's URL cache), downloaded when online;
+    ``check_hash``: the name's ``-<hex>.`` part must begin its sha256 (torchvision's files)."""
     import torch
 
     target = Path(directory) / os.path.basename(url.split("?")[0])
@@ -175,9 +177,9 @@ def _url_download(library: str, model: str, tag: str, url: str, directory: str, 
         raise PretrainedWeightsError(library, model, tag, f"{target.name} is not in the cache and HF_HUB_OFFLINE is "
                                      f"set, so nothing is downloaded", directory, valid)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = target.stem.rsplit("-", 1)[-1] if "-" in target.stem else None  # torchvision's name-<sha256 prefix>.pth
+    match = torch.hub.HASH_REGEX.search(target.name) if check_hash else None  # as torch.hub checks torchvision's
     try:
-        torch.hub.download_url_to_file(url, str(target), hash_prefix=prefix if prefix and len(prefix) >= 8 else None)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None)
     except Exception as exc:
         raise PretrainedWeightsError(library, model, tag, f"cannot download {url} ({exc})", directory, valid) from exc
     return target
@@ -345,7 +347,7 @@ def resolve_torchvision(model: str, pretrained: str) -> PretrainedWeights:
     entry, valid = torchvision_weights(model, pretrained)
     tag = f"{type(entry).__name__}.{entry.name}"
     path = None if _ARCHITECTURE_ONLY.get() else _url_download("torchvision", model, tag, entry.url,
-                                                                torch_cache_dir(), valid)
+                                                                torch_cache_dir(), valid, check_hash=True)
     return PretrainedWeights("torchvision", model, tag, path, _torchvision_preprocess(entry))
 
 
