@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -205,8 +206,6 @@ def resolve_open_clip(model: str, pretrained: str, base_cfg: dict | None) -> Pre
     if pretrained.startswith("hf-hub:"):
         repo = pretrained.removeprefix("hf-hub:").strip("/")
         config_path = _hf_download("open_clip", model, pretrained, repo, ["open_clip_config.json"], valid)
-        import json
-
         hub = json.loads(config_path.read_text())
         model_cfg = hub.get("model_cfg")
         if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg:
@@ -278,8 +277,7 @@ def _timm_preprocess(cfg, image_size: int | None = None) -> dict:
                           "set model.image_mean/std or use another tag")
     size = int(image_size or cfg.input_size[-1])  # a smaller variant of the architecture keeps crop_pct
     resize = int(math.floor(size / cfg.crop_pct)) if cfg.crop_pct else size
-    interpolation = cfg.interpolation if cfg.interpolation in ("bicubic", "bilinear") else "bicubic"
-    pre = preprocess_config(size, tuple(cfg.mean), tuple(cfg.std), interpolation)
+    pre = preprocess_config(size, tuple(cfg.mean), tuple(cfg.std), cfg.interpolation)  # unsupported: a ConfigError
     if resize != size:
         pre["resize_size"] = resize
     return pre
