@@ -326,6 +326,7 @@ def build_manifest(trained: Trained, models: dict, references: dict, contract: C
             "training_config": meta.get("config", {}),
             "metrics": {"best": meta.get("best"), "last": history[-1] if history else None},
             "checkpoint": {"path": str(trained.path), "epoch": meta.get("epoch"), "sha256": meta.get("sha256", {})},
+            "pretrained": meta.get("pretrained"),
             "export": {
                 "opset": OPSET,
                 "exporter": "torch.onnx (TorchScript)",

@@ -9,6 +9,8 @@ A checkpoint is a directory::
                         "scaler/..."       the fp16 GradScaler's tensors, if any
     checkpoint.json     format and versions, config, method name, epoch, global step,
                         metrics history, best result, label names, vocabulary, the
+                        pretrained weights the backbone started from ("pretrained":
+                        library, model, tag, file, sha256; null from scratch), the
                         non-tensor parts of optimiser / scheduler / scaler states (with
                         {"__tensor__": key} where a tensor was), sha256 of both files.
 

@@ -12,11 +12,12 @@ import argparse
 from pathlib import Path
 
 from cmhash.cli import print_json, require_extra, setup_logging
+from cmhash.bundle import describe_pretrained
 from cmhash.errors import CmhashError
 
 # import names of the train extra's packages (pyproject.toml)
-TRAIN_MODULES = ("torch", "torchvision", "open_clip", "timm", "torch_geometric", "ot", "scipy", "safetensors",
-                 "yaml", "tqdm")
+TRAIN_MODULES = ("torch", "torchvision", "open_clip", "timm", "huggingface_hub", "torch_geometric", "ot", "scipy",
+                 "safetensors", "yaml", "tqdm")
 
 
 def training_run():
@@ -74,6 +75,7 @@ def cmd_eval(args) -> int:
         print_json(result)
         return 0
     print(f"{args.checkpoint}: {result['n_query']} queries against {result['n_database']} items, {result['bits']} bits")
+    print(f"  backbone started from {describe_pretrained(result.get('pretrained'))}")
     for name, title in (("i2t", "I->T"), ("t2i", "T->I")):
         r = result[name]
         extra = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "map")

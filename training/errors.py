@@ -61,3 +61,34 @@ class NonFiniteLossError(CmhashError, FloatingPointError):
             f"{f', rank {rank}' if rank else ''}); training stopped. The 'last' checkpoint holds the last "
             "good epoch: lower the learning rate, check the inputs, or disable amp"
         )
+
+
+class PretrainedWeightsError(ConfigError):
+    """Pretrained backbone weights that cannot be had: a tag the library does not know, or
+    weights that are neither in the library's cache nor downloadable (offline, no network).
+
+    Raised before any data is read. ``tag`` is what was asked for, ``cache_dir`` the folder
+    searched, ``valid_tags`` the library's own list of tags for the model.
+    """
+
+    SHOWN = 30
+
+    def __init__(self, library: str, model: str, tag: str, reason: str, cache_dir: str | None,
+                 valid_tags: Sequence[str]) -> None:
+        self.library, self.model, self.tag, self.reason = library, model, tag, reason
+        self.cache_dir = cache_dir
+        self.valid_tags = list(valid_tags)
+        shown = ", ".join(self.valid_tags[: self.SHOWN]) or "none"
+        more = f" ... ({len(self.valid_tags)} in all)" if len(self.valid_tags) > self.SHOWN else ""
+        where = f"; searched the cache {cache_dir}" if cache_dir else ""
+        super().__init__(
+            f"pretrained weights {tag!r} for {library} model {model!r}: {reason}{where}. "
+            f"Valid tags for {model}: {shown}{more}. "
+            f"To train from a local file instead, download it once on a machine with network (see docs/pretrained.md) "
+            f"and pass model.pretrained=/path/to/weights (a state dict in {library}'s own format, "
+            f".safetensors or .pth/.bin)"
+        )
+
+
+class MissingWeightsFileError(CmhashError, FileNotFoundError):
+    """A weights file named by the config (``model.pretrained``, ``model.backbone_weights``) is absent."""

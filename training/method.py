@@ -222,13 +222,27 @@ class HashingMethod(abc.ABC):
     def image_preprocessing(cls, config: MethodConfig) -> dict[str, Any]:
         """The image preprocessing (``data.transforms.preprocess_config``) of the image tower
         ``config`` describes, known before the method is built: the data layer needs it to
-        make the datasets. The default reads the backbone name in ``config.backbone``."""
+        make the datasets. The default reads the backbone name in ``config.backbone`` and its
+        pretrained weights in ``config.pretrained`` (whose own preprocessing then applies)."""
         backbone = getattr(config, "backbone", None)
         if not isinstance(backbone, str):
             raise NotImplementedError(f"{cls.__name__} has no 'backbone' in its config; override image_preprocessing")
         from .blocks.backbones import backbone_preprocess
 
-        return backbone_preprocess(backbone)
+        return backbone_preprocess(backbone, getattr(config, "pretrained", None))
+
+    @classmethod
+    def fetch_pretrained(cls, config: MethodConfig) -> Any:
+        """Find the pretrained backbone weights ``config.pretrained`` names in the library's
+        cache, or download them (online only), before any data are read: a missing or unknown
+        tag is a :class:`~cmhash.training.errors.PretrainedWeightsError` now, not after an hour
+        of data loading. Returns the resolved weights, or None without ``config.pretrained``."""
+        backbone, pretrained = getattr(config, "backbone", None), getattr(config, "pretrained", None)
+        if not isinstance(backbone, str) or pretrained is None:
+            return None
+        from .blocks.backbones import resolve_backbone_weights
+
+        return resolve_backbone_weights(backbone, pretrained)
 
     # -- what is saved -----------------------------------------------------------------
 
@@ -294,6 +308,11 @@ class HashingMethod(abc.ABC):
         """The image tower's backbone (an ``ImageBackbone``), if it has one: with a frozen
         backbone, ``data.feature_cache`` feeds its precomputed features instead of images."""
         return None
+
+    def pretrained_provenance(self) -> dict[str, Any] | None:
+        """The weights the image backbone started from (library, model, tag, file, sha256),
+        recorded in checkpoints and bundles; None when it started from random weights."""
+        return getattr(self.image_backbone(), "provenance", None)
 
     # -- placement ---------------------------------------------------------------------
 

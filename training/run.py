@@ -42,6 +42,7 @@ from cmhash.metrics import retrieval_metrics
 from cmhash.text import Vocabulary
 
 from . import checkpoint as ckpt_io
+from .blocks.pretrained import architecture_only
 from .config import RunConfig, apply_overrides, parse_config, read_config
 from .data import CrossModalData, CrossModalDataset, Split, build_transform, load_data, make_split
 from .errors import ConfigError
@@ -209,6 +210,10 @@ def train(config: RunConfig | str | Path, overrides: Sequence[str] = ()) -> FitR
         config = load_config(config, overrides)
     elif overrides:
         raise ValueError("overrides apply to a config file; change the RunConfig directly instead")
+    weights = get_method(config.method).fetch_pretrained(config.model)  # before any data are read
+    if weights is not None:
+        log.info("pretrained %s weights %s: %s (sha256 %s)", weights.library, weights.tag or "(local file)",
+                 weights.path, weights.sha256)
     prepared = prepare_data(config)
     log.info("data %s: %d train, %d query, %d database, %d labels, %d text terms", prepared.data.name,
              len(prepared.train), len(prepared.query), len(prepared.database), prepared.info.n_labels,
@@ -295,7 +300,8 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, HashingMethod, ckpt
     )
     fit_torch_threads()
     torch.manual_seed(0)
-    method = get_method(config.method)(config.model, info)
+    with architecture_only():  # the checkpoint holds every weight: nothing to fetch
+        method = get_method(config.method)(config.model, info)
     modules = method.modules()
     if sorted(modules) != meta["modules"]:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt.path} holds modules {meta['modules']}, "
@@ -331,11 +337,12 @@ def evaluate(checkpoint: str | Path, query: Mapping[str, Any] | None = None, dat
     and ``database`` (data sections, e.g. ``{"source": "manifest", "path": ...}``) every item
     of the one is a query against every item of the other. Texts are always encoded over the
     model's own vocabulary. Returns {"i2t": {...}, "t2i": {...}, "n_query", "n_database",
-    "bits"}; each direction has "map", "tie_aware_map" and "precision@k" for each k.
+    "bits", "pretrained"}; each direction has "map", "tie_aware_map" and "precision@k" for each
+    k; "pretrained" names the weights the backbone started from (None: from scratch).
     """
     if (query is None) != (database is None):
         raise ConfigError("give both query and database data, or neither")
-    config, method, _ = load_trained(checkpoint)
+    config, method, ckpt = load_trained(checkpoint)
     vocabulary = Vocabulary.from_dict(method.info.vocabulary) if method.info.vocabulary else None
     if query is None:
         prepared = prepare_data(config, vocabulary)
@@ -347,7 +354,8 @@ def evaluate(checkpoint: str | Path, query: Mapping[str, Any] | None = None, dat
             raise ConfigError(f"query data has {query_set.data.num_labels} labels, database data "
                               f"{database_set.data.num_labels}: relevance needs the same label set")
     codes = encode_both(method, query_set, database_set, batch_size)
-    return {"bits": config.model.bits, **retrieval_summary(*codes, precision_k=precision_k, map_k=map_k)}
+    return {"bits": config.model.bits, **retrieval_summary(*codes, precision_k=precision_k, map_k=map_k),
+            "pretrained": ckpt.meta.get("pretrained")}
 
 
 def encode_both(method: HashingMethod, query_set: Dataset, database_set: Dataset, batch_size: int = 256):

@@ -415,6 +415,7 @@ class Trainer:
             "vocabulary": info.vocabulary,
             "image_size": info.image_size,
             "preprocessing": info.preprocessing,
+            "pretrained": method.pretrained_provenance(),  # the weights the backbone started from, or None
             "modules": sorted(method.modules()),
             "versions": {"cmhash": cmhash.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "optimizers": ckpt_io.flatten({k: o.state_dict() for k, o in method.optimizers().items()}, "optim", state),

@@ -26,7 +26,9 @@ Layout::
                   "vocabulary": "vocab.json", "vocabulary_fingerprint": "<sha256 of its canonical JSON>"}
       },
       "label_names": ["animals", ...],
-      "provenance": {"cmhash_version": "0.1.0", "training_config": {...}, "metrics": {...}},
+      "provenance": {"cmhash_version": "0.1.0", "training_config": {...}, "metrics": {...},
+                     "pretrained": {"library": "open_clip", "model": "ViT-B-32", "tag": "openai",
+                                    "file": "open_clip_model.safetensors", "sha256": "<sha256>"}},
       "files": {"image.onnx": "<sha256>", "text.onnx": "<sha256>", "vocab.json": "<sha256>"}
     }
 
@@ -53,6 +55,11 @@ tanh values); it is listed under ``files`` and checksummed like the models.
 ``output.values`` is ``"tanh"`` (continuous values in [-1, 1], signed at hashing) or
 ``"sign"`` (already ±1; no continuous output). A text modality without a vocabulary
 takes bag-of-words vectors only (e.g. MIRFlickr, whose tag words are not published).
+
+``provenance.pretrained`` (optional, any 1.x; null or absent: trained from random weights)
+names the weights the image backbone started from: the library (``open_clip``, ``timm``,
+``torchvision``, or ``cmhash`` / ``matconvnet`` for a network's own file), its model name, the
+tag (null for a local file), the file name and its sha256. ``describe_pretrained`` prints it.
 
 Versioning: a reader accepts every minor version of a major it knows (minor versions only
 add optional keys) and refuses other majors. Loading reads every file once, checks its
@@ -323,9 +330,36 @@ def validate_manifest(manifest: Any, source: str = "bundle") -> dict:
         fail("'label_names' must be a list of strings")
     if not isinstance(manifest.get("provenance", {}), dict):
         fail("'provenance' must be an object")
+    _validate_pretrained(manifest.get("provenance", {}).get("pretrained"), fail)
     if "reference" in manifest:
         _validate_reference(manifest["reference"], modalities, files, fail)
     return manifest
+
+
+def _validate_pretrained(pretrained: Any, fail) -> None:
+    """provenance.pretrained (optional): null, or the weights the image backbone started from."""
+    if pretrained is None:
+        return
+    if not isinstance(pretrained, dict):
+        fail("provenance.pretrained must be null or an object with library, model, tag, file and sha256")
+    for key in ("library", "model", "tag", "file"):
+        if not isinstance(pretrained.get(key), (str, type(None))):
+            fail(f"provenance.pretrained.{key} must be a string or null, got {pretrained.get(key)!r}")
+    digest = pretrained.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        fail(f"provenance.pretrained.sha256 must be a lowercase hex sha256 or null, got {digest!r}")
+
+
+def describe_pretrained(pretrained: Mapping[str, Any] | None) -> str:
+    """One line naming the weights a model's image backbone started from (a checkpoint's or
+    a manifest's ``provenance.pretrained`` record), for ``cmhash eval`` and any tool that
+    shows a bundle."""
+    if not pretrained:
+        return "random initialisation (no pretrained weights)"
+    what = f"tag {pretrained['tag']!r}" if pretrained.get("tag") else "a local file"
+    digest = pretrained.get("sha256") or "?"
+    return (f"{pretrained.get('library')} {pretrained.get('model')} {what} "
+            f"(file {pretrained.get('file')}, sha256 {digest[:16]}...)")
 
 
 def _validate_reference(reference: Any, modalities: dict, files: dict, fail) -> None:

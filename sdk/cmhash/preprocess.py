@@ -239,6 +239,10 @@ class ImagePreprocessor:
             (longest side to size, pad with ``fill_color``, centre crop) or ``"squash"``
             (resize to size, aspect ratio not kept).
         fill_color: padding grey level for ``"longest"``.
+        resize_size: with ``"shortest"`` and a square ``image_size``, the shortest side is
+            resized to this (not to ``image_size``) before the centre crop: torchvision's
+            ``Resize(256)`` + ``CenterCrop(224)`` and timm's ``crop_pct`` (size / crop_pct).
+            ``None`` (the default, left out of :meth:`to_dict`): ``image_size``.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -247,6 +251,7 @@ class ImagePreprocessor:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
+    resize_size: int | None = None
     max_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, compare=False)
 
     def __post_init__(self):
@@ -268,7 +273,14 @@ class ImagePreprocessor:
             raise InvalidArgumentError(f"interpolation must be one of {sorted(_FILTERS)}, got {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "longest", "squash"):
             raise InvalidArgumentError(f"resize_mode must be 'shortest', 'longest' or 'squash', got {self.resize_mode!r}")
-        if max(self.output_size) > limits.MAX_IMAGE_SIDE:
+        if self.resize_size is not None:
+            size = self.resize_size
+            if not isinstance(size, int) or isinstance(size, bool) or size < max(self.output_size):
+                raise InvalidArgumentError(f"resize_size must be an int of at least image_size {self.image_size!r}, "
+                                           f"got {size!r}")
+            if self.resize_mode != "shortest" or isinstance(self.image_size, tuple):
+                raise InvalidArgumentError("resize_size needs resize_mode 'shortest' and a square (int) image_size")
+        if max(self.output_size) > limits.MAX_IMAGE_SIDE or (self.resize_size or 0) > limits.MAX_IMAGE_SIDE:
             raise ResourceLimitError(
                 f"image_size {self.output_size[0]}x{self.output_size[1]} is over the limit of "
                 f"{limits.MAX_IMAGE_SIDE} pixels a side (one such image would take "
@@ -286,6 +298,8 @@ class ImagePreprocessor:
         """The config as JSON-ready data (``max_pixels`` is a runtime guard, not part of it)."""
         data = asdict(self)
         data.pop("max_pixels")
+        if self.resize_size is None:  # left out, so readers from before resize_size take the record
+            data.pop("resize_size")
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)
         if isinstance(self.image_size, tuple):
@@ -353,7 +367,8 @@ class ImagePreprocessor:
             # torchvision Resize(int): shortest side -> size, the other int(size * long / short)
             width, height = image.size
             short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = target_h, int(target_h * long / short)
+            side = self.resize_size or target_h
+            new_short, new_long = side, int(side * long / short)
             new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
             image = _resize(image, (new_h, new_w), resample)
         else:

@@ -242,7 +242,7 @@ def test_missing_mirflickr_images_are_named_before_training(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     args = ["train", "egath/mirflickr25k-64", f"data.arrays={arrays}", f"data.image_root={images}",
-            f"train.out_dir={tmp_path / 'run'}"]
+            f"train.out_dir={tmp_path / 'run'}", "model.pretrained=null"]
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert "20015" in err and "im1.jpg" in err

@@ -77,10 +77,15 @@ def test_every_shipped_config_is_valid():
             assert config.model.backbone == "timm:swin_small_patch4_window7_224"
             assert config.model.bits == int(name.rsplit("-", 1)[1]) and config.train.batch_size == 80
             assert config.model.code_threshold == (0.01 if "nuswide" in name else 0.3)  # spec §6
+            assert config.model.pretrained == "swin_small_patch4_window7_224.ms_in22k_ft_in1k"
+            # the weights' own preprocessing (timm's pretrained_cfg), looked up without downloading
+            import timm
+
+            cfg = timm.get_pretrained_cfg(config.model.pretrained)
             preprocess = get_method("tegah").image_preprocessing(config.model)
-            assert preprocess["image_size"] == 224 and preprocess["resize_mode"] == "squash"
-            if "mirflickr" in name:  # the dataset's own statistics, as the code normalises
-                assert preprocess["mean"] == [0.372, 0.409, 0.439] and preprocess["std"] == [0.230, 0.232, 0.242]
+            assert preprocess["image_size"] == cfg.input_size[-1] == 224 and preprocess["resize_mode"] == "shortest"
+            assert preprocess["resize_size"] == int(224 / cfg.crop_pct) and preprocess["interpolation"] == cfg.interpolation
+            assert preprocess["mean"] == list(cfg.mean) and preprocess["std"] == list(cfg.std)
 
 
 def test_code_defaults_and_switches():

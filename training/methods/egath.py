@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..blocks import (DiscreteCodes, GATLabelClassifier, HashHead, LabelEmbeddings, binarize,
                       build_image_backbone, classification_loss, dcg_triplet_loss, label_graph, quantization_loss)
+from ..blocks.pretrained import check_one_weights_source
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 
@@ -34,7 +35,10 @@ class EGATHConfig(MethodConfig):
     bits: int = 64
     # image tower
     backbone: str = "clip:ViT-B-32"  # 'clip:tiny-resnet' for the demo and tests
-    backbone_weights: str | None = None  # local weights file (safetensors / tensor-only torch.save)
+    # pretrained weights: a library tag (open_clip 'openai', timm 'ms_in22k_ft_in1k', ...) or a local file in the
+    # library's format, fetched through the library's cache (docs/pretrained.md); None: random initialisation
+    pretrained: str | None = None
+    backbone_weights: str | None = None  # a local file with the backbone's own keys (the same as a local 'pretrained')
     freeze_backbone: bool = False  # fine-tuned by default, at backbone_lr
     # transformer blocks of both towers
     d_model: int = 512
@@ -73,6 +77,7 @@ class EGATHConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_one_weights_source(self)
         if self.d_model % self.heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.heads ({self.heads})")
         for name in ("d_model", "heads", "ffn_dim", "layers", "hidden", "gat_hidden", "decay_epochs",
@@ -120,7 +125,8 @@ class ImageTower(nn.Module):
 
     def __init__(self, config: EGATHConfig):
         super().__init__()
-        self.backbone = build_image_backbone(config.backbone, config.backbone_weights, config.freeze_backbone)
+        self.backbone = build_image_backbone(config.backbone, config.pretrained or config.backbone_weights,
+                                             config.freeze_backbone)
         # CLIP ViT-B-32's embedding already has d_model = 512 features; other widths get a projection
         self.head = TokenTower(self.backbone.output_dim, config, embed=self.backbone.output_dim != config.d_model)
 

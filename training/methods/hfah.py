@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 from cmhash.errors import CmhashError
 
 from ..blocks import HashHead, binarize, build_image_backbone, label_similarity, load_weights_file, pairwise_nll_loss
+from ..blocks.backbones import backbone_preprocess
+from ..blocks.pretrained import check_one_weights_source, file_sha256
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_config
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
@@ -75,8 +78,13 @@ class HFAHConfig(MethodConfig):
     bits: int = 64
     # image network: 'torchvision:alexnet' (default substitute for CNN-F), another torchvision CNN
     # with a `features` conv stack (e.g. 'torchvision:vgg16'), 'cnnf' (CNN-F's layer table) or
-    # 'tiny-cnn' (tests, demo); weights only from a local file
+    # 'tiny-cnn' (tests, demo)
     backbone: str = "torchvision:alexnet"
+    # torchvision backbones: a weights enum entry ('AlexNet_Weights.IMAGENET1K_V1'), fetched through torchvision's
+    # cache, or a local torchvision state dict (docs/pretrained.md); None: random initialisation
+    pretrained: str | None = None
+    # a local file: for torchvision backbones the network's own state dict (as a local 'pretrained'); for 'cnnf'
+    # and 'tiny-cnn' keys 'conv.*' and 'head.*' of the image tower, or CNN-F's MatConvNet .mat for 'cnnf'
     backbone_weights: str | None = None
     freeze_backbone: bool = False  # keep the backbone's conv and fc6/fc7 layers fixed
     tiny_width: int = 64  # fc6/fc7 width of 'tiny-cnn'
@@ -135,6 +143,10 @@ class HFAHConfig(MethodConfig):
         if self.backbone not in OWN_BACKBONES and family != "torchvision":
             raise ConfigError(f"model.backbone must be 'torchvision:<cnn>' (e.g. torchvision:alexnet) or one of "
                               f"{list(OWN_BACKBONES)}, got {self.backbone!r}")
+        check_one_weights_source(self)
+        if self.pretrained is not None and self.backbone in OWN_BACKBONES:
+            raise ConfigError(f"model.pretrained names library weights; {self.backbone!r} is HFAH's own network, "
+                              f"which takes model.backbone_weights (a local file) instead")
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"model.image_size must be positive, got {self.image_size}")
         positive = ("tiny_width", "hidden", "feature_dim", "attention_reduction", "attention_kernel",
@@ -377,10 +389,12 @@ def load_cnnf_matconvnet(path, conv: nn.Module, head: nn.Module) -> dict[str, Te
     return state
 
 
-def _torchvision_cnn(name: str, weights: str | None) -> tuple[nn.Module, int, nn.Module, int, dict]:
+def _torchvision_cnn(name: str, weights: str | None) -> tuple[nn.Module, int, nn.Module, int, dict | None]:
     """A torchvision CNN with a ``features`` conv stack (AlexNet, VGG) cut after its last ReLU:
     the attention goes on that map (AlexNet: relu5, 256 x 13 x 13), then the last pool,
-    ``avgpool`` and the classifier without its last layer (fc6, fc7) and without dropout."""
+    ``avgpool`` and the classifier without its last layer (fc6, fc7) and without dropout.
+    ``weights``: a torchvision weights tag or a local file; the last value returned is the
+    provenance of the weights loaded."""
     backbone = build_image_backbone(name, weights)  # loads the weights, drops the 1000-way layer
     net = backbone.trunk
     if not (hasattr(net, "features") and hasattr(net, "avgpool") and hasattr(net, "classifier")):
@@ -393,7 +407,7 @@ def _torchvision_cnn(name: str, weights: str | None) -> tuple[nn.Module, int, nn
     widths = [m.out_features for m in classifier if isinstance(m, nn.Linear)]
     conv = nn.Sequential(*layers[: last_relu + 1])
     head = nn.Sequential(*layers[last_relu + 1:], net.avgpool, nn.Flatten(), *classifier)
-    return conv, channels, head, widths[-1], backbone.preprocess
+    return conv, channels, head, widths[-1], backbone.provenance
 
 
 def backbone_image_size(config: HFAHConfig) -> int:
@@ -403,13 +417,22 @@ def backbone_image_size(config: HFAHConfig) -> int:
 
 
 def backbone_preprocessing(config: HFAHConfig) -> dict:
-    """The image preprocessing the configured backbone expects (ImageNet statistics)."""
+    """The image preprocessing the configured backbone expects: the pretrained weights' own
+    (torchvision's ``transforms()``) with a tag, otherwise ImageNet statistics, bilinear."""
+    if config.pretrained is not None:
+        pre = backbone_preprocess(config.backbone, config.pretrained)
+        if config.image_size is not None and config.image_size != pre["image_size"]:
+            raise ConfigError(f"model.image_size {config.image_size} differs from the {pre['image_size']}-pixel images "
+                              f"the weights {config.pretrained!r} were trained on; leave it unset")
+        return pre
     return preprocess_config(backbone_image_size(config), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 class ImageTower(nn.Module):
     """Images (N, 3, S, S) -> f^y (N, d_f), H^y (N, k): CNN convs -> hybrid attention ->
     CNN fully connected layers -> fc8 (ReLU) -> hash. ``forward`` returns H^y only (the tower)."""
+
+    provenance: dict | None = None  # the weights the backbone started from (see HashingMethod.pretrained_provenance)
 
     def __init__(self, config: HFAHConfig) -> None:
         super().__init__()
@@ -418,7 +441,8 @@ class ImageTower(nn.Module):
         elif config.backbone == "cnnf":
             conv, channels, head, width = _cnnf()
         else:
-            conv, channels, head, width, _ = _torchvision_cnn(config.backbone, config.backbone_weights)
+            conv, channels, head, width, self.provenance = _torchvision_cnn(
+                config.backbone, config.pretrained or config.backbone_weights)
         self.conv, self.head = conv, head
         if config.backbone in OWN_BACKBONES and config.backbone_weights is not None:
             if config.backbone == "cnnf" and str(config.backbone_weights).endswith(".mat"):
@@ -431,6 +455,9 @@ class ImageTower(nn.Module):
             if missing or unexpected:
                 raise ConfigError(f"{config.backbone_weights} does not fit backbone {config.backbone!r}: "
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            path = Path(config.backbone_weights)
+            self.provenance = {"library": "matconvnet" if path.suffix == ".mat" else "cmhash", "model": config.backbone,
+                               "tag": None, "file": path.name, "sha256": file_sha256(path)}
         self.attention = (HybridAttention(channels, config.attention_reduction, config.attention_kernel,
                                           config.attention_mode) if config.attention else nn.Identity())
         self.fc8 = nn.Sequential(nn.Linear(width, config.feature_dim),
@@ -604,6 +631,9 @@ class HFAH(HashingMethod):
     @classmethod
     def image_preprocessing(cls, config: HFAHConfig) -> dict:
         return backbone_preprocessing(config)
+
+    def pretrained_provenance(self) -> dict | None:
+        return self.image_net.provenance
 
     # -- losses ------------------------------------------------------------------------
 

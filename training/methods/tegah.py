@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..blocks import (HashHead, binarize, build_image_backbone, classification_loss, dcg_triplet_loss,
                       label_distillation_loss, quantization_loss, wasserstein_loss)
 from ..blocks.gat import DenseGATConv  # imported there without torch's jit.script warning
+from ..blocks.pretrained import check_one_weights_source
 from ..errors import ConfigError
 from ..method import Batch, DatasetInfo, HashingMethod, MethodConfig, register_method
 
@@ -67,7 +68,10 @@ class TEGAHConfig(MethodConfig):
     bits: int = 64
     # image network
     backbone: str = "timm:swin_small_patch4_window7_224"  # see blocks.backbones; 'clip:ViT-B-32', ...
-    backbone_weights: str | None = None  # local weights file; None: random init (nothing is downloaded)
+    # pretrained weights: a library tag (open_clip 'openai', timm 'ms_in22k_ft_in1k', ...) or a local file in the
+    # library's format, fetched through the library's cache (docs/pretrained.md); None: random initialisation
+    pretrained: str | None = None
+    backbone_weights: str | None = None  # a local file with the backbone's own keys (the same as a local 'pretrained')
     freeze_backbone: bool = False
     # per-channel normalisation of the images; None: the backbone's (the code used each dataset's own)
     image_mean: list[float] | None = None
@@ -110,6 +114,7 @@ class TEGAHConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_one_weights_source(self)
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.label_graph is not None and self.label_graph not in LABEL_GRAPHS:
@@ -250,7 +255,8 @@ class ImageTower(nn.Module):
 
     def __init__(self, config: TEGAHConfig):
         super().__init__()
-        self.backbone = build_image_backbone(config.backbone, config.backbone_weights, config.freeze_backbone)
+        self.backbone = build_image_backbone(config.backbone, config.pretrained or config.backbone_weights,
+                                             config.freeze_backbone)
         self.head = nn.Linear(self.backbone.output_dim, config.feature_dim)  # timm's new 2048-way head
         self.mlp = _mlp(config.feature_dim, [config.mlp_dim, config.feature_dim])
         self.hash = HashHead(config.feature_dim, config.bits)
