@@ -15,7 +15,7 @@ import pytest
 from cmhash.cli import build_parser, registered_commands
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {"demo", "train", "eval", "export", "encode", "index", "search", "bench", "verify"}
+COMMANDS = {"demo", "train", "eval", "export", "encode", "index", "search", "bench", "verify", "providers"}
 
 
 def readme_commands() -> list[str]:
