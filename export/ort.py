@@ -12,8 +12,9 @@ onnxruntime's flatbuffer format. Two uses:
 
 The level is ``extended`` (:data:`ORT_OPTIMIZATION_LEVEL`), not ``all``: ``all`` adds layout
 transforms (NCHWc blocking) chosen for this machine's vector width, which would tie the
-file to AVX2 or AVX-512. Extended holds only fusions every CPU runs; at load, onnxruntime
-adds the layout transforms for the device it is on.
+file to AVX2 or AVX-512. Extended holds only fusions every CPU runs. onnxruntime does not
+optimise an ORT-format graph again at load, so the device runs exactly the stored graph
+(without NCHWc blocking, which convolutional towers may miss: ``cmhash bench`` shows it).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Each row runs in fresh processes, so rows do not share caches, memory or loaded 
   32, then the codes of every tower on the evaluation data; peak memory is that process's
   ``ru_maxrss``.
 
-Evaluation data: the bundle's reference inputs (bit agreement only: they carry no labels),
-or ``data``: a manifest (``.jsonl``/``.csv`` with ``image``, ``text``/``tags`` and ``labels``,
+Evaluation data: the bundle's reference inputs (bit agreement only: they carry no labels;
+random inputs of the models' shapes for a bundle without them), or ``data``: a manifest (``.jsonl``/``.csv`` with ``image``, ``text``/``tags`` and ``labels``,
 see :mod:`cmhash.inputs`) whose labels give the mAP (first fifth of the items as queries,
 the rest as the database, both directions).
 """
@@ -84,17 +84,21 @@ def plan_rows(bundle, providers: list[str] | None = None, variants: list[str] | 
     return rows
 
 
-def evaluation_data(bundle, data: str | os.PathLike | None) -> dict:
+def evaluation_data(bundle, data: str | os.PathLike | None) -> tuple[dict, str]:
     """{modality: float32 model inputs} (same items across modalities when paired), plus
-    ``labels`` (n, C) when the data gives them; from ``data`` or the reference sets."""
+    ``labels`` (n, C) when the data gives them; from ``data``, else the reference sets,
+    else random inputs of the models' shapes. And what they are, in words."""
     from .errors import BundleError, CmhashError
     from .inputs import read_collection, text_input
     from .reference import read_reference
 
     if data is None:
         if "reference" not in bundle.manifest:
-            raise BundleError(f"{bundle.source} carries no reference inputs; give --data (a manifest with labels)")
-        return {m: read_reference(bundle, m)[0] for m in bundle.modalities}
+            shapes = {m: tuple(bundle.modality(m)["input"]["shape"][1:]) for m in bundle.modalities}
+            return ({m: example_inputs(shape, 16, m) for m, shape in shapes.items()},
+                    "random inputs (the bundle carries no reference inputs; no labels: no mAP)")
+        return ({m: read_reference(bundle, m)[0] for m in bundle.modalities},
+                "the bundle's reference inputs (no labels: no mAP)")
     records = read_collection(data, "image" if "image" in bundle.modalities else "text")
     position = {name: j for j, name in enumerate(bundle.label_names)}
     pre = bundle.image_preprocessor() if "image" in bundle.modalities else None
@@ -130,7 +134,7 @@ def evaluation_data(bundle, data: str | os.PathLike | None) -> dict:
     result = {m: np.stack(v).astype(np.float32) for m, v in out.items()}
     if all(r is not None for r in labels):
         result["labels"] = np.stack(labels)
-    return result
+    return result, str(data) + ("" if "labels" in result else " (no labels: no mAP)")
 
 
 def bench_bundle(
@@ -150,10 +154,13 @@ def bench_bundle(
     from .bundle import load_bundle
     from .metrics import mean_average_precision
 
-    bundle = load_bundle(path)
+    # the models are read by the measuring processes; here only what the evaluation data needs
+    bundle = load_bundle(path, select=lambda b: [
+        *(e["file"] for e in b.manifest.get("reference", {}).get("modalities", {}).values()),
+        *(b.modality(m)["vocabulary"] for m in b.modalities if b.modality(m).get("vocabulary"))])
     modality = modality or bundle.modalities[0]
     bundle.modality(modality)  # an unknown one says so
-    evaluation = evaluation_data(bundle, data)
+    evaluation, described = evaluation_data(bundle, data)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cmhash-bench-") as tmp:
         inputs = Path(tmp) / "inputs.npz"
@@ -164,8 +171,6 @@ def bench_bundle(
             job = {"bundle": str(path), "threads": threads, "modality": modality, "inputs": str(inputs),
                    "codes": str(Path(tmp) / f"{len(rows)}.npz"), "warmup": warmup, "repeats": repeats, **plan}
             row = dict(plan)
-            row["mb"] = round(sum(len(bundle.files[bundle.model_file(m, plan["variant"], plan["format"])])
-                                  for m in bundle.modalities) / 1e6, 2)
             try:
                 row["cold_start_s"] = round(statistics.median(_child(job, cold=True)["cold_start_s"]
                                                               for _ in range(cold_runs)), 3)
@@ -191,7 +196,7 @@ def bench_bundle(
     import onnxruntime
 
     return {"bundle": str(path), "fingerprint": bundle.fingerprint, "modality": modality,
-            "data": str(data) if data is not None else "the bundle's reference inputs (no labels: no mAP)",
+            "data": described,
             "items": int(len(evaluation[bundle.modalities[0]])), "threads": threads, "cpu": cpu_name(),
             "onnxruntime": onnxruntime.__version__, "load_average": [round(v, 2) for v in os.getloadavg()],
             "rows": rows}
@@ -252,7 +257,8 @@ def _run_job(spec: str) -> None:
         latency = time_calls(lambda: tower.run(one), warmup=job["warmup"], repeats=job["repeats"])
         batch = time_calls(lambda: tower.run(many), warmup=1, repeats=max(3, job["repeats"] // 4))
         p50, p99 = np.percentile(latency, [50, 99])
-        result.update(p50_ms=round(p50 * 1e3, 3), p99_ms=round(p99 * 1e3, 3),
+        result.update(mb=round(sum(m["bytes"] for m in encoder.info()["models"].values()) / 1e6, 2),
+                      p50_ms=round(p50 * 1e3, 3), p99_ms=round(p99 * 1e3, 3),
                       items_per_s=round(THROUGHPUT_BATCH / float(np.median(batch)), 1),
                       provider_used=encoder.providers[0])
         codes = {m: encoder.hash_preprocessed(m, inputs[m]) for m in encoder.modalities}

@@ -179,7 +179,7 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if model_format == "ort":
             # the file's graph is already optimised to the portable level it was saved at
-            # (cmhash.export.ort); onnxruntime adds only this machine's layout transforms
+            # (cmhash.export.ort); onnxruntime runs it without optimising it again
             options.add_session_config_entry("session.load_model_format", "ORT")
         elif model_format != "onnx":
             raise InvalidArgumentError(f"model_format must be 'onnx' or 'ort', got {model_format!r}")
