@@ -12,7 +12,7 @@ Each row runs in fresh processes, so rows do not share caches, memory or loaded 
 - everything else in one more process: the latency of the measured tower (``modality``:
   image when the bundle has one) at batch 1 (``repeats`` calls after ``warmup``) and batch
   32, then the codes of every tower on the evaluation data; peak memory is that process's
-  ``ru_maxrss``.
+  high-water mark of resident memory (``VmHWM`` on Linux).
 
 Evaluation data: the bundle's reference inputs (bit agreement only: they carry no labels;
 random inputs of the models' shapes for a bundle without them), or ``data``: a manifest (``.jsonl``/``.csv`` with ``image``, ``text``/``tags`` and ``labels``,
@@ -238,8 +238,6 @@ def _child(job: dict, cold: bool) -> dict:
 def _run_job(spec: str) -> None:
     """In the child: load, hash one item (the cold start ends here), then, unless only the
     cold start is asked, time the tower and write the codes of the evaluation data."""
-    import resource
-
     import cmhash
 
     job = json.loads(spec)
@@ -263,12 +261,23 @@ def _run_job(spec: str) -> None:
                       provider_used=encoder.providers[0])
         codes = {m: encoder.hash_preprocessed(m, inputs[m]) for m in encoder.modalities}
         np.savez(job["codes"], **codes)
-        result["peak_rss_mb"] = round(_max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1e6, 1)
+        result["peak_rss_mb"] = round(_peak_rss_bytes() / 1e6, 1)
     print(json.dumps(result))
 
 
-def _max_rss_bytes(ru_maxrss: int) -> int:
-    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024  # macOS counts bytes, Linux KiB
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux the high-water mark of its own memory
+    (``VmHWM``): ``ru_maxrss`` there survives exec, so a child would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, the others KiB
 
 
 def cpu_name() -> str:
