@@ -168,22 +168,21 @@ def export_checkpoint(
     report["variants"] = list(models["image"])
     ort_models: dict = {}
     if ort:
-        ort_models, ops_config = make_ort(models)
-        ort_results, _ = verify_variants(ort_models, specs, inputs, pytorch, references, [("onnxruntime", "cpu", {"model_format": "ort"})],
-                                         contract)
+        ort_models = make_ort(models)
+        on_cpu = [("onnxruntime", "cpu", {"model_format": "ort"})]
+        ort_results, _ = verify_variants(ort_models["models"], specs, inputs, pytorch, references, on_cpu, contract)
         report["results"] += ort_results
         report["passed"] = report["passed"] and all(r["passed"] for r in ort_results)
         for variant, why in keep_passing(ort_results).items():
             if strict:
-                raise VerificationError(f"the ORT-format {variant} models disagree with PyTorch: {why}; nothing was "
-                                        "written", report)
+                raise VerificationError(f"the ORT-format {variant} models disagree with PyTorch: {why}; nothing "
+                                        "was written", report)
             log.warning("the ORT-format %s variant is left out of the bundle: %s", variant, why)
             report["dropped"][f"{variant} (ort)"] = why
-            for variants in ort_models.values():
+            for variants in ort_models["models"].values():
                 variants.pop(variant, None)
-        report["ort"] = {"variants": list(ort_models["image"] if "image" in ort_models else next(iter(ort_models.values()))),
-                         "optimization_level": ORT_OPTIMIZATION_LEVEL, "required_operators": OPS_CONFIG}
-        ort_models["config"] = ops_config
+        report["ort"] = {"variants": list(ort_models["models"]["image"]), "optimization_level": ORT_OPTIMIZATION_LEVEL,
+                         "required_operators": OPS_CONFIG}
 
     manifest, files = build_manifest(trained, models, references, contract, report, ort_models)
     write_bundle(out, manifest, files, overwrite=overwrite)
@@ -243,12 +242,13 @@ def make_variants(fp32: dict[str, bytes], *, fp16: bool, int8: bool, int8_dynami
     return models, notes
 
 
-def make_ort(models: dict[str, dict[str, bytes]]) -> tuple[dict[str, dict[str, bytes]], str]:
-    """Phase 4b: {modality: {variant: ORT-format bytes}} of the variants kept, and the
-    required-operators configuration of them all (:mod:`cmhash.export.ort`)."""
+def make_ort(models: dict[str, dict[str, bytes]]) -> dict:
+    """Phase 4b: ``{"models": {modality: {variant: ORT-format bytes}}, "config": the
+    required-operators configuration of them all}`` for the variants kept (:mod:`cmhash.export.ort`)."""
     names = {(m, v): _file_name(m, v) for m, variants in models.items() for v in variants}
     converted, config = convert_to_ort({names[m, v]: models[m][v] for m, v in names})
-    return {m: {v: converted[ort_name(names[m, v])] for v in variants} for m, variants in models.items()}, config
+    return {"models": {m: {v: converted[ort_name(names[m, v])] for v in variants} for m, variants in models.items()},
+            "config": config}
 
 
 def _file_name(modality: str, variant: str) -> str:
@@ -322,7 +322,7 @@ def keep_passing(results: list[dict]) -> dict[str, str]:
 def build_manifest(trained: Trained, models: dict, references: dict, contract: Contract, report: dict,
                    ort_models: dict | None = None) -> tuple[dict, dict]:
     """Phase 5: the manifest and the files of the bundle (models, ORT copies, vocabulary,
-    reference sets). ``ort_models`` is :func:`make_ort`'s models plus ``"config"``, or empty."""
+    reference sets). ``ort_models`` is what :func:`make_ort` gave (after verification), or empty."""
     import onnx
     import onnxruntime
 
@@ -347,9 +347,9 @@ def build_manifest(trained: Trained, models: dict, references: dict, contract: C
                 extra[variant] = {"file": name}
         if extra:
             entry["variants"] = extra
-        if ort_models and ort_models.get(modality):
+        if ort_models and ort_models["models"].get(modality):
             entry["ort"] = {}
-            for variant, data in ort_models[modality].items():
+            for variant, data in ort_models["models"][modality].items():
                 files[ort_name(_file_name(modality, variant))] = data
                 entry["ort"][variant] = {"file": ort_name(_file_name(modality, variant))}
         modalities[modality] = entry

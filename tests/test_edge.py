@@ -119,19 +119,19 @@ def ort_bundle(tmp_path_factory):
     towers = {"image": image, "text": text}
     models, _ = make_variants(export_towers(towers, inputs, bits), fp16=False, int8=False, int8_dynamic=True,
                               calibration=None, fallback=inputs, calibration_items=0)
-    ort_models, config = make_ort(models)
+    ort_models = make_ort(models)
     specs = {m: ModelSpec(m, n, ("batch", 3, size, size) if m == "image" else ("batch", dim), "codes", bits)
              for m, n in (("image", "pixel_values"), ("text", "bow"))}
     pytorch = {m: torch_outputs(towers[m], inputs.of(m)) for m in towers}
     references = reference_sets(towers, inputs, 8)
-    results, _ = verify_variants(ort_models, specs, inputs, pytorch, references,
+    results, _ = verify_variants(ort_models["models"], specs, inputs, pytorch, references,
                                  [("onnxruntime", "cpu", {"model_format": "ort"})], Contract())
     meta = {"method": "tiny", "bits": bits, "text_dim": dim, "preprocessing": {"image_size": size}}
     trained = Trained(path=tmp_path_factory.mktemp("ckpt"), meta=meta, method=None)
     report = {"inputs": {"source": "generated"}, "results": results, "map": {}, "dropped": {}}
-    manifest, files = build_manifest(trained, models, references, Contract(), report, {**ort_models, "config": config})
+    manifest, files = build_manifest(trained, models, references, Contract(), report, ort_models)
     path = write_bundle(tmp_path_factory.mktemp("ort") / "bundle", manifest, files)
-    return path, results, config
+    return path, results, ort_models["config"]
 
 
 def test_ort_copies_are_verified_listed_and_carry_the_operator_list(ort_bundle):
