@@ -215,3 +215,12 @@ def test_a_manifest_naming_an_unlisted_ort_file_is_refused(ort_bundle, tmp_path)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="ort.fp32.file is not listed"):
         load_bundle(copy)
+
+
+def test_bench_row_of_a_missing_provider_says_why(bundle):
+    from cmhash.bench import bench_bundle, format_table
+
+    record = bench_bundle(bundle, providers=[MISSING], cold_runs=1, warmup=0, repeats=2)
+    (row,) = record["rows"]
+    assert row["provider"] == MISSING and MISSING in row["error"] and "p50_ms" not in row
+    assert "failed: " in format_table(record) and "failed: " in format_table(record, markdown=True)

@@ -152,6 +152,7 @@ def bench_bundle(
 ) -> dict:
     """The table (see the module docstring) as ``{"rows": [...], "modality", "data", ...}``."""
     from .bundle import load_bundle
+    from .errors import CmhashError
     from .metrics import mean_average_precision
 
     # the models are read by the measuring processes; here only what the evaluation data needs
@@ -175,7 +176,7 @@ def bench_bundle(
                 row["cold_start_s"] = round(statistics.median(_child(job, cold=True)["cold_start_s"]
                                                               for _ in range(cold_runs)), 3)
                 row.update(_child(job, cold=False))
-            except RuntimeError as exc:
+            except CmhashError as exc:  # a provider that cannot run here: the row says why
                 row["error"] = str(exc)
             rows.append(row)
         # agreement with fp32 (same provider, ONNX) and mAP, on the codes the children wrote
@@ -226,7 +227,9 @@ def _child(job: dict, cold: bool) -> dict:
                            json.dumps({**job, "cold": cold})], capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit status {done.returncode}")
+        from .errors import BackendError
+
+        raise BackendError(lines[-1] if lines else f"exit status {done.returncode}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if cold:
         result["cold_start_s"] = result.pop("first_code_at") - started
