@@ -19,7 +19,7 @@ returns the exit status. Those modules import only the runtime at import time, s
 which extra to install (:func:`require_extra`).
 
 The ``cmhash.bench_baselines`` group works alike for ``cmhash bench --checkpoint``: each
-entry names a function ``(checkpoint, *, batch_sizes, warmup, repeats, threads) -> rows``
+entry names a function ``(checkpoint, *, modalities, batch_sizes, warmup, repeats, threads) -> rows``
 that times the checkpoint's own towers (the PyTorch eager baseline, which the export extra registers).
 """
 
