@@ -3,7 +3,8 @@
 The export runs in phases, each a function of its own: :func:`export_towers` (PyTorch ->
 ONNX), :func:`make_variants` (fp16, int8, int8-dynamic), :func:`verify_variants` (every
 variant on every chosen backend against PyTorch, on the verification inputs and on the
-reference set the bundle will carry), :func:`keep_passing` (what goes into the bundle) and
+reference set the bundle will carry), :func:`keep_passing` (what goes into the bundle),
+:func:`make_ort` (ORT-format copies of what is kept, verified the same way) and
 :func:`build_manifest`.
 """
 
@@ -35,6 +36,7 @@ from cmhash.reference import (
 
 from .loading import Trained
 from .onnx_export import IMAGE_INPUT, OPSET, OUTPUT_NAME, TEXT_INPUT, export_tower
+from .ort import OPS_CONFIG, ORT_OPTIMIZATION_LEVEL, convert_to_ort, ort_name
 from .variants import quantize_int8, quantize_int8_dynamic, to_fp16
 from .verify import (
     RealInputs,
@@ -58,6 +60,7 @@ def export_checkpoint(
     fp16: bool = False,
     int8: bool = False,
     int8_dynamic: bool = False,
+    ort: bool = False,
     tensorrt: bool = False,
     verify_data: Any = None,
     calibration_data: Any = None,
@@ -75,12 +78,16 @@ def export_checkpoint(
     """Export a trained checkpoint to a bundle, verified against PyTorch on real inputs.
 
     Args:
-        checkpoint: a checkpoint directory written by the trainer (``runs/x/best``).
+        checkpoint: a checkpoint directory written by the trainer (``runs/x/best``), or a
+            :class:`~cmhash.export.loading.Trained` already in memory.
         out: the bundle directory to write.
         fp16, int8: also export these variants of each tower (int8 is calibrated on real
             inputs: ``calibration_data``, else the training data, else ``verify_data``).
         int8_dynamic: also export the fused, dynamically quantised int8 towers
             (onnxruntime on CPU only; no calibration; TensorRT skips them).
+        ort: also write every tower that passes in onnxruntime's ORT format, its graph
+            optimised to a portable level, and the operators a reduced onnxruntime build
+            needs (``required_operators.config``); see :mod:`cmhash.export.ort`.
         tensorrt: build TensorRT engines of every variant on this GPU (cached, see
             :mod:`cmhash.backends.tensorrt_backend`) and verify them too.
         verify_data: real inputs to verify on: a folder of images, an image list or a
@@ -116,7 +123,7 @@ def export_checkpoint(
     contract = Contract(bit_floor, fp32_tolerance, fp32_bit_floor)
     backends = verification_backends(tensorrt, tensorrt_cache_dir)
 
-    trained = Trained.load(checkpoint)
+    trained = checkpoint if isinstance(checkpoint, Trained) else Trained.load(checkpoint)
     inputs = _real_inputs(verify_data, trained, verify_items)
     _complete(inputs, trained, verify_items)
     _check_input_shapes(inputs, trained.image_preprocessor(), trained.text_dim)
@@ -159,8 +166,25 @@ def export_checkpoint(
         for variants in models.values():
             variants.pop(variant, None)
     report["variants"] = list(models["image"])
+    ort_models: dict = {}
+    if ort:
+        ort_models = make_ort(models)
+        on_cpu = [("onnxruntime", "cpu", {"model_format": "ort"})]
+        ort_results, _ = verify_variants(ort_models["models"], specs, inputs, pytorch, references, on_cpu, contract)
+        report["results"] += ort_results
+        report["passed"] = report["passed"] and all(r["passed"] for r in ort_results)
+        for variant, why in keep_passing(ort_results).items():
+            if strict:
+                raise VerificationError(f"the ORT-format {variant} models disagree with PyTorch: {why}; nothing "
+                                        "was written", report)
+            log.warning("the ORT-format %s variant is left out of the bundle: %s", variant, why)
+            report["dropped"][f"{variant} (ort)"] = why
+            for variants in ort_models["models"].values():
+                variants.pop(variant, None)
+        report["ort"] = {"variants": list(ort_models["models"]["image"]), "optimization_level": ORT_OPTIMIZATION_LEVEL,
+                         "required_operators": OPS_CONFIG}
 
-    manifest, files = build_manifest(trained, models, references, contract, report)
+    manifest, files = build_manifest(trained, models, references, contract, report, ort_models)
     write_bundle(out, manifest, files, overwrite=overwrite)
     load_bundle(out)  # what was written reads back and verifies
     report["files"] = {name: len(data) for name, data in sorted(files.items())}
@@ -218,6 +242,19 @@ def make_variants(fp32: dict[str, bytes], *, fp16: bool, int8: bool, int8_dynami
     return models, notes
 
 
+def make_ort(models: dict[str, dict[str, bytes]]) -> dict:
+    """Phase 4b: ``{"models": {modality: {variant: ORT-format bytes}}, "config": the
+    required-operators configuration of them all}`` for the variants kept (:mod:`cmhash.export.ort`)."""
+    names = {(m, v): _file_name(m, v) for m, variants in models.items() for v in variants}
+    converted, config = convert_to_ort({names[m, v]: models[m][v] for m, v in names})
+    return {"models": {m: {v: converted[ort_name(names[m, v])] for v in variants} for m, variants in models.items()},
+            "config": config}
+
+
+def _file_name(modality: str, variant: str) -> str:
+    return f"{modality}.onnx" if variant == "fp32" else f"{modality}.{variant}.onnx"
+
+
 def reference_sets(towers: dict, inputs: RealInputs, items: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The first ``items`` verification inputs of each modality, as the bundle stores them
     (images in float16, 0/1 bag-of-words in uint8: a quarter or half the bytes), and
@@ -258,6 +295,7 @@ def verify_variants(models: dict, specs: dict, inputs: RealInputs, pytorch: dict
                     backend.close()
                 outputs[(modality, variant, kind)] = got
                 result = judge({"modality": modality, "variant": variant, "backend": kind,
+                                "format": options.get("model_format", "onnx"),
                                 **agreement(pytorch[modality], got)}, variant, kind, contract)
                 on_reference = judge(agreement(ref_outputs, got_reference), variant, kind, contract)
                 result["reference"] = {k: on_reference[k] for k in ("items", "bit_agreement", "max_abs_delta", "passed")}
@@ -281,8 +319,10 @@ def keep_passing(results: list[dict]) -> dict[str, str]:
     return {variant: "; ".join(why) for variant, why in dropped.items()}
 
 
-def build_manifest(trained: Trained, models: dict, references: dict, contract: Contract, report: dict) -> tuple[dict, dict]:
-    """Phase 5: the manifest and the files of the bundle (models, vocabulary, reference sets)."""
+def build_manifest(trained: Trained, models: dict, references: dict, contract: Contract, report: dict,
+                   ort_models: dict | None = None) -> tuple[dict, dict]:
+    """Phase 5: the manifest and the files of the bundle (models, ORT copies, vocabulary,
+    reference sets). ``ort_models`` is what :func:`make_ort` gave (after verification), or empty."""
     import onnx
     import onnxruntime
 
@@ -302,11 +342,16 @@ def build_manifest(trained: Trained, models: dict, references: dict, contract: C
         extra = {}
         for variant, data in variants.items():
             if variant != "fp32":
-                name = f"{modality}.{variant}.onnx"
+                name = _file_name(modality, variant)
                 files[name] = data
                 extra[variant] = {"file": name}
         if extra:
             entry["variants"] = extra
+        if ort_models and ort_models["models"].get(modality):
+            entry["ort"] = {}
+            for variant, data in ort_models["models"][modality].items():
+                files[ort_name(_file_name(modality, variant))] = data
+                entry["ort"][variant] = {"file": ort_name(_file_name(modality, variant))}
         modalities[modality] = entry
     reference = {"contract": contract.to_dict(), "modalities": {}}
     for modality, (inputs, outputs) in references.items():
@@ -315,12 +360,18 @@ def build_manifest(trained: Trained, models: dict, references: dict, contract: C
         reference["modalities"][modality] = {"file": name, "items": int(len(inputs))}
     meta = trained.meta
     history = meta.get("history") or []
+    ort_format = {}
+    if ort_models:
+        files[OPS_CONFIG] = ort_models["config"].encode("utf-8")
+        ort_format = {"ort_format": {"optimization_level": ORT_OPTIMIZATION_LEVEL, "onnxruntime": onnxruntime.__version__,
+                                     "required_operators": OPS_CONFIG}}
     manifest = {
         "method": meta["method"],
         "bits": trained.bits,
         "modalities": modalities,
         "label_names": list(meta.get("label_names") or []),
         "reference": reference,
+        **ort_format,
         "provenance": {
             "cmhash_version": __version__,
             "training_config": meta.get("config", {}),
@@ -334,7 +385,7 @@ def build_manifest(trained: Trained, models: dict, references: dict, contract: C
                              "python": platform.python_version()},
                 "verification": {
                     "inputs": report["inputs"]["source"],
-                    "results": [{k: r[k] for k in ("modality", "variant", "backend", "items", "max_abs_delta",
+                    "results": [{k: r[k] for k in ("modality", "variant", "backend", "format", "items", "max_abs_delta",
                                                    "bit_agreement", "passed")} for r in report["results"]],
                     "map": report["map"],
                     "dropped": report["dropped"],

@@ -68,6 +68,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--int8", action="store_true", help="also export int8 (QDQ) towers, calibrated on real inputs")
     export.add_argument("--int8-dynamic", action="store_true",
                         help="also export fused, dynamically quantised int8 towers (onnxruntime on CPU only)")
+    export.add_argument("--ort", action="store_true",
+                        help="also write each tower in onnxruntime's ORT format (pre-optimised; for reduced builds)")
     export.add_argument("--tensorrt", action="store_true", help="build and verify TensorRT engines on this GPU")
     export.add_argument("--verify-data", help="folder of images, image list or manifest to verify on (default: the training data)")
     export.add_argument("--calibration-data", help="like --verify-data, for int8 calibration only")
@@ -92,6 +94,7 @@ def cmd_export(args) -> int:
             fp16=args.fp16,
             int8=args.int8,
             int8_dynamic=args.int8_dynamic,
+            ort=args.ort,
             tensorrt=args.tensorrt,
             verify_data=args.verify_data,
             calibration_data=args.calibration_data,

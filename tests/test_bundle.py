@@ -65,7 +65,7 @@ def rewrite_manifest(directory, change):
 
 def test_write_then_load_round_trip(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
-    assert bundle.format_version == FORMAT_VERSION == "1.2"
+    assert bundle.format_version == FORMAT_VERSION == "1.3"
     assert (bundle.method, bundle.bits, bundle.modalities) == ("egath", 16, ("image", "text"))
     assert bundle.label_names == ["animals", "sea"]
     assert dict(bundle.files) == FILES

@@ -284,16 +284,26 @@ def test_every_item_failing_is_an_error(bundle, folder, tmp_path, capsys):
     assert main(["encode", str(bundle), str(listing), "--out", str(tmp_path / "o"), "--resume"]) == 2
 
 
-def test_bench_json_quick(bundle, tmp_path, capsys):
-    assert main(["bench", str(bundle), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1", "--json"]) == 0
+def test_bench_table_json_and_markdown(bundle, tmp_path, capsys):
+    """One row per variant, format and provider, measured in fresh processes; --json and
+    --markdown carry the same rows."""
+    args = ["bench", str(bundle), "--cold-runs", "1", "--repeats", "3", "--warmup", "1", "--threads", "1", "--quiet"]
+    assert main([*args, "--json", "--out", str(tmp_path / "b.json")]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert {(r["modality"], r["batch"]) for r in record["rows"]} == {(m, b) for m in ("image", "text") for b in (1, 8)}
-    assert all(r["backend"] == "onnxruntime" and r["variant"] == "fp32" for r in record["rows"])
-    assert all(0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in record["rows"])
-    assert "skipped" in record["pytorch_baseline"]
-    assert main(["bench", str(bundle), "--batch-sizes", "2", "--repeats", "2"]) == 0
-    table = capsys.readouterr().out
-    assert "p50 ms" in table and "onnxruntime" in table
+    assert record == json.loads((tmp_path / "b.json").read_text())
+    (row,) = record["rows"]
+    assert (row["variant"], row["format"], row["provider"]) == ("fp32", "onnx", "CPUExecutionProvider")
+    assert row["provider_used"] == "CPUExecutionProvider"
+    assert 0 < row["cold_start_s"] < 60 and row["peak_rss_mb"] > 10 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert row["items_per_s"] > 0 and row["bit_agreement"] == 1.0  # fp32 against itself
+    assert "map_i2t" not in row and record["data"].startswith("random inputs")  # no reference inputs, no labels
+    assert row["mb"] == round(((bundle / "image.onnx").stat().st_size + (bundle / "text.onnx").stat().st_size) / 1e6, 2)
+    assert main([*args, "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| variant | format | provider | MB | cold start s |") and lines[1].startswith("|---|")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["fp32", "onnx", "CPU"] and float(cells[4]) == pytest.approx(row["cold_start_s"], abs=30)
+    assert "pytorch" not in "\n".join(lines)  # no checkpoint: no PyTorch row
 
 
 def test_progress_rate_counts_only_this_runs_items():

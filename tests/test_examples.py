@@ -86,6 +86,31 @@ def test_bench_export_smallest_setting(tmp_path):
     assert record["agreement_untrained"]["fp32"]["bit_agreement_vs_pytorch"] == 1.0
 
 
+def test_bench_edge_names_its_extra_and_its_data(tmp_path):
+    one_line_error(run("bench_edge.py", "--out", tmp_path / "b", missing=("torch",)), "torch not installed",
+                   "cmhash-sdk[export]")
+    pytest.importorskip("onnx")
+    pytest.importorskip("open_clip")
+    one_line_error(run("bench_edge.py", "--out", tmp_path / "b", "--data", tmp_path), "no manifest.jsonl")
+
+
+@pytest.mark.slow
+def test_bench_edge_smallest_setting(tmp_path):
+    """The real export path with every variant and --ort, then the bench table (Markdown)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("open_clip")
+    from fixtures.data import DATA, require
+
+    data = require(DATA / "mirflickr-mini" / "manifest.jsonl").parent
+    out = run("bench_edge.py", "--out", tmp_path / "b", "--backbone", "clip:tiny-resnet", "--data", data, "--items", 16,
+              "--bench", "--cold-runs", 1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [tuple(c.strip() for c in r.strip("|").split("|")[:3]) for r in rows] == [
+        (v, f, "CPU") for v in ("fp32", "fp16", "int8", "int8-dynamic") for f in ("onnx", "ort")]
+    assert "failed" not in out.stdout and (tmp_path / "b" / "required_operators.config").is_file()
+
+
 def test_quickstart_names_its_extra():
     one_line_error(run("quickstart.py", missing=("torch",)), "torch not installed", "cmhash-sdk[export]")
 

@@ -417,19 +417,18 @@ def test_cli_export_json_and_bench_with_the_pytorch_baseline(trained, tmp_path, 
     assert "exists" in capsys.readouterr().err
 
     record_file = tmp_path / "bench.json"
-    assert main(["bench", str(out), "--batch-sizes", "1,4", "--repeats", "3", "--warmup", "1", "--threads", "1",
-                 "--json", "--out", str(record_file)]) == 0
+    assert main(["bench", str(out), "--variants", "fp32,int8-dynamic", "--cold-runs", "1", "--repeats", "3",
+                 "--warmup", "1", "--threads", "1", "--data", str(MANIFEST), "--json", "--out", str(record_file)]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record == json.loads(record_file.read_text())
-    rows = {(r["modality"], r["backend"], r["variant"], r["batch"]) for r in record["rows"]}
-    for modality in ("image", "text"):
-        for batch in (1, 4):
-            assert (modality, "pytorch-eager", "fp32", batch) in rows
-            assert (modality, "onnxruntime", "fp16", batch) in rows
-            assert (modality, "onnxruntime", "int8-dynamic", batch) in rows
-    for r in record["rows"]:
-        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["items_per_s"] > 0
-        assert r["speedup"] > 0
+    rows = {(r["variant"], r["format"], r["provider"]): r for r in record["rows"]}
+    assert set(rows) == {("fp32", "onnx", "CPUExecutionProvider"), ("int8-dynamic", "onnx", "CPUExecutionProvider"),
+                         ("fp32", "pytorch", "pytorch-eager")}
+    for r in rows.values():
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["items_per_s"] > 0
+    fp32, dynamic = rows[("fp32", "onnx", "CPUExecutionProvider")], rows[("int8-dynamic", "onnx", "CPUExecutionProvider")]
+    assert fp32["bit_agreement"] == 1.0 and 0.9 < dynamic["bit_agreement"] <= 1.0
+    assert record["items"] > 100 and all(0 < r[k] <= 1 for r in (fp32, dynamic) for k in ("map_i2t", "map_t2i"))
 
 
 def test_cli_export_without_torch_names_the_extra(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import metrics
 from ._version import __version__
+from .backends import available_providers
 from .codes import from_bitarrays, pack_codes, to_bitarrays, unpack_codes
 from .encoder import Encoder
 from .errors import (
@@ -22,6 +23,7 @@ from .errors import (
     IndexChangedError,
     IndexFileError,
     InvalidArgumentError,
+    ProviderUnavailableError,
     ReferenceCheckError,
     ResourceLimitError,
     TextInputError,
@@ -61,4 +63,6 @@ __all__ = [
     "UnsupportedInputError",
     "BackendUnavailableError",
     "ReferenceCheckError",
+    "ProviderUnavailableError",
+    "available_providers",
 ]

@@ -42,6 +42,19 @@ A variant takes and gives exactly what the main file does (float32 input and out
 the arithmetic inside differs. ``Encoder.load(path, variant="int8")`` picks one.
 ``int8-dynamic`` holds onnxruntime-only (com.microsoft) operators: CPU onnxruntime, not TensorRT.
 
+ORT-format copies of the towers (format 1.3; readers of 1.0-1.2 ignore them), written by
+``cmhash export --ort``: onnxruntime's flatbuffer format with the graph already optimised
+to ``optimization_level``, for reduced onnxruntime builds (which read ORT files only, and
+are compiled for the operators listed in ``required_operators``) and for a faster cold
+load::
+
+        "image": {..., "ort": {"fp32": {"file": "image.ort"}, "int8": {"file": "image.int8.ort"}}}
+    "ort_format": {"optimization_level": "extended", "onnxruntime": "1.32.0",
+                   "required_operators": "required_operators.config"}
+
+An ORT file holds the same arithmetic as its ONNX variant and is verified like it;
+``Encoder.load(path, model_format="ort")`` loads it.
+
 Reference inputs and codes (format 1.2; readers of 1.0 and 1.1 ignore them), for checking
 on the device that its backend reproduces what PyTorch gave (:mod:`cmhash.reference`)::
 
@@ -63,7 +76,9 @@ tag (null for a local file), the file name and its sha256. ``describe_pretrained
 
 Versioning: a reader accepts every minor version of a major it knows (minor versions only
 add optional keys) and refuses other majors. Loading reads every file once, checks its
-sha256, and keeps the verified bytes, so what runs is exactly what was checked. Nothing is
+sha256, and keeps the verified bytes, so what runs is exactly what was checked;
+``Encoder.load`` reads only the files it runs (a bundle with every variant holds several
+copies of each tower, and reading and hashing them all would dominate a cold start). Nothing is
 ever unpickled: the manifest and vocabulary are JSON, the models ONNX.
 """
 
@@ -79,7 +94,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from . import limits
 from ._version import __version__
@@ -98,12 +113,14 @@ from .files import atomic_path, fsync, temp_dir_beside
 from .preprocess import ImagePreprocessor
 from .text import Vocabulary
 
-FORMAT_VERSION = "1.2"  # 1.1 added optional per-modality "variants", 1.2 the optional "reference"
+FORMAT_VERSION = "1.3"  # 1.1 added optional per-modality "variants", 1.2 the optional "reference",
+# 1.3 the optional ORT-format copies ("ort" per modality, "ort_format")
 SUPPORTED_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text")
 OUTPUT_VALUES = ("tanh", "sign")
 VARIANTS = ("fp32", "fp16", "int8", "int8-dynamic")  # fp32 is the modality's own "file"
+MODEL_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (format 1.3)
 # Guards against zip bombs: a bundle holds a few models, not terabytes.
 # Guards against zip bombs (the byte limit is cmhash.limits.MAX_BUNDLE_BYTES): a bundle holds
 # a few models and a small manifest, not thousands of files.
@@ -126,6 +143,7 @@ class Bundle:
     manifest: dict
     files: Mapping[str, bytes]
     source: str
+    partial: bool = False  # only some listed files were read (load_bundle's ``select``)
 
     @property
     def format_version(self) -> str:
@@ -169,8 +187,23 @@ class Bundle:
         """The precisions modality ``name`` is available in, ``"fp32"`` first."""
         return ("fp32", *(v for v in VARIANTS if v in self.modality(name).get("variants", {})))
 
-    def model_file(self, name: str, variant: str = "fp32") -> str:
+    def ort_variants(self, name: str) -> tuple[str, ...]:
+        """The variants of modality ``name`` that have an ORT-format copy."""
+        return tuple(v for v in VARIANTS if v in self.modality(name).get("ort", {}))
+
+    def model_file(self, name: str, variant: str = "fp32", model_format: str = "onnx") -> str:
         spec = self.modality(name)
+        if model_format not in MODEL_FORMATS:
+            raise InvalidArgumentError(f"unknown model format {model_format!r}; choose one of {', '.join(MODEL_FORMATS)}")
+        if model_format == "ort":
+            self.model_file(name, variant)  # an unknown or missing variant says so first
+            try:
+                return spec["ort"][variant]["file"]
+            except KeyError:
+                raise BundleError(
+                    f"bundle {self.source} has no ORT-format {variant} {name} model (it has: "
+                    f"{', '.join(self.ort_variants(name)) or 'none'}); export it with --ort"
+                ) from None
         if variant == "fp32":
             return spec["file"]
         if variant not in VARIANTS:
@@ -183,11 +216,13 @@ class Bundle:
                 f"export it with --{variant}"
             ) from None
 
-    def model_bytes(self, name: str, variant: str = "fp32") -> bytes:
+    def model_bytes(self, name: str, variant: str = "fp32", model_format: str = "onnx") -> bytes:
         """The verified bytes of a model, refused if it would read weights from elsewhere."""
-        file = self.model_file(name, variant)
+        file = self.model_file(name, variant, model_format)
+        if file not in self.files:
+            raise BundleError(f"{self.source} was loaded without {file}; load the whole bundle (load_bundle(path))")
         data = self.files[file]
-        if _uses_external_data(data):
+        if model_format == "onnx" and _uses_external_data(data):  # an ORT file holds all its weights
             raise BundleError(
                 f"{self.source}: {file} keeps weights in external data files, which a runtime would read "
                 "from outside the checked bundle; export the model with its weights inside the .onnx file"
@@ -331,6 +366,12 @@ def validate_manifest(manifest: Any, source: str = "bundle") -> dict:
     if not isinstance(manifest.get("provenance", {}), dict):
         fail("'provenance' must be an object")
     _validate_pretrained(manifest.get("provenance", {}).get("pretrained"), fail)
+    if any(spec.get("ort") for spec in modalities.values()):
+        ort_format = manifest.get("ort_format")
+        if not isinstance(ort_format, dict) or not isinstance(ort_format.get("optimization_level"), str):
+            fail("'ort_format' must say the optimization_level its ORT files were saved at")
+        if ort_format.get("required_operators") not in files:
+            fail("ort_format.required_operators is not listed in 'files'")
     if "reference" in manifest:
         _validate_reference(manifest["reference"], modalities, files, fail)
     return manifest
@@ -425,6 +466,14 @@ def _validate_modality(name: str, spec: Any, files: dict, fail) -> None:
             fail(f"{where}.variants: unknown variant {variant!r}; known: {list(VARIANTS[1:])}")
         if not isinstance(entry, dict) or entry.get("file") not in files:
             fail(f"{where}.variants.{variant}.file is not listed in 'files'")
+    ort = spec.get("ort", {})
+    if not isinstance(ort, dict):
+        fail(f"{where}.ort must be an object")
+    for variant, entry in ort.items():
+        if variant != "fp32" and variant not in variants:
+            fail(f"{where}.ort: {variant!r} is not a variant of this modality")
+        if not isinstance(entry, dict) or entry.get("file") not in files:
+            fail(f"{where}.ort.{variant}.file is not listed in 'files'")
     if name != "image":
         vocab = spec.get("vocabulary")
         if vocab is not None:
@@ -512,8 +561,11 @@ def pack_archive(directory: str | os.PathLike, archive: str | os.PathLike | None
 # --- reading -------------------------------------------------------------------------------
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
+def load_bundle(path: str | os.PathLike, select: Callable[[Bundle], Iterable[str]] | None = None) -> Bundle:
     """Load and verify a bundle from a directory or a zip archive.
+
+    ``select``, given the bundle with its manifest checked but no file read, names the
+    files to read and verify; the others are checked to be present, and left unread.
 
     The members are listed (names, types and declared sizes) and compared with the manifest
     before any model is read: a member the manifest does not list is refused unread, and
@@ -535,12 +587,12 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if not path.exists():
             raise BundleNotFoundError(f"bundle not found: {path}")
         if path.is_dir():
-            return _load(_DirectoryMembers(path), source)
+            return _load(_DirectoryMembers(path), source, select)
         if not path.is_file():  # a FIFO or a device: opening it could block forever
             raise BundleError(f"{path} is not a regular file, a bundle directory or a zip archive of one")
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                return _load(_ArchiveMembers(zf, source), source)
+                return _load(_ArchiveMembers(zf, source), source, select)
         raise BundleError(f"{path} is neither a bundle directory nor a zip archive of one")
     except PermissionError as exc:
         raise BundlePermissionError(
@@ -555,7 +607,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{source}: cannot read the bundle: {exc}") from exc
 
 
-def _load(members, source: str) -> Bundle:
+def _load(members, source: str, select=None) -> Bundle:
     sizes = members.sizes
     if MANIFEST_NAME not in sizes:
         raise BundleError(f"{source} has no {MANIFEST_NAME}; it is not a cmhash bundle")
@@ -587,7 +639,10 @@ def _load(members, source: str) -> Bundle:
             "(env CMHASH_MAX_BUNDLE_BYTES) if the bundle is trusted"
         )
     files: dict[str, bytes] = {}
+    wanted = set(listed) if select is None else set(select(Bundle(manifest=manifest, files={}, source=source)))
     for name, expected in sorted(listed.items()):
+        if name not in wanted:
+            continue
         digest = hashlib.sha256()
         files[name] = members.read(name, sizes[name], digest)
         actual = digest.hexdigest()
@@ -596,7 +651,7 @@ def _load(members, source: str) -> Bundle:
                 f"{source}: {name} fails its checksum (sha256 {actual[:16]}..., manifest says "
                 f"{expected[:16]}...); the file is corrupt or was changed after export"
             )
-    return Bundle(manifest=manifest, files=files, source=source)
+    return Bundle(manifest=manifest, files=files, source=source, partial=len(files) < len(listed))
 
 
 def _read_exactly(fh, name: str, size: int, digest, source: str) -> bytes:

@@ -19,7 +19,7 @@ returns the exit status. Those modules import only the runtime at import time, s
 which extra to install (:func:`require_extra`).
 
 The ``cmhash.bench_baselines`` group works alike for ``cmhash bench --checkpoint``: each
-entry names a function ``(checkpoint, *, batch_sizes, warmup, repeats, threads) -> rows``
+entry names a function ``(checkpoint, *, modalities, batch_sizes, warmup, repeats, threads) -> rows``
 that times the checkpoint's own towers (the PyTorch eager baseline, which the export extra registers).
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .backends import BACKENDS, backends_for
+from .backends import BACKENDS
 from .bundle import VARIANTS
 from .cpus import quiet_openmp_waits
 from .errors import CmhashError
@@ -217,7 +217,8 @@ def cmd_verify(args) -> int:
     if report["checkable"] and args.variant not in report["variants"]:
         raise CmhashError(f"{args.bundle} has no {args.variant} variant that {args.backend} runs "
                           f"(checked: {', '.join(report['variants']) or 'none'}); pick another --variant or --backend")
-    chosen = report["variants"].get(args.variant)
+    # the chosen variant passes when it does, and its ORT-format copy too where the bundle has one
+    chosen = report["variants"].get(args.variant) and report["ort"].get(args.variant, True)
     report["chosen"] = {"variant": args.variant, "passed": chosen}
     if args.json:
         print_json(report)
@@ -233,7 +234,9 @@ def cmd_verify(args) -> int:
         for variant, why in report["skipped"].items():
             print(f"  {variant:12} not checked: {why}")
         passing = [v for v, ok in report["variants"].items() if ok]
-        print(f"{args.variant}: {'passes' if chosen else 'FAILS'} here; variants that pass: {', '.join(passing) or 'none'}")
+        passing_ort = [v for v, ok in report["ort"].items() if ok]
+        print(f"{args.variant}: {'passes' if chosen else 'FAILS'} here; variants that pass: {', '.join(passing) or 'none'}"
+              + (f"; ORT-format copies that pass: {', '.join(passing_ort) or 'none'}" if report["ort"] else ""))
     if not report["checkable"]:
         return 3
     return 0 if chosen else 1
@@ -287,16 +290,33 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_providers(args) -> int:
+    """The execution providers this machine's onnxruntime offers, and where the others come from."""
+    from .backends import PROVIDERS, available_providers
+
+    offered = available_providers()
+    known = {full: (short, package) for short, (full, package) in PROVIDERS.items()}
+    rows = [{"provider": name, "short": known.get(name, ("", ""))[0], "available": name in offered,
+             "package": known.get(name, ("", "built into this onnxruntime"))[1]} for name in [*offered, *(
+                 n for n in known if n not in offered)]]
+    if args.json:
+        print_json({"available": offered, "providers": rows})
+        return 0
+    for row in rows:
+        where = "available" if row["available"] else f"not here: {row['package']}"
+        print(f"{row['provider']:28} {row['short']:9} {where}")
+    return 0
+
+
 def cmd_bench(args) -> int:
-    from .bench import add_speedups, bench_bundle, format_table
+    from .bench import DEFAULT_BATCH_SIZES, baseline_row, bench_bundle, format_table
     from .bundle import load_bundle
 
-    batch_sizes = args.batch_sizes
-    backends = backends_for(available=True)  # every backend that runs here
-    if args.tensorrt and "tensorrt" not in backends:
-        backends.append("tensorrt")  # required: loading it then says what is missing
-    common = dict(batch_sizes=batch_sizes, warmup=args.warmup, repeats=args.repeats)
-    rows = []
+    record = bench_bundle(args.bundle, providers=args.providers, variants=args.variants, modality=args.modality,
+                          data=args.data, threads=args.threads, cold_runs=args.cold_runs, warmup=args.warmup,
+                          repeats=args.repeats,
+                          progress=None if args.json or args.quiet else lambda what: print(f"measuring {what}",
+                                                                                            file=sys.stderr))
     checkpoint = args.checkpoint
     if checkpoint is None:
         saved = load_bundle(args.bundle).manifest.get("provenance", {}).get("checkpoint", {}).get("path")
@@ -307,25 +327,27 @@ def cmd_bench(args) -> int:
         baseline = None if measures else "no checkpoint baseline installed (it comes with cmhash.export)"
         for name, measure in measures.items():
             try:
-                rows += measure(checkpoint, threads=args.threads, **common)
+                rows = measure(checkpoint, modalities=[record["modality"]], batch_sizes=DEFAULT_BATCH_SIZES,
+                               warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+                record["rows"].append(baseline_row(rows, record["modality"]))
             except (CmhashError, ImportError) as exc:
                 baseline = f"{name}: {exc}"
-    rows += bench_bundle(args.bundle, backends=backends, threads=args.threads, **common)
-    add_speedups(rows)
-    import platform
-
-    record = {"bundle": args.bundle, "checkpoint": checkpoint, "machine": platform.processor() or platform.machine(),
-              "threads": args.threads, "rows": rows}
+    record["checkpoint"] = checkpoint
     if baseline:
         record["pytorch_baseline"] = f"skipped: {baseline}"
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
         print_json(record)
-    else:
-        print(format_table(rows))
-        if baseline:
-            print(f"(PyTorch eager baseline skipped: {baseline})")
+        return 0
+    print(format_table(record, markdown=args.markdown))
+    threads = f"{args.threads} threads" if args.threads else "all CPUs it may use"
+    note = (f"{record['modality']} tower latency; cold start = new process to first code (median of {args.cold_runs}); "
+            f"bits and mAP on {record['items']} items of {record['data']}; {record['cpu']}, onnxruntime "
+            f"{record['onnxruntime']}, {threads}, load average {record['load_average'][0]}")
+    print(f"\n{note}" if not args.markdown else f"\n{note}.")
+    if baseline:
+        print(f"(PyTorch eager baseline skipped: {baseline})")
     return 0
 
 
@@ -374,9 +396,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_ints(text: str) -> list[int]:
-    """An argparse type: comma-separated integers >= 1 (``1,8,32``)."""
-    return [positive_int(part.strip()) for part in text.split(",")]
+def _names(text: str) -> list[str]:
+    """An argparse type: comma-separated names (``cpu,openvino``)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 class Parser(argparse.ArgumentParser):
@@ -487,17 +512,29 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify)
 
-    bench = sub.add_parser("bench", help="latency p50/p90/p99 and throughput per backend, precision and batch size")
+    bench = sub.add_parser("bench", help="one row per variant, format and provider: size, cold start, memory, "
+                                          "latency, throughput, bits agreeing with fp32, mAP")
     bench.add_argument("bundle", help="a bundle folder or archive")
-    bench.add_argument("--checkpoint", help="PyTorch eager baseline from this checkpoint (default: the bundle's own, if present)")
-    bench.add_argument("--batch-sizes", type=positive_ints, default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
-    bench.add_argument("--repeats", type=positive_int, default=20, help="timed calls per row (default 20)")
+    bench.add_argument("--providers", type=_names, help="comma-separated onnxruntime providers, a row set each "
+                                                        "(default cpu; see cmhash providers)")
+    bench.add_argument("--variants", type=_names, help="comma-separated variants (default: all the bundle has)")
+    bench.add_argument("--modality", choices=["image", "text"], help="the tower whose latency is timed (default image)")
+    bench.add_argument("--data", help="manifest with images, texts or tags and labels: bits and mAP on it "
+                                      "(default: the bundle's reference inputs, bits only)")
+    bench.add_argument("--cold-runs", type=positive_int, default=3, help="cold starts per row, median (default 3)")
+    bench.add_argument("--checkpoint", help="add a PyTorch eager row from this checkpoint (default: the bundle's own, if present)")
+    bench.add_argument("--repeats", type=positive_int, default=20, help="timed calls at batch 1 per row (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime and torch")
-    bench.add_argument("--tensorrt", action="store_true", help="require TensorRT rows (default: when available)")
     bench.add_argument("--out", help="also write the JSON record here")
     bench.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=cmd_bench)
+
+    providers = sub.add_parser("providers", help="the onnxruntime execution providers here, and the packages of the others")
+    providers.add_argument("--json", action="store_true", help="print them as JSON")
+    providers.set_defaults(func=cmd_providers)
 
     # commands of the layers above, each defined beside its code (see the module docstring)
     for name, add in sorted(registered_commands().items()):

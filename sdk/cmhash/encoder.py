@@ -22,9 +22,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .backends import Backend, ModelSpec, create_backend
+from .backends.onnxruntime_backend import CPU, resolve_providers
 from .bundle import Bundle, load_bundle
 from .codes import pack_codes
-from .errors import CodeFormatError, InvalidArgumentError, TextInputError, UnknownTextError, UnknownTextWarning, UnsupportedInputError
+from .errors import BundleError, CodeFormatError, InvalidArgumentError, TextInputError, UnknownTextError, UnknownTextWarning, UnsupportedInputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .reference import require_agreement
 from .text import check_bow
@@ -46,6 +47,7 @@ class Encoder:
         self.vocabulary = bundle.vocabulary() if "text" in bundle.modalities else None
         self.text_dim = bundle.modality("text")["input"]["shape"][1] if "text" in bundle.modalities else None
         self.verification: dict | None = None  # what Encoder.load(..., verify=True) found
+        self.model_format = "onnx"  # or "ort": set by load
 
     @classmethod
     def load(
@@ -56,6 +58,9 @@ class Encoder:
         threads: int | None = None,
         *,
         variant: str = "fp32",
+        providers=None,
+        allow_fallback: bool = False,
+        model_format: str = "auto",
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         verify: bool = False,
         **backend_options,
@@ -74,6 +79,17 @@ class Encoder:
                 bundle was exported with them. On TensorRT a
                 reduced-precision variant is built as a strongly typed network
                 (``precision="model"``) unless ``precision`` is given.
+            providers: onnxruntime execution providers in priority order, each a name
+                (``"OpenVINOExecutionProvider"`` or ``"openvino"``) or a ``(name, options)``
+                pair; the CPU provider is the fallback (see
+                :mod:`cmhash.backends.onnxruntime_backend` and
+                :func:`cmhash.available_providers`). Implies the onnxruntime backend.
+            allow_fallback: a provider this onnxruntime lacks (or that fails to start) is
+                skipped with a warning instead of raising
+                :class:`~cmhash.errors.ProviderUnavailableError`; :meth:`info` says which runs.
+            model_format: ``"onnx"``, ``"ort"`` (the pre-optimised ORT-format copy that
+                ``cmhash export --ort`` writes) or ``"auto"``: the ORT copy when the bundle has
+                it for this variant and the model runs on the CPU provider alone, else ONNX.
             max_image_pixels: refuse larger images (decompression-bomb guard).
             verify: run the bundle's reference inputs through the loaded models and
                 raise :class:`ReferenceCheckError` (naming the variants that do pass here)
@@ -82,12 +98,26 @@ class Encoder:
                 is kept in :attr:`verification`.
             backend_options: TensorRT's ``precision``, ``cache_dir``, ``max_batch``.
         """
-        bundle = path if isinstance(path, Bundle) else load_bundle(path)
+        if providers is not None:  # resolved once, so a missing provider is reported once
+            providers = resolve_providers(providers, allow_fallback)
+            backend_options.update(providers=providers, allow_fallback=allow_fallback)
+        bundle = path if isinstance(path, Bundle) else load_bundle(
+            path, select=lambda b: _files_needed(b, variant, model_format, device, providers, backend, verify))
+        run_options = dict(backend_options)
+        if backend in ("auto", "onnxruntime"):
+            model_format = _model_format(bundle, variant, model_format, device, providers)
+            if model_format == "ort":  # only onnxruntime reads it: "auto" then picks onnxruntime
+                run_options["model_format"] = model_format
+        elif providers is not None or model_format == "ort":
+            raise InvalidArgumentError(f"providers and ORT-format models are onnxruntime's; backend={backend!r} "
+                                       "takes neither (use backend='onnxruntime')")
+        else:
+            model_format = "onnx"
         backends: dict[str, Backend] = {}
         try:
             for modality in bundle.modalities:
                 spec = bundle.modality(modality)
-                file = bundle.model_file(modality, variant)
+                file = bundle.model_file(modality, variant, model_format)
                 model_spec = ModelSpec(
                     what=f"the {modality} model {file} of {bundle.source}",
                     input_name=spec["input"]["name"],
@@ -96,13 +126,14 @@ class Encoder:
                     bits=bundle.bits,
                 )
                 backends[modality] = create_backend(
-                    backend, bundle.model_bytes(modality, variant), model_spec, device=device, threads=threads,
-                    variant=variant, **backend_options,
+                    backend, bundle.model_bytes(modality, variant, model_format), model_spec, device=device,
+                    threads=threads, variant=variant, **run_options,
                 )
             encoder = cls(bundle, backends, max_image_pixels, variant)
+            encoder.model_format = model_format
             if verify:
                 encoder.verification = require_agreement(bundle, backends, variant, backend=backend, device=device,
-                                                         threads=threads, **backend_options)
+                                                         threads=threads, model_format=model_format, **backend_options)
             return encoder
         except BaseException:
             for made in backends.values():
@@ -123,6 +154,40 @@ class Encoder:
     def backend(self) -> str:
         """The backend that runs the models (``"onnxruntime"`` or ``"tensorrt"``)."""
         return next(iter(self.backends.values())).name
+
+    @property
+    def providers(self) -> list[str]:
+        """onnxruntime's providers that run the models, in priority order (as onnxruntime
+        registered them, so a provider skipped by ``allow_fallback`` is not among them);
+        ``[]`` on another backend."""
+        return list(next(iter(self.backends.values())).__dict__.get("providers", []))
+
+    def info(self) -> dict:
+        """What runs: backend, providers, variant, model format, threads, the size of each
+        model file, the bundle's fingerprint, and the provenance of its weights when the
+        bundle records it (``provenance.pretrained``)."""
+        first = next(iter(self.backends.values()))
+        provenance = self.bundle.manifest.get("provenance", {})
+        files = {m: self.bundle.model_file(m, self.variant, self.model_format) for m in self.modalities}
+        info = {
+            "bundle": self.bundle.source,
+            "fingerprint": self.fingerprint,
+            "method": self.method,
+            "bits": self.bits,
+            "modalities": list(self.modalities),
+            "backend": self.backend,
+            "providers": self.providers,
+            "provider": self.providers[0] if self.providers else self.backend,
+            "device": getattr(first, "device", None),
+            "variant": self.variant,
+            "model_format": self.model_format,
+            "threads": getattr(first, "threads", None),
+            "models": {m: {"file": f, "bytes": len(self.bundle.files[f])} for m, f in files.items()},
+            "cmhash_version": provenance.get("cmhash_version"),
+        }
+        if provenance.get("pretrained"):
+            info["pretrained"] = provenance["pretrained"]
+        return info
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -284,6 +349,40 @@ class Encoder:
         if return_continuous:
             return np.zeros((0, self.bits), dtype=np.float32)
         return np.zeros((0, self.bits // 8), dtype=np.uint8)
+
+
+def _files_needed(bundle: Bundle, variant: str, model_format: str, device: str, providers, backend: str,
+                  verify: bool) -> list[str]:
+    """The files of ``bundle`` that loading ``variant`` reads: its models, the vocabulary,
+    the reference sets when verifying. Names that do not resolve are left to the loader to
+    report after loading (a missing variant)."""
+    if backend in ("auto", "onnxruntime"):
+        model_format = _model_format(bundle, variant, model_format, device, providers)
+    else:
+        model_format = "onnx"
+    names = []
+    for modality in bundle.modalities:
+        try:
+            names.append(bundle.model_file(modality, variant, model_format))
+        except (BundleError, InvalidArgumentError):
+            pass
+        if bundle.modality(modality).get("vocabulary"):
+            names.append(bundle.modality(modality)["vocabulary"])
+    if verify and "reference" in bundle.manifest:
+        names += [entry["file"] for entry in bundle.manifest["reference"]["modalities"].values()]
+    return names
+
+
+def _model_format(bundle: Bundle, variant: str, asked: str, device: str, providers) -> str:
+    """``"auto"``: the ORT copy when every modality has one for ``variant`` and the CPU
+    provider alone runs it (the copy is optimised for the CPU provider), else ONNX."""
+    if asked != "auto":
+        return asked
+    if device != "cpu" or not all(variant in bundle.ort_variants(m) for m in bundle.modalities):
+        return "onnx"
+    if providers is not None and [name for name, _ in providers] != [CPU]:
+        return "onnx"
+    return "ort"
 
 
 def _short(text: Any, limit: int = 40) -> str:

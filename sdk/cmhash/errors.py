@@ -134,6 +134,15 @@ class BackendUnavailableError(CmhashError, RuntimeError):
     """An inference backend or device that is not installed or not present on this machine."""
 
 
+class ProviderUnavailableError(BackendUnavailableError):
+    """An onnxruntime execution provider this machine's onnxruntime does not offer, or that
+    failed to start; the message names the package that has it. ``provider`` is its name."""
+
+    def __init__(self, message: str, provider: str = ""):
+        super().__init__(message)
+        self.provider = provider
+
+
 class ReferenceCheckError(CmhashError, RuntimeError):
     """A bundle's models that, on this machine and backend, do not reproduce the reference
     codes stored at export (``Encoder.load(..., verify=True)``, ``cmhash verify``).

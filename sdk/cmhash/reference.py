@@ -91,7 +91,8 @@ def judge(result: dict, variant: str, backend: str, contract: Contract) -> dict:
 def result_line(result: dict) -> str:
     """One judged result as the commands print it: where, bits, largest delta, verdict."""
     verdict = "ok" if result["passed"] else f"FAIL ({result['criterion']})"
-    return (f"  {result['modality']:5} {result['variant']:12} {result['backend']:11}  bits {result['bit_agreement']:.4%}  "
+    variant = result["variant"] + (" (ort)" if result.get("format") == "ort" else "")
+    return (f"  {result['modality']:5} {variant:18} {result['backend']:11}  bits {result['bit_agreement']:.4%}  "
             f"max|d| {result['max_abs_delta']:.2e}  {verdict}")
 
 
@@ -134,7 +135,8 @@ def unchecked_reason(bundle) -> str | None:
 # --- checking ------------------------------------------------------------------------------------
 
 
-def check_models(bundle, backends: dict, variant: str, contract: Contract | None = None) -> list[dict]:
+def check_models(bundle, backends: dict, variant: str, contract: Contract | None = None,
+                 model_format: str = "onnx") -> list[dict]:
     """Judge ``backends`` (modality -> a made backend of ``variant``) on the bundle's
     reference sets: one result per modality."""
     contract = contract or bundle_contract(bundle)
@@ -142,7 +144,8 @@ def check_models(bundle, backends: dict, variant: str, contract: Contract | None
     for modality, backend in backends.items():
         inputs, expected = read_reference(bundle, modality)
         got = np.asarray(backend.run(np.ascontiguousarray(inputs)), dtype=np.float32)
-        result = {"modality": modality, "variant": variant, "backend": backend.name, **agreement(expected, got)}
+        result = {"modality": modality, "variant": variant, "backend": backend.name, "format": model_format,
+                  **agreement(expected, got)}
         results.append(judge(result, variant, backend.name, contract))
     return results
 
@@ -163,14 +166,15 @@ def check_bundle(
     **backend_options,
 ) -> dict:
     """Check every variant of a bundle (or ``variants``) on this machine against its
-    reference codes. Returns ``{"checkable", "reason", "results", "variants": {variant:
-    passed}, ...}``; a variant the backend does not run is listed under ``skipped``."""
+    reference codes, and the ORT-format copy of each that has one (on onnxruntime).
+    Returns ``{"checkable", "reason", "results", "variants": {variant: passed}, "ort":
+    {variant: passed}, ...}``; a variant the backend does not run is listed under ``skipped``."""
     from .bundle import Bundle, load_bundle
     from .encoder import Encoder
 
-    bundle = path if isinstance(path, Bundle) else load_bundle(path)
+    bundle = path if isinstance(path, Bundle) and not path.partial else load_bundle(getattr(path, "source", path))
     report = {"bundle": bundle.source, "backend": backend, "device": device, "results": [], "variants": {},
-              "skipped": {}}
+              "ort": {}, "skipped": {}}
     reason = unchecked_reason(bundle)
     if reason:
         return {**report, "checkable": False, "reason": reason}
@@ -182,10 +186,16 @@ def check_bundle(
             report["skipped"][variant] = f"{backend} does not run {variant} (it runs on {', '.join(backends_for(variant))})"
             continue
         with Encoder.load(bundle, backend=backend, device=device, threads=threads, variant=variant,
-                          **backend_options) as encoder:
+                          model_format="onnx", **backend_options) as encoder:
             results = check_models(bundle, encoder.backends, variant, contract)
         report["results"] += results
         report["variants"][variant] = all(r["passed"] for r in results)
+        if backend in ("auto", "onnxruntime") and all(variant in bundle.ort_variants(m) for m in bundle.modalities):
+            with Encoder.load(bundle, backend="onnxruntime", device=device, threads=threads, variant=variant,
+                              model_format="ort", **backend_options) as encoder:
+                results = check_models(bundle, encoder.backends, variant, contract, "ort")
+            report["results"] += results
+            report["ort"][variant] = all(r["passed"] for r in results)
     report["items"] = {m: int(bundle.manifest["reference"]["modalities"][m]["items"]) for m in bundle.modalities}
     return report
 
@@ -197,7 +207,7 @@ def describe_failure(results: list[dict]) -> str:
 
 
 def require_agreement(bundle, backends: dict, variant: str, *, backend: str, device: str, threads: int | None,
-                      **backend_options) -> dict:
+                      model_format: str = "onnx", **backend_options) -> dict:
     """What ``Encoder.load(..., verify=True)`` does: check the loaded ``backends`` on the
     reference sets; below the contract, raise :class:`ReferenceCheckError` naming the
     variants that do pass on this machine. A bundle without reference data is loaded with
@@ -206,7 +216,7 @@ def require_agreement(bundle, backends: dict, variant: str, *, backend: str, dev
     if reason:
         warnings.warn(f"verify=True: cannot check: {reason}", UserWarning, stacklevel=3)
         return {"checkable": False, "reason": reason}
-    results = check_models(bundle, backends, variant)
+    results = check_models(bundle, backends, variant, model_format=model_format)
     if all(r["passed"] for r in results):
         return {"checkable": True, "passed": True, "results": results}
     others = [v for v in bundle.variants(bundle.modalities[0]) if v != variant]

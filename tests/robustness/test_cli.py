@@ -151,8 +151,9 @@ def test_a_full_disk_or_file_size_limit(tmp_path):
     (["encode", "b", "in", "--out", "o", "--batch-size", "0"], "--batch-size: must be at least 1"),
     (["encode", "b", "in", "--out", "o", "--chunk-size", "-3"], "--chunk-size: must be at least 1"),
     (["encode", "b", "in", "--out", "o", "--workers", "0"], "--workers"),
-    (["bench", "b", "--batch-sizes", "abc"], "--batch-sizes: expected a positive integer, got 'abc'"),
-    (["bench", "b", "--batch-sizes", "1,0"], "--batch-sizes: must be at least 1, got 0"),
+    (["bench", "b", "--cold-runs", "abc"], "--cold-runs: expected a positive integer, got 'abc'"),
+    (["bench", "b", "--cold-runs", "0"], "--cold-runs: must be at least 1, got 0"),
+    (["bench", "b", "--providers", ","], "--providers: expected comma-separated names"),
     (["bench", "b", "--repeats", "0"], "--repeats"),
 ])
 def test_bad_numbers_are_usage_errors(capsys, index_file, codes_npy, argv, word):

@@ -8,7 +8,8 @@ command line, the benchmark and the export all ask this registry, never a backen
 - ``"tensorrt"`` (:mod:`.tensorrt_backend`): TensorRT 10+ engines built from the ONNX file on
   first use and cached; needs the ``tensorrt`` and ``cuda-python`` packages and a GPU.
 - ``"onnxruntime"`` (:mod:`.onnxruntime_backend`): CPU everywhere, CUDA where the
-  ``onnxruntime-gpu`` build and a GPU are present.
+  ``onnxruntime-gpu`` build and a GPU are present, and any other execution provider of the
+  installed onnxruntime through its ``providers`` option.
 
 ``"auto"`` takes the first backend that runs the variant on the device and is available
 here. Heavy imports (onnxruntime, tensorrt) happen only when a backend is made or checked,
@@ -23,14 +24,15 @@ from __future__ import annotations
 from ..errors import ArgumentTypeError, BackendUnavailableError, InvalidArgumentError
 from ..bundle import VARIANTS
 from .base import Backend, ModelSpec, parse_device
-from .onnxruntime_backend import OnnxRuntimeBackend
+from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
 from .tensorrt_backend import TensorRTBackend
 
 REGISTRY: dict[str, type[Backend]] = {cls.name: cls for cls in (TensorRTBackend, OnnxRuntimeBackend)}
 BACKENDS = ("auto", *REGISTRY)  # what a user may ask for
 DEVICE_WORDS = {"cpu": "the CPU ('cpu')", "cuda": "a GPU ('cuda')"}
 
-__all__ = ["REGISTRY", "BACKENDS", "Backend", "ModelSpec", "backend_class", "backends_for", "create_backend",
+__all__ = ["REGISTRY", "BACKENDS", "PROVIDERS", "Backend", "ModelSpec", "available_providers", "backend_class",
+           "backends_for", "create_backend",
            "default_device", "gpu_available", "parse_device"]
 
 
@@ -88,7 +90,8 @@ def create_backend(
         variant: the bundle variant the model is (``"fp32"``, ``"fp16"``, ``"int8"``,
             ``"int8-dynamic"``); ``"auto"`` takes a backend that runs it.
         options: backend-specific (each backend's ``options``; TensorRT: ``precision``,
-            ``cache_dir``, ``max_batch``).
+            ``cache_dir``, ``max_batch``; onnxruntime: ``providers``, ``allow_fallback``,
+            ``model_format``).
     """
     if kind != "auto":
         backend_class(kind)  # an unknown name: the error lists the registry
@@ -97,8 +100,8 @@ def create_backend(
     device_kind, device_index = parse_device(device)
     if device_kind == "auto":
         device_kind = "cuda" if gpu_available() else "cpu"
-    if kind == "auto":
-        usable = backends_for(variant, device_kind, available=True)
+    if kind == "auto":  # the first that runs here and takes the options given (providers: onnxruntime)
+        usable = [k for k in backends_for(variant, device_kind, available=True) if set(options) <= set(REGISTRY[k].options)]
         kind = usable[0] if usable else "onnxruntime"  # onnxruntime then says what is missing
     cls = REGISTRY[kind]
     if device_kind not in cls.devices:

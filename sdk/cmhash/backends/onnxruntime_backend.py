@@ -1,12 +1,48 @@
-"""The onnxruntime backend: an InferenceSession per model, checked against the manifest."""
+"""The onnxruntime backend: an InferenceSession per model, checked against the manifest.
+
+Execution providers. ``providers`` lists onnxruntime's providers in priority order, each a
+name (``"OpenVINOExecutionProvider"``, or the short ``"openvino"``) or a ``(name, options)``
+pair whose options onnxruntime's provider takes as they are; the CPU provider is appended
+as the fallback for operators the others do not take. A provider this onnxruntime lacks is
+a :class:`~cmhash.errors.ProviderUnavailableError` naming the package that has it, unless
+``allow_fallback``: then it is left out (with a warning) and :attr:`providers` says what
+runs. :data:`PROVIDERS` is the table of names and packages.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
 from ..cpus import available_cpus
-from ..errors import ArgumentTypeError, BackendUnavailableError, BundleError, InvalidArgumentError, ModelSignatureError
+from ..errors import (
+    ArgumentTypeError,
+    BackendUnavailableError,
+    BundleError,
+    InvalidArgumentError,
+    ModelSignatureError,
+    ProviderUnavailableError,
+)
 from .base import Backend, ModelSpec
+
+CPU = "CPUExecutionProvider"
+# short name -> (onnxruntime's provider name, where to get an onnxruntime that has it)
+PROVIDERS: dict[str, tuple[str, str]] = {
+    "cpu": (CPU, "pip install onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "pip install onnxruntime-gpu (and CUDA, cuDNN)"),
+    "tensorrt": ("TensorrtExecutionProvider", "pip install onnxruntime-gpu (and the TensorRT libraries)"),
+    "openvino": ("OpenVINOExecutionProvider", "pip install onnxruntime-openvino"),
+    "directml": ("DmlExecutionProvider", "pip install onnxruntime-directml (Windows)"),
+    "rocm": ("ROCMExecutionProvider", "pip install onnxruntime-rocm (AMD's wheel for your ROCm version)"),
+    "migraphx": ("MIGraphXExecutionProvider", "pip install onnxruntime-migraphx"),
+    "qnn": ("QNNExecutionProvider", "pip install onnxruntime-qnn (Windows on Snapdragon)"),
+    "coreml": ("CoreMLExecutionProvider", "pip install onnxruntime on macOS (its wheels include CoreML)"),
+    "xnnpack": ("XnnpackExecutionProvider",
+                "the onnxruntime-android / onnxruntime-objc packages, or onnxruntime built with --use_xnnpack"),
+    "nnapi": ("NnapiExecutionProvider", "the onnxruntime-android package (Android only)"),
+}
+_BY_NAME = {full: short for short, (full, _) in PROVIDERS.items()}
 
 
 def _onnxruntime():
@@ -20,17 +56,65 @@ def _onnxruntime():
     return onnxruntime
 
 
-def cuda_provider_available() -> bool:
+def available_providers() -> list[str]:
+    """The execution providers this machine's onnxruntime offers, in its priority order
+    (``[]`` without onnxruntime)."""
     try:
         import onnxruntime
     except ImportError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def cuda_provider_available() -> bool:
+    return "CUDAExecutionProvider" in available_providers()
+
+
+def provider_name(name: str) -> str:
+    """onnxruntime's name of a provider given by its own or its short name."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a provider is a name or a (name, options) pair, got {name!r}")
+    if name in _BY_NAME or name.endswith("ExecutionProvider"):
+        return name
+    if name.lower() in PROVIDERS:
+        return PROVIDERS[name.lower()][0]
+    raise InvalidArgumentError(f"unknown execution provider {name!r}; use onnxruntime's name "
+                               f"(e.g. 'OpenVINOExecutionProvider') or one of {', '.join(PROVIDERS)}")
+
+
+def resolve_providers(providers, allow_fallback: bool = False) -> list[tuple[str, dict]]:
+    """``providers`` (names or (name, options) pairs, priority order) -> onnxruntime's
+    ``(name, options)`` list with the CPU provider last. Raises
+    :class:`ProviderUnavailableError` for one this onnxruntime lacks, unless ``allow_fallback``."""
+    if isinstance(providers, (str, tuple)):
+        providers = [providers]
+    offered = available_providers()
+    chosen: list[tuple[str, dict]] = []
+    for item in providers:
+        name, options = (item if isinstance(item, tuple) and len(item) == 2 else (item, {}))
+        name = provider_name(name)
+        if not isinstance(options, dict):
+            raise ArgumentTypeError(f"the options of {name} must be a dict, got {options!r}")
+        if name not in offered:
+            hint = PROVIDERS.get(_BY_NAME.get(name, ""), ("", "an onnxruntime build that includes it"))[1]
+            message = (f"{name} is not in this onnxruntime (it offers {', '.join(offered) or 'nothing'}); "
+                       f"it comes with: {hint}")
+            if not allow_fallback:
+                raise ProviderUnavailableError(message + "; or pass allow_fallback=True to run on what is there",
+                                               provider=name)
+            warnings.warn(f"{message}; falling back to the next provider", RuntimeWarning, stacklevel=4)
+            continue
+        if name not in (n for n, _ in chosen):
+            chosen.append((name, {str(k): str(v) for k, v in options.items()}))
+    if CPU not in (n for n, _ in chosen):
+        chosen.append((CPU, {}))
+    return chosen
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     devices = ("cpu", "cuda")
+    options = ("providers", "allow_fallback", "model_format")
     install_hint = "pip install onnxruntime (or onnxruntime-gpu for CUDA)"
 
     @classmethod
@@ -48,7 +132,8 @@ class OnnxRuntimeBackend(Backend):
         # onnxruntime 1.32's NCHWc layout pass crashes (SIGSEGV) on some float16 graphs with
         # convolutions; float16 on a CPU gains nothing from it anyway.
         disabled = ["NchwcTransformer"] if variant == "fp16" else []
-        return cls(model, spec, device=device, device_index=device_index, threads=threads, disabled_optimizers=disabled)
+        return cls(model, spec, device=device, device_index=device_index, threads=threads, disabled_optimizers=disabled,
+                   **options)
 
     def __init__(
         self,
@@ -59,18 +144,26 @@ class OnnxRuntimeBackend(Backend):
         device_index: int = 0,
         threads: int | None = None,
         disabled_optimizers: list[str] | None = None,
+        providers=None,
+        allow_fallback: bool = False,
+        model_format: str = "onnx",
     ):
         ort = _onnxruntime()
         self.spec = spec
-        if device == "cuda":
+        if providers is not None:
+            if device != "cpu":
+                raise InvalidArgumentError(f"give providers or device={device!r}, not both: the providers choose "
+                                           "where the model runs (e.g. providers=['cuda'])")
+            chosen = resolve_providers(providers, allow_fallback)
+        elif device == "cuda":
             if not cuda_provider_available():
-                raise BackendUnavailableError(
+                raise ProviderUnavailableError(
                     f"device 'cuda' asked for, but this onnxruntime has no CUDA provider (it has "
-                    f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use device='cpu'"
-                )
-            providers = [("CUDAExecutionProvider", {"device_id": device_index}), "CPUExecutionProvider"]
+                    f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use device='cpu'",
+                    provider="CUDAExecutionProvider")
+            chosen = [("CUDAExecutionProvider", {"device_id": str(device_index)}), (CPU, {})]
         elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
+            chosen = [(CPU, {})]
         else:
             raise InvalidArgumentError(f"onnxruntime runs on 'cpu' or 'cuda', got {device!r}")
         options = ort.SessionOptions()
@@ -81,17 +174,32 @@ class OnnxRuntimeBackend(Backend):
                 raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
         # onnxruntime's default is one thread per physical core of the machine, whatever this
         # process may use; waiting threads sleep, so a busy machine is shared, not fought over
-        options.intra_op_num_threads = threads or available_cpus()
+        options.intra_op_num_threads = self.threads = threads or available_cpus()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if model_format == "ort":
+            # the file's graph is already optimised to the portable level it was saved at
+            # (cmhash.export.ort); onnxruntime runs it without optimising it again
+            options.add_session_config_entry("session.load_model_format", "ORT")
+        elif model_format != "onnx":
+            raise InvalidArgumentError(f"model_format must be 'onnx' or 'ort', got {model_format!r}")
+        self.model_format = model_format
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
             extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
-            self.session = ort.InferenceSession(model, sess_options=options, providers=providers, **extra)
+            self.session = ort.InferenceSession(model, sess_options=options, providers=[n for n, _ in chosen],
+                                                provider_options=[o for _, o in chosen], **extra)
         except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented...: all mean a bad model file
             raise BundleError(f"{spec.what} is not a model onnxruntime can load: {exc}") from exc
         self.device = device
+        # what onnxruntime actually registered: a provider that failed to start is missing here
         self.providers = self.session.get_providers()
+        missing = [n for n, _ in chosen if n not in self.providers]
+        if missing and not allow_fallback:
+            raise ProviderUnavailableError(
+                f"onnxruntime could not start {', '.join(missing)} for {spec.what} (it runs on "
+                f"{', '.join(self.providers)}); check the provider's libraries and options, or pass "
+                "allow_fallback=True", provider=missing[0])
         check_signature(self.session, spec)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
