@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_path, atomic_write
 from .errors import ArgumentTypeError, CmhashError, EncodeJobError, InvalidArgumentError
 from .inputs import Record, read_collection, text_input
 
@@ -220,18 +220,25 @@ def _write_part(path: Path, codes, ids, errors) -> None:
 
 
 def _encode_chunk(encoder, modality: str, chunk: list[Record], batch_size: int, pool: ThreadPoolExecutor):
+    """Codes, ids and errors of one chunk, a batch at a time: the decoding threads prepare
+    the next batch while the model runs on this one, and at most two batches of model
+    input are held (a chunk of 224-pixel images would be over half a GiB)."""
     prepare = _image_input if modality == "image" else _text_input
-    prepared = list(pool.map(lambda r: prepare(encoder, r), chunk))
-    errors = [{"id": r.number, "item": r.name, "reason": reason} for r, (_, reason) in zip(chunk, prepared) if reason]
-    good = [(r, x) for r, (x, reason) in zip(chunk, prepared) if not reason]
-    codes = np.zeros((0, encoder.bits // 8), dtype=np.uint8)
-    if good:
-        outs = []
-        for start in range(0, len(good), batch_size):
-            batch = np.stack([x for _, x in good[start : start + batch_size]])
-            outs.append(encoder.hash_preprocessed(modality, batch))
-        codes = np.concatenate(outs)
-    return codes, [r.number for r, _ in good], errors
+    batches = [chunk[start : start + batch_size] for start in range(0, len(chunk), batch_size)]
+    submit = lambda batch: [pool.submit(prepare, encoder, r) for r in batch]  # noqa: E731
+    pending = submit(batches[0]) if batches else []
+    codes, ids, errors = [], [], []
+    for b, batch in enumerate(batches):
+        prepared = [future.result() for future in pending]
+        pending = submit(batches[b + 1]) if b + 1 < len(batches) else []
+        errors.extend({"id": r.number, "item": r.name, "reason": reason}
+                      for r, (_, reason) in zip(batch, prepared) if reason)
+        good = [(r, x) for r, (x, reason) in zip(batch, prepared) if not reason]
+        if good:
+            codes.append(encoder.hash_preprocessed(modality, np.stack([x for _, x in good])))
+            ids.extend(r.number for r, _ in good)
+    codes = np.concatenate(codes) if codes else np.zeros((0, encoder.bits // 8), dtype=np.uint8)
+    return codes, ids, errors
 
 
 def _image_input(encoder, record: Record):
@@ -266,7 +273,10 @@ def _text_input(encoder, record: Record):
 
 
 def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: float, items_now: int) -> dict:
-    codes, ids, names, errors = [], [], [], []
+    """Gather the parts into codes.npz and errors.jsonl. Beyond the parts' codes and ids
+    (a few bytes per item), nothing per item is held twice: names are looked up in ``mine``
+    by position and the npz file is written straight to disk."""
+    codes, ids, errors = [], [], []
     for k in range(n_chunks):
         path = out / "parts" / f"part-{k:06d}.npz"
         try:
@@ -280,17 +290,16 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
     codes = np.concatenate(codes) if codes else np.zeros((0, job["bits"] // 8), np.uint8)
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     seen = np.concatenate([ids, np.asarray([e["id"] for e in errors], dtype=np.int64)])
-    expected = np.asarray([r.number for r in mine], dtype=np.int64)
-    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), np.sort(expected)):
+    expected = np.fromiter((r.number for r in mine), dtype=np.int64, count=len(mine))  # ascending
+    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), expected):
         raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
-    by_number = {r.number: r.name for r in mine}
-    names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
+    at = np.searchsorted(expected, ids)  # each id's record in mine
+    names = np.asarray([mine[k].name for k in at], dtype=str) if len(ids) else np.zeros(0, dtype=str)
     # codes.npz, errors.jsonl and summary.json are one unit: summary.json, written last, marks
     # the job finished; until it exists the parts stay and a resume redoes this merge.
-    buffer = io.BytesIO()
-    np.savez(buffer, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
-    atomic_write(out / "codes.npz", buffer.getvalue())
-    atomic_write(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+    with atomic_path(out / "codes.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
+    atomic_write(out / "errors.jsonl", ((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in errors))
     summary = {
         "input": job["input"],
         "modality": job["modality"],
