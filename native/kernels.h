@@ -17,7 +17,8 @@
 enum cmh_simd_level {
     CMH_SIMD_GENERIC = 0, /* portable C, no special instructions */
     CMH_SIMD_POPCNT = 1,  /* scalar POPCNT instruction */
-    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount (64-bit and 256+-bit codes), POPCNT otherwise */
+    CMH_SIMD_AVX2 = 2,    /* AVX2 nibble-lookup popcount (64-bit and 256+-bit codes; planar kernels for
+                           * many queries, see below), POPCNT otherwise */
     CMH_SIMD_AVX512 = 3,  /* AVX-512 VPOPCNTDQ + BW */
     CMH_SIMD_NEON = 4,    /* ARM64 Advanced SIMD: vcnt byte counts summed by pairwise adds */
     CMH_SIMD_COUNT = 5

@@ -6,7 +6,9 @@
  * in L1 while every query of a thread is compared with them; a block's distances go to a
  * small per-thread uint16 buffer that is scanned against the query's current threshold.
  * Survivors (distance, position) go to a per-query candidate list that is filtered down
- * to k whenever it fills up, which also tightens the threshold. */
+ * to k whenever it fills up, which also tightens the threshold. Where the level has planar
+ * kernels (kernels.h) and a thread has many queries, blocks are packed once and compared
+ * with the precomputed tables of up to PLANAR_TABLE_BYTES of queries (knn_planar). */
 #include "search_core.h"
 
 #include <limits.h>
