@@ -193,6 +193,118 @@ AVX2_ATTR static void dist_blocks32_avx2(const uint8_t *q, const uint8_t *db, si
     }
 }
 
+/* Planar kernels: many queries against one database block. The block is first rewritten
+ * ("packed") so that each byte holds one nibble of one code, in groups of 32 codes: for
+ * each byte position b of the code, 32 bytes hold the low nibbles of byte b of the 32
+ * codes, then 32 bytes their high nibbles. A query becomes two 32-byte tables per byte
+ * position: entry v is popcount(v XOR the low, resp. high, nibble of its byte b). One
+ * vpshufb then looks up the contributions of 32 codes at once, and the byte sums over the
+ * byte positions are the distances of 32 codes in order: no XOR, no nibble split and no
+ * horizontal sums per query, about half the vector work of dist8_avx2 per code. Groups
+ * whose codes are all at or above the caller's threshold are skipped before anything is
+ * widened or stored. Packing costs a few queries' worth of work, so search_core.c uses
+ * these kernels only when a thread has many queries. */
+AVX2_ATTR static void planar_pack_avx2(const uint8_t *db, size_t n, size_t nb, uint8_t *out) {
+    const __m128i pairs = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const size_t padded = (n + CMH_PLANAR_GROUP - 1) / CMH_PLANAR_GROUP * CMH_PLANAR_GROUP;
+    for (size_t g = 0; g < padded; g += 16) {
+        const size_t in_group = g >= n ? 0 : n - g < 16 ? n - g : 16;
+        uint8_t *dst = out + (g / 32) * 64 * nb + 16 * (g / 16 % 2); /* this half of its group */
+        for (size_t w = 0; w < nb / 8; w++) {
+            /* word w of codes g..g+15 (zeros past n), two per register, then bytes paired:
+             * 16-bit element p of x[i] = byte p of codes 2i and 2i+1 */
+            __m128i x[8];
+            for (size_t i = 0; i < 8; i++) {
+                uint64_t a = 2 * i < in_group ? load64(db + (g + 2 * i) * nb + 8 * w) : 0;
+                uint64_t b = 2 * i + 1 < in_group ? load64(db + (g + 2 * i + 1) * nb + 8 * w) : 0;
+                x[i] = _mm_shuffle_epi8(_mm_set_epi64x((long long)b, (long long)a), pairs);
+            }
+            /* transpose the 8x8 matrix of 16-bit elements (rows x[i]): y[p] = byte p of the
+             * 16 codes; t[2i], t[2i+1]: bytes 0-3 and 4-7 of rows 2i, 2i+1 */
+            __m128i t[8], u[8], y[8];
+            for (size_t i = 0; i < 4; i++) {
+                t[2 * i] = _mm_unpacklo_epi16(x[2 * i], x[2 * i + 1]);
+                t[2 * i + 1] = _mm_unpackhi_epi16(x[2 * i], x[2 * i + 1]);
+            }
+            /* u[4i + m]: bytes 2m, 2m+1 of rows 4i..4i+3 (codes 8i..8i+7) */
+            for (size_t i = 0; i < 2; i++) {
+                const __m128i *r = t + 4 * i;
+                u[4 * i] = _mm_unpacklo_epi32(r[0], r[2]);
+                u[4 * i + 1] = _mm_unpackhi_epi32(r[0], r[2]);
+                u[4 * i + 2] = _mm_unpacklo_epi32(r[1], r[3]);
+                u[4 * i + 3] = _mm_unpackhi_epi32(r[1], r[3]);
+            }
+            for (size_t m = 0; m < 4; m++) {
+                y[2 * m] = _mm_unpacklo_epi64(u[m], u[4 + m]);
+                y[2 * m + 1] = _mm_unpackhi_epi64(u[m], u[4 + m]);
+            }
+            for (size_t p = 0; p < 8; p++) {
+                uint8_t *o = dst + 64 * (8 * w + p);
+                _mm_storeu_si128((__m128i *)o, _mm_and_si128(y[p], low4));
+                _mm_storeu_si128((__m128i *)(o + 32), _mm_and_si128(_mm_srli_epi16(y[p], 4), low4));
+            }
+        }
+    }
+}
+
+/* The 64 bytes of tables per byte of the query. */
+AVX2_ATTR static void planar_table_avx2(const uint8_t *q, size_t nb, uint8_t *out) {
+    const __m256i pop4 = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                          2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0,
+                                          1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (size_t b = 0; b < nb; b++, out += 64) {
+        const __m256i lo = _mm256_set1_epi8((char)(q[b] & 15)), hi = _mm256_set1_epi8((char)(q[b] >> 4));
+        _mm256_storeu_si256((__m256i *)out, _mm256_shuffle_epi8(pop4, _mm256_xor_si256(iota, lo)));
+        _mm256_storeu_si256((__m256i *)(out + 32), _mm256_shuffle_epi8(pop4, _mm256_xor_si256(iota, hi)));
+    }
+}
+
+/* Distances of one query (its tables) to packed codes, two groups of 32 per step; the
+ * tables are loaded once per step (those of 8-byte codes would fit in registers, but GCC
+ * then schedules all lookups first and spills them). Table entries are at most 4, so the
+ * byte sums of each nibble half stay below 256 for up to 63 bytes; the halves are added
+ * with saturation, which is exact below 255. A step whose 64 sums are all >= limit (where
+ * limit <= 255) writes nothing; otherwise exact distances go to out[j..j+64) and j / 64
+ * to steps[]. Returns the number of steps listed. */
+AVX2_ATTR static size_t planar_dist_avx2(const uint8_t *tables, const uint8_t *packed, size_t n,
+                                         size_t nb, uint32_t limit, uint16_t *out, uint32_t *steps) {
+    const size_t group = 64 * nb; /* bytes of 32 packed codes */
+    const __m256i lim = _mm256_set1_epi8((char)(limit < 255 ? limit : 255));
+    const int all_pass = limit > 255;
+    size_t listed = 0;
+    for (size_t j = 0; j < n; j += 64, packed += 2 * group) {
+        __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+        const uint8_t *t = tables, *p = packed;
+        for (size_t b = 0; b < nb; b++, t += 64, p += 64) {
+            const __m256i tl = _mm256_loadu_si256((const __m256i *)t);
+            const __m256i th = _mm256_loadu_si256((const __m256i *)(t + 32));
+            lo0 = _mm256_add_epi8(lo0, _mm256_shuffle_epi8(tl, _mm256_loadu_si256((const __m256i *)p)));
+            hi0 = _mm256_add_epi8(hi0, _mm256_shuffle_epi8(th, _mm256_loadu_si256((const __m256i *)(p + 32))));
+            lo1 = _mm256_add_epi8(lo1, _mm256_shuffle_epi8(tl, _mm256_loadu_si256((const __m256i *)(p + group))));
+            hi1 = _mm256_add_epi8(hi1, _mm256_shuffle_epi8(th, _mm256_loadu_si256((const __m256i *)(p + group + 32))));
+        }
+        if (!all_pass) {
+            const __m256i m = _mm256_min_epu8(_mm256_adds_epu8(lo0, hi0), _mm256_adds_epu8(lo1, hi1));
+            const __m256i below = _mm256_subs_epu8(lim, m);
+            if (_mm256_testz_si256(below, below)) continue;
+        }
+        /* exact: widen each half to 16 bits before adding (the sum may be 256) */
+        const __m256i halves[4] = {lo0, hi0, lo1, hi1};
+        for (size_t g = 0; g < 2; g++) {
+            const __m256i lo = halves[2 * g], hi = halves[2 * g + 1];
+            uint16_t *o = out + j + 32 * g;
+            _mm256_storeu_si256((__m256i *)o, _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
+                                                               _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi))));
+            _mm256_storeu_si256((__m256i *)(o + 16), _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+                                                                      _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))));
+        }
+        steps[listed++] = (uint32_t)(j / 64);
+    }
+    return listed;
+}
+
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
 
 /* 32-bit codes: 16 per vector. */
@@ -452,6 +564,19 @@ cmh_dist_fn cmh_dist_kernel(size_t nbytes) {
         return pick_scalar(nbytes, dist4_generic, dist8_generic, dist16_generic, dist32_generic,
                            distany_generic);
     }
+}
+
+int cmh_planar_kernels(size_t nbytes, cmh_planar *out) {
+#if CMH_X86
+    if (cmh_simd_current() != CMH_SIMD_AVX2) return 0;
+    if (nbytes % 8 != 0 || nbytes > 32) return 0;
+    *out = (cmh_planar){planar_pack_avx2, planar_table_avx2, planar_dist_avx2};
+    return 1;
+#else
+    (void)nbytes;
+    (void)out;
+    return 0;
+#endif
 }
 
 #if CMH_X86

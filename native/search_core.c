@@ -6,7 +6,9 @@
  * in L1 while every query of a thread is compared with them; a block's distances go to a
  * small per-thread uint16 buffer that is scanned against the query's current threshold.
  * Survivors (distance, position) go to a per-query candidate list that is filtered down
- * to k whenever it fills up, which also tightens the threshold. */
+ * to k whenever it fills up, which also tightens the threshold. Where the level has planar
+ * kernels (kernels.h) and a thread has many queries, blocks are packed once and compared
+ * with the precomputed tables of up to PLANAR_TABLE_BYTES of queries (knn_planar). */
 #include "search_core.h"
 
 #include <limits.h>
@@ -270,6 +272,8 @@ typedef struct {
     size_t nq, n, nb, bits, k, cap;
     cmh_dist_fn kern;
     scan_fn scan;
+    cmh_planar planar;
+    int has_planar; /* planar kernels exist for this level and code length */
     work_plan plan;
     cand_list *lists; /* split over queries: nq lists; over db: nthreads * nq */
     int32_t *out_d;
@@ -278,21 +282,11 @@ typedef struct {
     int failed;
 } knn_ctx;
 
-static void knn_worker(void *p, size_t tid, size_t nt) {
-    knn_ctx *c = (knn_ctx *)p;
-    size_t qb, qe, jb, je;
-    plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
-    cand_list *lists = c->plan.split_db ? c->lists + tid * c->nq : c->lists + qb;
+/* kNN of queries [qb, qb + nq_t) over database items [jb, je), one query at a time per
+ * block of the database. */
+static void knn_scan_blocks(knn_ctx *c, cand_list *lists, size_t qb, size_t nq_t, size_t jb, size_t je,
+                            uint16_t *buf, uint32_t *hist) {
     const size_t blk = block_codes(c->nb);
-    uint16_t *buf = malloc(blk * sizeof *buf);
-    uint32_t *hist = malloc((c->bits + 2) * sizeof *hist);
-    if (!buf || !hist) {
-        free(buf);
-        free(hist);
-        set_failed(&c->failed);
-        return;
-    }
-    const size_t nq_t = qe - qb;
     for (size_t j0 = jb; j0 < je; j0 += blk) {
         const size_t len = je - j0 < blk ? je - j0 : blk;
         const uint8_t *block = c->db + j0 * c->nb;
@@ -302,6 +296,73 @@ static void knn_worker(void *p, size_t tid, size_t nt) {
             c->kern(c->q + (qb + i) * c->nb, block, len, c->nb, buf);
             c->scan(l, buf, len, (int64_t)j0, c->k, c->cap, hist);
         }
+    }
+}
+
+/* Planar kernels (kernels.h) pay for packing each database block once per pass, so they
+ * need enough queries per pass to win; a pass takes as many queries as fit in
+ * PLANAR_TABLE_BYTES of tables (L2), and the packed block is PLANAR_BLOCK_BYTES (L1). */
+#define PLANAR_MIN_QUERIES 16
+#define PLANAR_TABLE_BYTES (256 * 1024)
+#define PLANAR_BLOCK_BYTES (16 * 1024)
+
+/* kNN of queries [qb, qb + nq_t) over database items [jb, je) with the planar kernels:
+ * 0, or -1 when out of memory. */
+static int knn_planar(knn_ctx *c, cand_list *lists, size_t qb, size_t nq_t, size_t jb, size_t je,
+                      uint32_t *hist) {
+    const size_t nb = c->nb, table_bytes = 64 * nb, group = CMH_PLANAR_GROUP;
+    const size_t blk = PLANAR_BLOCK_BYTES / (2 * nb) / group * group;
+    size_t chunk = PLANAR_TABLE_BYTES / table_bytes;
+    if (chunk > nq_t) chunk = nq_t;
+    /* 32-byte loads that straddle cache lines would cost about a third more */
+    uint8_t *tables = aligned_alloc(64, chunk * table_bytes);
+    uint8_t *packed = aligned_alloc(64, cmh_planar_bytes(blk, nb));
+    uint16_t *dist = malloc(blk * sizeof *dist);
+    uint32_t *steps = malloc(blk / group * sizeof *steps);
+    int rc = (tables && packed && dist && steps) ? 0 : -1;
+    for (size_t q0 = 0; rc == 0 && q0 < nq_t; q0 += chunk) {
+        const size_t qn = nq_t - q0 < chunk ? nq_t - q0 : chunk;
+        for (size_t i = 0; i < qn; i++) c->planar.table(c->q + (qb + q0 + i) * nb, nb, tables + i * table_bytes);
+        for (size_t j0 = jb; j0 < je; j0 += blk) {
+            const size_t len = je - j0 < blk ? je - j0 : blk;
+            c->planar.pack(c->db + j0 * nb, len, nb, packed);
+            for (size_t i = 0; i < qn; i++) {
+                cand_list *l = &lists[q0 + i];
+                if (l->limit == 0) continue;
+                const size_t listed = c->planar.dist(tables + i * table_bytes, packed, len, nb, l->limit, dist, steps);
+                for (size_t s = 0; s < listed; s++) {
+                    const size_t at = (size_t)steps[s] * group, m = len - at < group ? len - at : group;
+                    c->scan(l, dist + at, m, (int64_t)(j0 + at), c->k, c->cap, hist);
+                }
+            }
+        }
+    }
+    free(tables);
+    free(packed);
+    free(dist);
+    free(steps);
+    return rc;
+}
+
+
+static void knn_worker(void *p, size_t tid, size_t nt) {
+    knn_ctx *c = (knn_ctx *)p;
+    size_t qb, qe, jb, je;
+    plan_share(&c->plan, c->nq, c->n, tid, nt, &qb, &qe, &jb, &je);
+    cand_list *lists = c->plan.split_db ? c->lists + tid * c->nq : c->lists + qb;
+    uint16_t *buf = malloc(block_codes(c->nb) * sizeof *buf);
+    uint32_t *hist = malloc((c->bits + 2) * sizeof *hist);
+    if (!buf || !hist) {
+        free(buf);
+        free(hist);
+        set_failed(&c->failed);
+        return;
+    }
+    const size_t nq_t = qe - qb;
+    if (c->has_planar && !c->plan.split_db && nq_t >= PLANAR_MIN_QUERIES) {
+        if (knn_planar(c, lists, qb, nq_t, jb, je, hist) < 0) set_failed(&c->failed);
+    } else {
+        knn_scan_blocks(c, lists, qb, nq_t, jb, je, buf, hist);
     }
     if (c->plan.split_db) {
         for (size_t i = 0; i < nq_t; i++) cand_compact(&lists[i], c->k, hist);
@@ -535,6 +596,7 @@ int cmh_knn(const uint8_t *q, size_t nq, const uint8_t *db, size_t n, size_t nby
         .k = k < n ? k : n, .kern = cmh_dist_kernel(nbytes), .scan = pick_scan(),
         .plan = plan_work(nq, n, threads), .out_d = out_d, .out_i = out_i, .k_out = k,
     };
+    c.has_planar = cmh_planar_kernels(nbytes, &c.planar);
     return knn_run(&c);
 }
 

@@ -136,7 +136,8 @@ def test_full_pipeline_matches_torch_and_open_clip(tmp_path):
     images = photos_or_generated(64)
     transform = open_clip.image_transform(SIZE, is_train=False)
     with torch.no_grad():
-        pixels = torch.stack([transform(load_image(image)) for image in images])
+        # decoded as training's data sources decode (reduced JPEG decoding down to SIZE)
+        pixels = torch.stack([transform(load_image(image, min_side=SIZE)) for image in images])
         expected_image = image_tower(pixels).numpy()
         texts = ["cat sofa", "sea, sky and sunset", "", "Dog in the snow"]
         bow = torch.from_numpy(Vocabulary.from_words(WORDS).encode_batch(texts))

@@ -111,6 +111,33 @@ def test_bench_edge_smallest_setting(tmp_path):
     assert "failed" not in out.stdout and (tmp_path / "b" / "required_operators.config").is_file()
 
 
+@pytest.mark.slow  # exports a small model
+def test_bench_decode_smallest_setting(tmp_path):
+    one_line_error(run("bench_decode.py", missing=("torch",)), "torch not installed", "cmhash-sdk[export]")
+    pytest.importorskip("onnx")
+    pytest.importorskip("open_clip")
+    one_line_error(run("bench_decode.py", "--photos", tmp_path), "need at least 2 .jpg photos")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.jpg")
+    out = run("bench_decode.py", "--backbone", "clip:tiny-resnet", "--photos", tmp_path, "--images", 3,
+              "--size", "640x480", "--batch", 2, "--threads", 1, "--workers", 1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert record["images"].startswith("3 JPEGs 640x480") and record["encode_images_per_s"] > 0
+    assert 0.9 <= record["reduced_vs_full"]["code_bit_agreement"] <= 1.0  # 640x480 to 64 px: 1/4-scale decoding
+    assert "ratio" in out.stdout.splitlines()[-1]
+
+
+def test_bench_encode_memory_smallest_setting():
+    pytest.importorskip("onnx")
+    out = run("bench_encode_memory.py", "--small", 50, "--large", 100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert record["small"]["encoded"] == 50 and record["large"]["encoded"] == 100
+    assert "bytes per extra item" in out.stdout.splitlines()[-1]
+
+
 def test_quickstart_names_its_extra():
     one_line_error(run("quickstart.py", missing=("torch",)), "torch not installed", "cmhash-sdk[export]")
 

@@ -75,6 +75,12 @@ def crafted_images() -> dict[str, bytes]:
 
     files["cmyk.jpg"] = encoded(rgb.convert("CMYK"), "JPEG", quality=95)
     files["progressive.jpg"] = encoded(rgb, "JPEG", quality=90, progressive=True)
+    # large enough for reduced decoding (1/4 scale: both sides stay >= SIZE), upright and rotated
+    large = Image.fromarray(scene(WIDTH * 5, HEIGHT * 5))
+    files["large.jpg"] = encoded(large, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["large-exif-6.jpg"] = encoded(large, "JPEG", quality=90, exif=exif.tobytes())
 
     frames = [Image.fromarray(scene()), Image.fromarray(255 - scene()), Image.fromarray(scene()[::-1])]
     files["animated.gif"] = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
@@ -111,6 +117,7 @@ def test_the_crafted_files_are_what_they_claim(collection):
     assert Image.open(folder / "progressive.jpg").info.get("progressive")
     assert Image.open(folder / "animated.gif").n_frames == 3
     assert all(Image.open(folder / f"exif-{k}.jpg").getexif()[0x0112] == k for k in range(2, 9))
+    assert Image.open(folder / "large.jpg").size == (WIDTH * 5, HEIGHT * 5)
 
 
 def test_training_and_encoder_see_identical_pixels_and_give_identical_codes(collection, encoder):

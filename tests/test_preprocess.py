@@ -18,6 +18,7 @@ from cmhash.errors import (
     ImageDecodeError,
     ImageNotFoundError,
     ImageTooLargeError,
+    InvalidArgumentError,
     UnsupportedInputError,
 )
 from cmhash.preprocess import (
@@ -375,9 +376,11 @@ def regenerate_golden() -> None:
     sizes = {}
     for size in (64, 224):
         transform = open_clip.image_transform(size, is_train=False)
-        sizes[str(size)] = {p.name: digest(transform(load_image(p)).numpy()) for p in PHOTOS}
+        # decoded as ImagePreprocessor.decode does: reduced JPEG decoding down to the output side
+        sizes[str(size)] = {p.name: digest(transform(load_image(p, min_side=size)).numpy()) for p in PHOTOS}
     data = {
-        "about": "sha256 (first 16 hex) of open_clip.image_transform(size, is_train=False)(load_image(photo)) as "
+        "about": "sha256 (first 16 hex) of open_clip.image_transform(size, is_train=False)(load_image(photo, "
+        "min_side=size)) as "
         "float32 C-order bytes, for the mirflickr-mini photos; made by tests/test_preprocess.py::regenerate_golden",
         "pillow": PIL.__version__,
         "open_clip": open_clip.__version__,
@@ -399,3 +402,27 @@ def test_real_photos_match_recorded_open_clip_outputs(size):
     ours = ImagePreprocessor(image_size=int(size))
     different = [p.name for p in PHOTOS if digest(ours(p)[0]) != expected[p.name]]
     assert not different, f"{len(different)} photos differ from open_clip's recorded output, e.g. {different[:5]}"
+
+
+def test_jpeg_decoding_is_reduced_down_to_min_side_never_below(tmp_path):
+    """min_side: the largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides at least
+    min_side; the preprocessor decodes with its output side; other formats are untouched."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (1000, 1500, 3), dtype=np.uint8)
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    Image.fromarray(pixels).save(jpeg, quality=90)
+    Image.fromarray(pixels[:100, :150]).save(png)
+    assert load_image(jpeg).size == (1500, 1000)
+    expected = {100: (188, 125), 125: (188, 125), 126: (375, 250), 224: (375, 250), 400: (750, 500),
+                600: (1500, 1000), 5000: (1500, 1000)}
+    for min_side, size in expected.items():
+        image = load_image(jpeg, min_side=min_side)
+        assert image.size == size and image.mode == "RGB", min_side
+        assert min(image.size) >= min(min_side, 1000)
+    assert ImagePreprocessor(image_size=224).decode(jpeg).size == (375, 250)
+    assert ImagePreprocessor(image_size=(224, 448)).decode(jpeg).size == (750, 500)  # the longer output side
+    assert load_image(jpeg.read_bytes(), min_side=224).size == (375, 250)
+    assert load_image(png, min_side=10).size == (150, 100)
+    for bad in (0, -3, 2.5, True, "224"):
+        with pytest.raises(InvalidArgumentError, match="min_side"):
+            load_image(jpeg, min_side=bad)

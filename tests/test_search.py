@@ -115,6 +115,27 @@ def test_every_remainder_of_the_vector_steps(level, nbytes):
                 assert np.array_equal(D, eD) and np.array_equal(I, eI), (n, k, ties)
 
 
+@pytest.mark.parametrize("nbytes", [4, 8, 16, 24, 32])
+def test_many_queries_per_thread(level, nbytes):
+    """Sixteen or more queries per thread take the planar kernels at avx2 (codes of 8 to 32
+    bytes): sizes that leave remainders of their 64-code steps and span several of their
+    blocks, with ties, and with codes at the full code length from a query (byte sums
+    saturate there)."""
+    rng = np.random.default_rng(nbytes + 200)
+    for ties in (False, True):
+        q, db = make_data(rng, 40, 2 * 1024 + 77, nbytes, ties)
+        q[0] = 0
+        db[::5] = 0xFF
+        R_full = ref_distances(q, db)
+        for n in (1, 63, 64, 65, 130, len(db)):
+            R = R_full[:, :n]
+            for threads in (1, 2):
+                for k in (1, 10, n + 2):
+                    D, I = knn_search(q, db[:n], k, threads=threads)
+                    eD, eI = ref_knn(R, k)
+                    assert np.array_equal(D, eD) and np.array_equal(I, eI), (n, k, threads, ties)
+
+
 @pytest.mark.parametrize("nbytes", [1, 3, 8, 32])
 @pytest.mark.parametrize("nq", [1, 2])
 def test_few_queries_split_the_database(level, nbytes, nq):

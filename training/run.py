@@ -89,7 +89,7 @@ class RowTensors:
 
 def _image_rows(data: CrossModalData, rows: np.ndarray, transform: Callable) -> Iterator[torch.Tensor]:
     """The preprocessed image of each row, decoded in order."""
-    return (transform(data.images.load(int(i))) for i in rows)
+    return (transform(transform.load(data.images, int(i))) for i in rows)
 
 
 def _preprocessed_images(data: CrossModalData, rows: np.ndarray, transform: Callable) -> RowTensors:

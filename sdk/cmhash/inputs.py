@@ -36,7 +36,7 @@ MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 LIST_SEPARATOR = "|"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a collection holds one per item
 class Record:
     number: int  # position in the collection: the code's id
     name: str  # path, manifest id or line number, for the user

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_path, atomic_write
 from .errors import ArgumentTypeError, CmhashError, EncodeJobError, InvalidArgumentError
 from .inputs import Record, read_collection, text_input
 
@@ -244,18 +244,39 @@ def encode_records(encoder, modality: str, records: list[Record], batch_size: in
 
     The one way every engine turns items into codes (this module, Ray's and Spark's batch
     functions): an item that cannot be prepared becomes an error row, never an exception.
-    ``pool`` decodes in parallel; without it, in this thread."""
-    prepared = list((pool.map if pool is not None else map)(lambda r: prepare_input(encoder, modality, r), records))
-    errors = [{"id": r.number, "item": r.name, "reason": reason} for r, (_, reason) in zip(records, prepared) if reason]
-    good = [(r, x) for r, (x, reason) in zip(records, prepared) if not reason]
-    codes = np.zeros((0, encoder.bits // 8), dtype=np.uint8)
-    if good:
-        outs = []
-        for start in range(0, len(good), batch_size):
-            batch = np.stack([x for _, x in good[start : start + batch_size]])
-            outs.append(encoder.hash_preprocessed(modality, batch))
-        codes = np.concatenate(outs)
-    return codes, [r.number for r, _ in good], errors
+    A batch at a time: with a ``pool``, the decoding threads prepare the next batch while the
+    model runs on this one, and at most two batches of model input are held (a chunk of
+    224-pixel images would be over half a GiB); without one, items are prepared in this thread."""
+    batches = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
+
+    def submit(batch):
+        if pool is None:
+            return [_Done(prepare_input(encoder, modality, r)) for r in batch]
+        return [pool.submit(prepare_input, encoder, modality, r) for r in batch]
+
+    pending = submit(batches[0]) if batches else []
+    codes, ids, errors = [], [], []
+    for b, batch in enumerate(batches):
+        prepared = [future.result() for future in pending]
+        pending = submit(batches[b + 1]) if b + 1 < len(batches) else []
+        errors.extend({"id": r.number, "item": r.name, "reason": reason}
+                      for r, (_, reason) in zip(batch, prepared) if reason)
+        good = [(r, x) for r, (x, reason) in zip(batch, prepared) if not reason]
+        if good:
+            codes.append(encoder.hash_preprocessed(modality, np.stack([x for _, x in good])))
+            ids.extend(r.number for r, _ in good)
+    codes = np.concatenate(codes) if codes else np.zeros((0, encoder.bits // 8), dtype=np.uint8)
+    return codes, ids, errors
+
+
+class _Done:
+    """An already computed result, shaped like a finished future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def prepare_input(encoder, modality: str, record: Record):
@@ -295,7 +316,10 @@ def _text_input(encoder, record: Record):
 
 
 def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: float, items_now: int) -> dict:
-    codes, ids, names, errors = [], [], [], []
+    """Gather the parts into the codes and errors files (npz and JSON lines, or Parquet). Beyond the parts' codes and ids
+    (a few bytes per item), nothing per item is held twice: names are looked up in ``mine``
+    by position and the npz file is written straight to disk."""
+    codes, ids, errors = [], [], []
     for k in range(n_chunks):
         path = out / "parts" / f"part-{k:06d}.npz"
         try:
@@ -309,11 +333,11 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
     codes = np.concatenate(codes) if codes else np.zeros((0, job["bits"] // 8), np.uint8)
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     seen = np.concatenate([ids, np.asarray([e["id"] for e in errors], dtype=np.int64)])
-    expected = np.asarray([r.number for r in mine], dtype=np.int64)
-    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), np.sort(expected)):
+    expected = np.fromiter((r.number for r in mine), dtype=np.int64, count=len(mine))  # ascending
+    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), expected):
         raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
-    by_number = {r.number: r.name for r in mine}
-    names = np.asarray([by_number[int(i)] for i in ids], dtype=str) if len(ids) else np.zeros(0, dtype=str)
+    at = np.searchsorted(expected, ids)  # each id's record in mine
+    names = np.asarray([mine[k].name for k in at], dtype=str) if len(ids) else np.zeros(0, dtype=str)
     # the codes file, the errors file and summary.json are one unit: summary.json, written last,
     # marks the job finished; until it exists the parts stay and a resume redoes this merge.
     if job.get("output_format") == "parquet":
@@ -325,10 +349,9 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
         parquet.write_table(parquet.errors_table(errors), errors_file)
     else:
         codes_file, errors_file = out / "codes.npz", out / "errors.jsonl"
-        buffer = io.BytesIO()
-        np.savez(buffer, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
-        atomic_write(codes_file, buffer.getvalue())
-        atomic_write(errors_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+        with atomic_path(codes_file) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
+        atomic_write(errors_file, ((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in errors))
     summary = {
         "input": job["input"],
         "modality": job["modality"],

@@ -26,6 +26,12 @@ How :func:`load_image` turns any image into RGB:
    :class:`ImageDecodeError`: they carry no agreed range.
 5. Multi-frame files (GIF, TIFF) give their first frame.
 
+With ``min_side`` (which :meth:`ImagePreprocessor.decode` sets to its output side), a JPEG is
+decoded at 1/2, 1/4 or 1/8 scale inside the decoder (libjpeg's DCT scaling), the smallest
+scale that keeps both sides at least ``min_side`` pixels: a camera photo decodes several
+times faster and the resize that follows never enlarges. Training decodes with the same
+``min_side``, so both sides still see identical pixels.
+
 Decoding is guarded: missing files, zero bytes, truncated or corrupt data, non-images and
 images over ``max_pixels`` raise typed errors (see :mod:`cmhash.errors`) instead of
 warnings or half-decoded pixels.
@@ -68,7 +74,7 @@ _INT_GREY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _WHITE = (255, 255, 255, 255)
 
 
-def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """Decode an image into an RGB PIL image, the same way for training and inference.
 
     Args:
@@ -77,6 +83,9 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
             shape (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA.
         max_pixels: refuse images with more pixels than this (width * height) before
             decoding them; ``None`` keeps only Pillow's own hard limit.
+        min_side: decode JPEG files at a reduced scale (1/2, 1/4 or 1/8) where both sides
+            stay at least this many pixels; ``None`` decodes at full size. Other formats and
+            already decoded sources are unaffected.
 
     Returns:
         A fully loaded ``PIL.Image.Image`` in mode ``"RGB"``, detached from any file.
@@ -87,6 +96,8 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
         ImageDecodeError: zero bytes, truncated, corrupt, not an image, unsupported mode.
         UnsupportedInputError: ``source`` is none of the types above.
     """
+    if min_side is not None and (not isinstance(min_side, int) or isinstance(min_side, bool) or min_side < 1):
+        raise InvalidArgumentError(f"min_side must be a positive int or None, got {min_side!r}")
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, "the PIL image")
         return _decoded(source, "the PIL image")
@@ -101,11 +112,11 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path} is empty (0 bytes); the file was not written completely")
         with open(path, "rb") as fh:
-            return _decode_stream(fh, max_pixels, str(path))
+            return _decode_stream(fh, max_pixels, str(path), min_side)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageDecodeError("the image bytes are empty (0 bytes)")
-        return _decode_stream(io.BytesIO(bytes(source)), max_pixels, "the image bytes")
+        return _decode_stream(io.BytesIO(bytes(source)), max_pixels, "the image bytes", min_side)
     if hasattr(source, "read"):
         data = source.read(limits.MAX_IMAGE_BYTES + 1)  # a stream may never end
         if isinstance(data, (bytes, bytearray)) and len(data) > limits.MAX_IMAGE_BYTES:
@@ -121,7 +132,7 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
         name = getattr(source, "name", "the image file object")
         if len(data) == 0:
             raise ImageDecodeError(f"{name} gave 0 bytes; is it empty or already read to the end?")
-        return _decode_stream(io.BytesIO(data), max_pixels, str(name))
+        return _decode_stream(io.BytesIO(data), max_pixels, str(name), min_side)
     raise UnsupportedInputError(
         f"cannot read an image from {type(source).__name__}; pass a path, bytes, a binary file "
         "object, a PIL image or a uint8 numpy array (H, W[, C])"
@@ -139,7 +150,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, what: str) -> N
         )
 
 
-def _decode_stream(stream: io.IOBase, max_pixels: int | None, what: str) -> Image.Image:
+def _decode_stream(stream: io.IOBase, max_pixels: int | None, what: str, min_side: int | None) -> Image.Image:
     try:
         # Image.open reads the header only; Pillow's own bomb warning is replaced by our limit.
         with warnings.catch_warnings():
@@ -153,6 +164,10 @@ def _decode_stream(stream: io.IOBase, max_pixels: int | None, what: str) -> Imag
         raise ImageDecodeError(f"{what} cannot be decoded: {exc}") from exc
     with image:
         _check_pixels(image.size, max_pixels, what)
+        if min_side is not None and image.format == "JPEG":
+            # Pillow picks the largest reduction s in (8, 4, 2, 1) with s <= side // min_side
+            # for both sides, so the result is never smaller than min_side; same mode.
+            image.draft(image.mode, (min_side, min_side))
         return _decoded(image, what)
 
 
@@ -336,10 +351,23 @@ class ImagePreprocessor:
             return np.zeros((0, 3, height, width), dtype=np.float32)
         return np.stack(rows)
 
+    @property
+    def decode_side(self) -> int:
+        """The ``min_side`` this preprocessing decodes with: its longer output side, so that
+        a reduced JPEG decode is still at least as large as any resize target (the resize
+        only shrinks)."""
+        return max(self.output_size)
+
+    def decode(self, source: Any) -> Image.Image:
+        """One image source -> RGB PIL image, decoded as this preprocessing needs it
+        (:func:`load_image` with ``min_side=decode_side``); training's data sources decode
+        the same way."""
+        return load_image(source, max_pixels=self.max_pixels, min_side=self.decode_side)
+
     def pixels(self, source: Any) -> np.ndarray:
         """One image source (anything :func:`load_image` takes) -> float32 (3, H, W): decode,
         then transform. Every inference path goes through here."""
-        return self.transform(load_image(source, max_pixels=self.max_pixels))
+        return self.transform(self.decode(source))
 
     def transform(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image (as :func:`load_image` returns) -> float32 (3, H, W)."""

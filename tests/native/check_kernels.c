@@ -45,8 +45,10 @@ static void *xmalloc(size_t bytes) {
     return p;
 }
 
-/* n random codes; with `ties`, drawn from four distinct codes (long runs of equal
- * distances). One spare byte in front so that callers can test unaligned starts. */
+/* n random codes; with `ties` 1, drawn from four distinct codes (long runs of equal
+ * distances); with `ties` 2, every third code all zeros and every third all ones (distances
+ * of the full code length to an all-zero query). One spare byte in front so that callers
+ * can test unaligned starts. */
 static uint8_t *random_codes(size_t n, size_t nb, int ties) {
     uint8_t *buf = xmalloc(n * nb + 1), *codes = buf + 1;
     uint8_t pool[4][64];
@@ -54,8 +56,9 @@ static uint8_t *random_codes(size_t n, size_t nb, int ties) {
         for (size_t b = 0; b < sizeof pool[p]; b++) pool[p][b] = (uint8_t)next_random();
     for (size_t i = 0; i < n; i++)
         for (size_t b = 0; b < nb; b++)
-            codes[i * nb + b] = ties ? pool[(i * 7 + i / 5) % 4][b % 64] ^ (uint8_t)(b / 64)
-                                     : (uint8_t)next_random();
+            codes[i * nb + b] = ties == 1   ? pool[(i * 7 + i / 5) % 4][b % 64] ^ (uint8_t)(b / 64)
+                                : ties == 2 ? (i % 3 == 0 ? 0 : i % 3 == 1 ? 0xFF : (uint8_t)next_random())
+                                            : (uint8_t)next_random();
     return codes;
 }
 
@@ -105,7 +108,7 @@ static void check_kernel(size_t nb, size_t n) {
 }
 
 static void check_search(size_t nb, size_t nq, size_t n, int ties, size_t threads) {
-    uint8_t *q = random_codes(nq, nb, 0), *db = random_codes(n, nb, ties);
+    uint8_t *q = random_codes(nq, nb, ties == 2 ? 2 : 0), *db = random_codes(n, nb, ties);
     hit **ref = xmalloc(nq * sizeof *ref);
     for (size_t i = 0; i < nq; i++) ref[i] = sorted_hits(q + i * nb, db, n, nb);
 
@@ -168,6 +171,33 @@ static void check_search(size_t nb, size_t nq, size_t n, int ties, size_t thread
     free_codes(db);
 }
 
+/* 256-bit codes whose distances to the (all-zero) queries are 255 and 256: byte sums
+ * saturate there, so the threshold tests of the planar kernels must stay exact. The codes
+ * at 255 come last, after the threshold has settled at 256, in a full step of 64 codes
+ * (padding codes would pass the test anyway). */
+static void check_far_codes(void) {
+    const size_t nb = 32, nq = 20, n = 320, k = 100, near = 300;
+    uint8_t *q = xmalloc(nq * nb), *db = xmalloc(n * nb);
+    memset(q, 0, nq * nb);
+    memset(db, 0xFF, n * nb);
+    for (size_t j = near; j < n; j++) db[j * nb + j % nb] = 0x7F; /* one bit clear: 255 */
+    int32_t *od = xmalloc(nq * k * sizeof *od);
+    int64_t *oi = xmalloc(nq * k * sizeof *oi);
+    CHECK(cmh_knn(q, nq, db, n, nb, k, 1, od, oi) == 0, "far codes: out of memory");
+    for (size_t i = 0; i < nq; i++)
+        for (size_t r = 0; r < k; r++) {
+            const int32_t want_d = r < n - near ? 255 : 256;
+            const int64_t want_i = r < n - near ? (int64_t)(near + r) : (int64_t)(r - (n - near));
+            CHECK(od[i * k + r] == want_d && oi[i * k + r] == want_i,
+                  "far codes: query %zu rank %zu is (%d, %lld), expected (%d, %lld)", i, r, od[i * k + r],
+                  (long long)oi[i * k + r], want_d, (long long)want_i);
+        }
+    free(q);
+    free(db);
+    free(od);
+    free(oi);
+}
+
 static void check_any_common(size_t nb, size_t n) {
     uint8_t *a = random_codes(1, nb, 0), *db = random_codes(n, nb, 0), *out = xmalloc(n);
     for (size_t j = 0; j < n; j++) /* sparse rows, so that both answers occur */
@@ -214,6 +244,12 @@ int main(void) {
         const size_t split_lengths[] = {1, 8, 32};
         for (size_t l = 0; l < 3; l++)
             for (int ties = 0; ties <= 1; ties++) check_search(split_lengths[l], 1, 40000, ties, 3);
+        /* many queries per thread (the planar kernels at avx2, 8 to 32 bytes), over several
+         * of their blocks, with ties and with codes at the full distance from the query */
+        const size_t planar_lengths[] = {4, 8, 16, 24, 32, 40};
+        for (size_t l = 0; l < 6; l++)
+            for (int ties = 0; ties <= 2; ties++) check_search(planar_lengths[l], 40, 2 * 1024 + 77, ties, 2);
+        check_far_codes();
         check_kernel(CMH_MAX_BYTES, 40); /* the longest codes: distances up to 65,528 */
         check_search(CMH_MAX_BYTES, 2, 20, 1, 2);
         check_search(8, 0, 50, 0, 2); /* no queries */

@@ -94,12 +94,13 @@ KILL_IN_MERGE = textwrap.dedent("""
     import cmhash.offline as offline
     write = offline.atomic_write
 
-    def write_then_die(path, data):  # the process dies right after codes.npz is in place
-        write(path, data)
-        if Path(path).name == "codes.npz":
+    def die_after_codes(path, data):  # codes.npz is in place; the process dies before errors.jsonl
+        if Path(path).name == "errors.jsonl":
+            assert (Path(path).parent / "codes.npz").exists()
             os._exit(9)
+        write(path, data)
 
-    offline.atomic_write = write_then_die
+    offline.atomic_write = die_after_codes
     offline.encode_collection(sys.argv[1], sys.argv[2], sys.argv[3], modality="text", chunk_size=2)
 """)
 

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .sources import CrossModalData
+from .transforms import ImageTransform
 
 
 class CrossModalDataset(Dataset):
@@ -21,7 +22,7 @@ class CrossModalDataset(Dataset):
     transformed per item, or taken from ``images`` (preprocessed once, by data row).
     """
 
-    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: Callable | None,
+    def __init__(self, data: CrossModalData, indices: Sequence[int], transform: ImageTransform | None,
                  images: Callable[[int], torch.Tensor] | None = None):
         if data.bow is None:
             raise DataError(f"{data.name}: build the vocabulary before making datasets (data.with_vocabulary)")
@@ -46,7 +47,7 @@ class CrossModalDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = int(self.indices[k])
-        image = self.images(i) if self.images is not None else self.transform(self.data.images.load(i))
+        image = self.images(i) if self.images is not None else self.transform(self.transform.load(self.data.images, i))
         text = torch.from_numpy(self.data.text(i))
         labels = torch.from_numpy(self.data.labels[i])
         return image, text, labels, k

@@ -117,8 +117,8 @@ class ShapeImages:
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def load(self, i: int) -> Image.Image:
-        return render_scene(self.scenes[i], self.size)
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
+        return render_scene(self.scenes[i], self.size)  # rendered, not decoded: min_side has no use
 
 
 def make_shapes(n: int = 5000, seed: int = 0, image_size: int = 64, single_prob: float = 0.3) -> CrossModalData:

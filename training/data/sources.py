@@ -28,7 +28,9 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, i: int) -> Image.Image: ...
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
+        """Sample i as RGB; ``min_side`` as in :func:`cmhash.preprocess.load_image`."""
+        ...
 
 
 class ImageFiles:
@@ -40,11 +42,11 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Image.Image:
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
         # The runtime's decoder, so that training sees the pixels the SDK sees (EXIF
-        # orientation, transparency on white, 16-bit grey, first frame); a damaged file
-        # raises ImageDecodeError naming it.
-        return load_image(self.paths[i])
+        # orientation, transparency on white, 16-bit grey, first frame, reduced JPEG
+        # decoding); a damaged file raises ImageDecodeError naming it.
+        return load_image(self.paths[i], min_side=min_side)
 
 
 def check_image_files(paths: Sequence[Path], root: Path | None = None, open_files: bool = True) -> None:

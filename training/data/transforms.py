@@ -20,8 +20,8 @@ from cmhash.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, 
 
 from ..errors import ConfigError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_CROP_SCALE", "build_transform",
-           "preprocess_config"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_CROP_SCALE", "ImageTransform",
+           "build_transform", "preprocess_config"]
 
 # Training augmentation: open_clip's own light one, a random crop of 90-100 % of the area
 # (aspect ratio 3/4-4/3) resized back. No flips: captions say "left of".
@@ -35,15 +35,35 @@ def preprocess_config(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, interpolati
                               resize_mode=resize_mode)).to_dict()
 
 
-def build_transform(preprocess: dict, train: bool = False, augment: bool = False) -> Callable:
+class ImageTransform:
+    """RGB PIL image -> float tensor (3, H, W), and the decoding it expects: data sources
+    decode with ``load(images, i)``, which passes ``min_side`` as the runtime's
+    :meth:`~cmhash.preprocess.ImagePreprocessor.decode` does, so that training and the SDK
+    see the same pixels."""
+
+    def __init__(self, function: Callable, min_side: int):
+        self.function = function  # picklable (DataLoader workers): a partial or open_clip's Compose
+        self.min_side = min_side
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.function(image)
+
+    def load(self, images, i: int):
+        """Sample i of an image source (``CrossModalData.images``), decoded."""
+        return images.load(i, min_side=self.min_side)
+
+
+def build_transform(preprocess: dict, train: bool = False, augment: bool = False) -> ImageTransform:
     """RGB PIL image (from a data source) -> float tensor (3, H, W). Augmentation only when
-    ``train and augment``; otherwise the runtime's evaluation transform, bit for bit."""
+    ``train and augment``; otherwise the runtime's evaluation transform, bit for bit. Both
+    take images decoded with the runtime's ``min_side`` (:meth:`ImageTransform.load`)."""
     pre = _preprocessor(preprocess)
     if not (train and augment):
-        return partial(_evaluation_transform, pre)  # a partial, not a lambda: DataLoader workers pickle it
+        # a partial, not a lambda: DataLoader workers pickle it
+        return ImageTransform(partial(_evaluation_transform, pre), pre.decode_side)
     from open_clip.transform import AugmentationCfg, image_transform
 
-    return image_transform(
+    return ImageTransform(image_transform(
         pre.image_size,
         is_train=True,
         mean=pre.mean,
@@ -52,7 +72,7 @@ def build_transform(preprocess: dict, train: bool = False, augment: bool = False
         interpolation=pre.interpolation,
         fill_color=pre.fill_color,
         aug_cfg=AugmentationCfg(scale=TRAIN_CROP_SCALE),
-    )
+    ), pre.decode_side)
 
 
 def _preprocessor(config: dict) -> ImagePreprocessor:
