@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import statistics
 import tempfile
 import time
@@ -21,17 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cmhash.cli import exit_without_extra
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from cmhash.cpus import cpu_name
 
 
 def timed(fn, repeat: int):
@@ -64,7 +53,7 @@ def main() -> None:
     names = [f"photos/{i:08d}.jpg" for i in range(args.n)]
     queries = codes[rng.integers(0, args.n, args.nq)]
     print(f"{args.n:,} random {args.bits}-bit codes, {args.shards} shards, {args.nq} queries, k={args.k}; "
-          f"CPU: {cpu_model()}")
+          f"CPU: {cpu_name()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         buffer = io.BytesIO()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cmhash.cli import exit_without_extra
+from cmhash.cpus import cpu_name
 
 exit_without_extra("export", "torch", "open_clip", "onnx", "onnxscript")
 
@@ -51,17 +51,6 @@ from cmhash.preprocess import ImagePreprocessor, load_image  # noqa: E402
 from cmhash.training.method import DatasetInfo, get_method  # noqa: E402
 
 BITS = 64
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_bundle(directory: Path, backbone: str, photos: list[Path]) -> ImagePreprocessor:
@@ -162,7 +151,7 @@ def main() -> None:
 
     ratio = encode_rate / model_rate
     print(json.dumps({
-        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cores": os.cpu_count(),
         "load_average": {"start": round(load_start, 1), "end": round(os.getloadavg()[0], 1)},
         "model": f"EGATH image tower, {args.backbone} (random weights), int8-dynamic, {pre.output_size[0]} px, {BITS} bits",
         "images": f"{len(files)} JPEGs {width}x{height}, {megabytes:.1f} MB each on average",

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cmhash.cpus import cpu_name
 from cmhash import _hamming, pack_codes
 from cmhash.metrics import mean_average_precision, retrieval_metrics
 
@@ -40,16 +40,6 @@ try:
     import torch
 except ImportError:  # the baseline falls back to numpy's stable sort
     torch = None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_labels(rng) -> np.ndarray:
@@ -126,7 +116,7 @@ def main() -> None:
     qL, rL = labels[:N_QUERY].astype(np.float32), labels[N_QUERY:][: args.database].astype(np.float32)
 
     info = _hamming.sysinfo()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs ({info['cpu_count']} usable), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs ({info['cpu_count']} usable), "
           f"SIMD level {info['simd_level']} (available: {', '.join(info['simd_levels'])})")
     sort_name = f"torch {torch.__version__} torch.sort(stable=True), {torch.get_num_threads()} threads" \
         if torch is not None else "numpy argsort(kind='stable') (torch not installed)"

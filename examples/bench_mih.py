@@ -30,28 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 from cmhash.cli import exit_without_extra
+from cmhash.cpus import cpu_name
 from cmhash.index import HashIndex, MultiIndex, mih
 
 CLUSTERS, LATENT, SPREAD = 10_000, 32, 0.35
 TARGETS = {"speedup_10M": 20.0, "speedup_100M": 50.0, "random_slowdown": 1.2, "memory_ratio": 4.0, "build_10M_s": 10.0}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def clustered_codes(n: int, bits: int, seed: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -195,7 +184,7 @@ def run(args) -> list[dict]:
 
 
 def check_targets(rows: list[dict]) -> None:
-    print(f"\nTargets ({cpu_model()}):")
+    print(f"\nTargets ({cpu_name()}):")
     for row in rows:
         if row["method"] == "mih-build":
             if row["n"] >= 10_000_000:
@@ -245,12 +234,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.sizes, args.bits, args.k, args.threads, args.nq, args.repeat = [40_000], [64], [10], [1], 50, 1
         args.baseline_k = [10]
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; codes cached in {args.cache or 'nothing'}", flush=True)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs; codes cached in {args.cache or 'nothing'}", flush=True)
     rows = run(args)
     check_targets(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "rows": rows}, f, indent=1)
+            json.dump({"cpu": cpu_name(), "rows": rows}, f, indent=1)
     return 1 if any(row.get("exact") is False for row in rows) else 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -28,20 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from cmhash.cli import exit_without_extra
+from cmhash.cpus import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # the test data's photos ($CMHASH_TEST_DATA, else shared/data beside the checkout)
 DEFAULT_PHOTOS = Path(os.environ.get("CMHASH_TEST_DATA") or ROOT.parent / "shared" / "data") / "mirflickr-mini" / "images"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def photo_folder(source: Path, items: int, tmp: Path) -> Path:

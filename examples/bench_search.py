@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 import cmhash._hamming as h
 from cmhash.cli import exit_without_extra
+from cmhash.cpus import cpu_name
 from cmhash.search import knn_search
 
 # Environment that pins FAISS to AVX2: builds with one library per instruction set read
@@ -34,17 +34,6 @@ FAISS_AVX2_ENV = {"FAISS_OPT_LEVEL": "avx2", "FAISS_SIMD_LEVEL": "AVX2"}
 # Targets (ours / FAISS) for the AVX2 kernels against FAISS on AVX2, and for the best
 # kernels against FAISS as it runs by default.
 TARGETS = {64: {"avx2": 3.5, "best": 3.0}, 256: {"avx2": 2.0, "best": 2.0}}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def faiss_level(faiss) -> str:
@@ -165,7 +154,7 @@ def main():
         return
     cores = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {cpu_model()}, {cores} cores, load average {load:.1f} at start; cmhash levels "
+    print(f"machine: {cpu_name()}, {cores} cores, load average {load:.1f} at start; cmhash levels "
           f"{', '.join(levels)} (available {', '.join(available)}); faiss {faiss.__version__} "
           f"({faiss_level(faiss)}), numpy {np.__version__}")
     print(f"n={args.n:,} random codes, k={args.k}, {args.repeat} runs each\n")

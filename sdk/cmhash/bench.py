@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from .cpus import cpu_name
+
 THROUGHPUT_BATCH = 32
 DEFAULT_BATCH_SIZES = (1, THROUGHPUT_BATCH)  # what a PyTorch baseline (--checkpoint) is timed at
 
@@ -281,19 +283,6 @@ def _peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, the others KiB
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform says."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --- output ----------------------------------------------------------------------------------------
