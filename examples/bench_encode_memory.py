@@ -3,8 +3,9 @@ of items. Encodes --small and --large text items (a file list, one short text pe
 a tiny bundle (a linear + tanh text tower made with ``onnx.helper``), each in a fresh
 process, and prints the peak resident memory (VmHWM) of each and their difference.
 
-What may grow is a few dozen bytes per item (the items' names, ids and codes); everything
-else (model input, parts) is held per batch or per chunk.
+Nothing is held per item: the input is streamed (a file list a line at a time), model input
+is held per batch, records, codes and names per chunk, and the output files are written a
+part at a time. What is left is the allocator settling, a few bytes per item at most.
 
     python examples/bench_encode_memory.py [--small 10000] [--large 100000]
 

@@ -257,6 +257,7 @@ def test_input_of_the_other_modality_is_an_error_naming_the_option(bundle, folde
     assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--modality text" in err
+    assert not (tmp_path / "q").exists()  # refused by the first pass over the input, before any job
     assert main(["encode", str(bundle), str(queries), "--out", str(tmp_path / "q2"), "--modality", "text"]) == 0
 
     docs = tmp_path / "docs"
@@ -317,3 +318,90 @@ def test_progress_rate_counts_only_this_runs_items():
     progress(700, 1000, 2.0)  # this run: 100 items in 2 s
     last = out.getvalue().splitlines()[-1]
     assert "700/1000 items" in last and " 50.0 items/s" in last and "ETA 0:00:06" in last, last
+
+
+def test_a_job_of_another_format_version_is_not_resumed(bundle, tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("a cat\n")
+    encode_collection(bundle, lines, tmp_path / "o", modality="text")
+    job = json.loads((tmp_path / "o" / "job.json").read_text())
+    (tmp_path / "o" / "job.json").write_text(json.dumps({**job, "version": 1}))
+    with pytest.raises(EncodeJobError, match="another cmhash version.*new folder"):
+        encode_collection(bundle, lines, tmp_path / "o", modality="text", resume=True)
+
+
+def test_streamed_npz_loads_as_np_savez_wrote_it(tmp_path):
+    """codes.npz is written a part at a time; np.load gives what np.savez of the whole
+    arrays gives, dtypes included (the names' width is the longest name's)."""
+    from cmhash.offline import _write_npz
+
+    rng = np.random.default_rng(0)
+    sizes = [3, 0, 5, 1]
+    codes = [rng.integers(0, 256, (n, 8), dtype=np.uint8) for n in sizes]
+    ids = [rng.integers(0, 2**40, n) for n in sizes]
+    names = [np.asarray([f"{'é' * k}{k}" for k in range(n)], dtype=str) for n in sizes]
+    fingerprint = np.asarray("f" * 64)
+    whole = {"codes": np.concatenate(codes), "ids": np.concatenate(ids), "names": np.concatenate(names),
+             "bundle_fingerprint": fingerprint}
+    np.savez(tmp_path / "whole.npz", **whole)
+    _write_npz(tmp_path / "streamed.npz", [
+        ("codes", np.dtype(np.uint8), (9, 8), iter(codes)),
+        ("ids", np.dtype(np.int64), (9,), iter(ids)),
+        ("names", whole["names"].dtype, (9,), iter(names)),
+        ("bundle_fingerprint", fingerprint.dtype, (), [fingerprint]),
+    ])
+    expected, got = load_npz(tmp_path / "whole.npz"), load_npz(tmp_path / "streamed.npz")
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and got[key].shape == expected[key].shape
+        assert np.array_equal(got[key], expected[key])
+    with pytest.raises(EncodeJobError, match="changed while"):  # fewer rows than the header says
+        _write_npz(tmp_path / "short.npz", [("ids", np.dtype(np.int64), (10,), iter(ids))])
+    assert not (tmp_path / "short.npz").exists()
+
+
+def test_merged_names_have_the_width_of_the_longest(bundle, tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("cat\n" * 9 + "dog on the sofa\n" + "\n" * 3 + "sea\n")
+    encode_collection(bundle, lines, tmp_path / "o", modality="text", chunk_size=3)
+    got = load_npz(tmp_path / "o" / "codes.npz")
+    names = [f"line {n}" for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14]]
+    assert got["names"].dtype == np.asarray(names).dtype and list(got["names"]) == names
+    assert got["ids"].dtype == np.int64 and list(got["ids"]) == list(range(11))
+    assert got["codes"].dtype == np.uint8 and got["codes"].shape == (11, 4)
+
+
+@pytest.mark.parametrize("output_format", ["npz", "parquet"])
+def test_peak_memory_does_not_grow_with_the_items(bundle, tmp_path, output_format):
+    """tracemalloc's peak (Python objects and numpy arrays) while encoding N and 4N texts of
+    a file list: every pass streams the input and the parts, so the peaks differ by a few
+    bytes per item at most (an up-front list of records would add hundreds)."""
+    import itertools
+    import tracemalloc
+
+    if output_format == "parquet":
+        pytest.importorskip("pyarrow")
+    from fixtures.towers import WORDS
+
+    encoder = Encoder.load(bundle, threads=1)
+    runs = itertools.count()
+
+    def peak(n: int) -> int:
+        source = tmp_path / f"texts-{n}.txt"
+        source.write_text("".join(f"{WORDS[i % 12]} {WORDS[i * 7 % 12]} {WORDS[i * 5 % 11]}\n" for i in range(n)))
+        tracemalloc.start()
+        try:
+            summary = encode_collection(None, source, tmp_path / f"out-{next(runs)}", encoder=encoder,
+                                        modality="text", batch_size=64, workers=1, chunk_size=256,
+                                        output_format=output_format)
+            assert summary["encoded"] == n
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(300)  # first-use allocations (lazy imports, caches) out of the way
+    # The least of two runs of each size: a global table that grows now and then (the
+    # interned strings', which every new file name passes through) lands in one run at most.
+    n = 2048  # whole chunks, so both sizes hold chunks of one size
+    small, large = min(peak(n), peak(n)), min(peak(4 * n), peak(4 * n))
+    assert (large - small) / (3 * n) < 16, (small, large)

@@ -16,6 +16,9 @@ a collection the same way.
 Record ``number`` is the position in the whole collection (0, 1, ...): the id the codes
 get, stable across shards and resumes. ``name`` is what the user knows the item by (its
 path, the manifest's ``id`` or the line number).
+
+:func:`iter_collection` yields the records one at a time (``cmhash encode`` streams its
+input, holding a chunk of records at most); :func:`read_collection` lists them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -63,25 +66,48 @@ def collection_kind(path: str | os.PathLike) -> str:
     return "manifest" if path.suffix.lower() in MANIFEST_SUFFIXES else "list"
 
 
-def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Record]:
-    """The records of a folder, file list or manifest (see the module docstring)."""
+def iter_collection(path: str | os.PathLike, modality: str = "image", *, read_texts: bool = True) -> Iterator[Record]:
+    """The records of a folder, file list or manifest (see the module docstring), one at a
+    time: a folder is walked one directory at a time, a list or manifest read a line at a
+    time, a folder's text read when its record is made. ``read_texts=False`` leaves a
+    folder's ``.txt`` files unread (their records have no text): for a pass that needs only
+    numbers, names and paths.
+
+    An input with nothing of ``modality`` (or a file list of texts given as images) raises
+    :class:`EncodeJobError` when the iteration reaches its end."""
     if modality not in ("image", "text"):
         raise InvalidArgumentError(f"modality must be 'image' or 'text', got {modality!r}")
     path = Path(path)
     kind = collection_kind(path)
     if kind == "folder":
-        records = _read_folder(path, modality)
+        records = _folder_records(path, modality, read_texts)
     elif kind == "manifest":
-        records = read_manifest(path)
+        records = iter_manifest(path)
     else:
-        records = _read_list(path, modality)
-    if not records:
+        records = _list_records(path, modality)
+    return _checked(records, path, kind, modality)
+
+
+def read_collection(path: str | os.PathLike, modality: str = "image") -> list[Record]:
+    """All the records of :func:`iter_collection`, as a list."""
+    return list(iter_collection(path, modality))
+
+
+def _checked(records: Iterator[Record], path: Path, kind: str, modality: str) -> Iterator[Record]:
+    """``records``, then an :class:`EncodeJobError` if they were none, or a file list of
+    texts read as images (known only once every line is seen)."""
+    count = 0
+    images_named = kind != "list" or modality != "image"
+    for record in records:
+        images_named = images_named or _names_image(record.image)
+        count += 1
+        yield record
+    if not count:
         raise EncodeJobError(f"{path} holds no {'images' if modality == 'image' else 'texts'} to encode"
                              + _other_modality_hint(path, kind, modality))
-    if kind == "list" and modality == "image" and not any(_names_image(r.image) for r in records):
+    if not images_named:
         raise EncodeJobError(f"{path} looks like a list of texts, not of images (no line names an image file); "
                              "encode it with --modality text (modality='text')")
-    return records
 
 
 def _names_image(path: Path) -> bool:
@@ -101,45 +127,79 @@ def _other_modality_hint(path: Path, kind: str, modality: str) -> str:
     return ""
 
 
-def _read_folder(root: Path, modality: str) -> list[Record]:
+def _folder_files(folder: Path, suffixes: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of the files under ``folder`` with one of ``suffixes``, in
+    the order of their sorted relative paths, holding one directory's entries per level.
+
+    A directory sorts as its name plus "/", which is where all of its paths sort among its
+    siblings ("a-b" < "a/b" < "a0"). Like ``Path.rglob``: symbolic links to directories are
+    not followed, an unreadable directory is skipped, hidden files are included."""
+    entries = []
+    try:
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    entries.append(entry.name + "/")
+                elif Path(entry.name).suffix.lower() in suffixes:
+                    entries.append(entry.name)
+    except PermissionError:
+        return
+    entries.sort()
+    for key in entries:
+        name = key.rstrip("/")
+        path = folder / name
+        if key.endswith("/"):
+            yield from _folder_files(path, suffixes, prefix + key)
+        elif not path.is_dir():  # a link to a directory is not an item
+            yield prefix + name, path
+
+
+def _folder_records(root: Path, modality: str, read_texts: bool) -> Iterator[Record]:
     suffixes = IMAGE_SUFFIXES if modality == "image" else (".txt",)
-    paths = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    records = []
-    for number, p in enumerate(paths):
-        name = p.relative_to(root).as_posix()
+    for number, (name, p) in enumerate(_folder_files(root, suffixes)):
         if modality == "image":
-            records.append(Record(number, name, image=p))
+            yield Record(number, name, image=p)
         elif not p.is_file():  # a FIFO, socket or device: reading it could block forever
-            records.append(Record(number, name, problem="not a regular file (a FIFO, socket or device); skipped"))
+            yield Record(number, name, problem="not a regular file (a FIFO, socket or device); skipped")
+        elif not read_texts:
+            yield Record(number, name)
         else:
             try:
-                text = p.read_bytes().decode("utf-8")
-                records.append(Record(number, name, text=text))
+                yield Record(number, name, text=p.read_bytes().decode("utf-8"))
             except UnicodeDecodeError as exc:
-                records.append(Record(number, name, problem=f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+                yield Record(number, name, problem=f"not UTF-8 text ({exc.reason} at byte {exc.start})")
             except OSError as exc:
-                records.append(Record(number, name, problem=f"cannot be read: {exc.strerror or exc}"))
-    return records
+                yield Record(number, name, problem=f"cannot be read: {exc.strerror or exc}")
 
 
-def _read_list(path: Path, modality: str) -> list[Record]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EncodeJobError(f"{path}: the file list is not UTF-8 text ({exc})") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+def _lines(path: Path, what: str) -> Iterator[str]:
+    """The lines of a UTF-8 file, cut as ``str.splitlines`` cuts the whole text, read a line
+    at a time (a UTF-8 character never holds the byte of "\\n")."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise EncodeJobError(f"{path}: the {what} is not UTF-8 text (line {lineno}: {exc}); "
+                                     "convert it to UTF-8") from None
+            yield from text.splitlines()
+
+
+def _list_records(path: Path, modality: str) -> Iterator[Record]:
+    number = 0
+    for lineno, line in enumerate(_lines(path, "file list"), 1):
         entry = line.strip()
         if not entry:
             continue
         if modality == "image":
-            records.append(Record(len(records), entry, image=_resolve(path.parent, entry)))
+            yield Record(number, entry, image=_resolve(path.parent, entry))
         else:
-            records.append(Record(len(records), f"line {lineno}", text=line))
-    return records
+            yield Record(number, f"line {lineno}", text=line)
+        number += 1
 
 
 def _resolve(root: Path, entry: str) -> Path:
@@ -153,38 +213,38 @@ def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None 
     ``image_root`` (default: the manifest's folder). A row that cannot be read (bad JSON,
     a field of the wrong type) keeps its ``problem``; each caller decides whether that skips
     the row or stops."""
+    return list(iter_manifest(path, image_root))
+
+
+def iter_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+    """:func:`read_manifest`'s records, a row at a time."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    return [_manifest_record(number, f"{path.name}:{lineno}", rec, root)
-            for number, (lineno, rec) in enumerate(_read_manifest_rows(path))]
+    for number, (lineno, rec) in enumerate(_manifest_rows(path)):
+        yield _manifest_record(number, f"{path.name}:{lineno}", rec, root)
 
 
-def _read_manifest_rows(path: Path) -> list[tuple[int, Any]]:
+def _manifest_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed row): CSV (suffix ``.csv``, a header row; ``tags`` and
     ``labels`` cells hold several values separated by ``|``) or JSONL (anything else, one
     JSON object per non-empty line). A JSONL line that does not parse stands as its problem,
     a string."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EncodeJobError(f"{path}: the manifest is not UTF-8 text ({exc})") from None
-    rows: list[tuple[int, Any]] = []
+    lines = _lines(path, "manifest")
     if path.suffix.lower() == ".csv":
-        for lineno, row in enumerate(csv.DictReader(text.splitlines()), 2):
+        for lineno, row in enumerate(csv.DictReader(lines), 2):
             rec: dict = {k.strip(): v for k, v in row.items() if k is not None}
             for key in ("tags", "labels"):
                 if key in rec:
                     rec[key] = [s.strip() for s in (rec[key] or "").split(LIST_SEPARATOR) if s.strip()]
-            rows.append((lineno, rec))
+            yield lineno, rec
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line)))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append((lineno, f"not valid JSON ({exc.msg})"))
-    return rows
+                yield lineno, f"not valid JSON ({exc.msg})"
 
 
 def _manifest_record(number: int, where: str, rec: Any, root: Path) -> Record:

@@ -6,7 +6,7 @@ Output folder::
 
     job.json        what is being encoded (input, modality, shard, chunking, bundle); a resume
                     must match it
-    parts/          one part-NNNNNN.npz per finished chunk (codes, ids, errors), written
+    parts/          one part-NNNNNN.npz per finished chunk (codes, ids, names, errors), written
                     atomically; removed once merged
     codes.npz       codes (n, bits/8) uint8, ids (n,) int64, names (n,), bundle_fingerprint (the
                     bundle's :attr:`~cmhash.bundle.Bundle.fingerprint`): ``HashIndex.add(codes,
@@ -26,29 +26,35 @@ kept, the rest is encoded again; every item ends up exactly once in the codes or
 errors (checked before ``codes.npz`` is written). ``summary.json`` is written last and marks
 a finished job; a job killed while merging (``codes.npz`` there, ``summary.json`` not) is
 merged again from its parts on resume.
+
+Memory stays flat in the number of items: the input is streamed (:func:`~cmhash.inputs.iter_collection`)
+once to count and fingerprint it, once to encode it a chunk at a time, and once more beside
+the parts to check them; the output files are written a part at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .files import atomic_path, atomic_write
 from .errors import ArgumentTypeError, CmhashError, EncodeJobError, InvalidArgumentError
-from .inputs import Record, read_collection, text_input
+from .inputs import Record, iter_collection, text_input
 
 JOB_FORMAT = "cmhash.encode"
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: parts hold the names of their codes
 DEFAULT_CHUNK = 1024
 OUTPUT_FORMATS = ("npz", "parquet")
 NO_KNOWN_WORD = "no word of the text is in the bundle's vocabulary"
@@ -123,17 +129,16 @@ def encode_collection(
     if modality is None:
         modality = "image" if "image" in encoder.modalities else "text"
     encoder._require(modality)
-    records = read_collection(source, modality)
-    mine = records[shard[0] :: shard[1]]
+    fingerprint, n_records = input_fingerprint(iter_collection(source, modality, read_texts=False))
     job = {
         "format": JOB_FORMAT,
         "version": JOB_VERSION,
         "input": str(Path(source).resolve()),
-        "input_fingerprint": _fingerprint(records),
+        "input_fingerprint": fingerprint,
         "modality": modality,
         "shard": list(shard),
         "chunk_size": chunk_size,
-        "items": len(mine),
+        "items": len(range(shard[0], n_records, shard[1])),
         "bits": encoder.bits,
         "variant": encoder.variant,
         "bundle": hashlib.sha256(json.dumps(encoder.bundle.manifest, sort_keys=True).encode()).hexdigest(),
@@ -146,23 +151,42 @@ def encode_collection(
         return _require_some_encoded(json.loads((out / "summary.json").read_text()))
 
     started = time.perf_counter()
-    chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
-    total = len(mine)
-    done = sum(len(chunks[k]) for k in done_parts if k < len(chunks))
+    total = job["items"]
+    n_chunks = -(-total // chunk_size)
+    done = sum(min(chunk_size, total - k * chunk_size) for k in done_parts if k < n_chunks)
     items_now = 0
     if progress is not None:
         progress(done, total, 0.0)
+    if done < total:  # else (a kill in the merge) the input need not be read again
+        for items in _encode_chunks(encoder, source, out, job, done_parts, batch_size, workers):
+            items_now += items
+            if progress is not None:
+                progress(done + items_now, total, time.perf_counter() - started)
+    chunks = _chunks(source, job, read_texts=False)
+    return _require_some_encoded(_merge(out, job, chunks, time.perf_counter() - started, items_now))
+
+
+def _encode_chunks(encoder, source, out: Path, job: dict, done_parts: set[int], batch_size: int,
+                   workers: int) -> Iterator[int]:
+    """Encode each chunk not done into its part file, yielding its number of items. One
+    chunk of records and its codes are held at a time."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmhash-decode") as pool:
-        for k, chunk in enumerate(chunks):
+        for k, chunk in enumerate(_chunks(source, job)):
             if k in done_parts:
                 continue
-            codes, ids, errors = encode_records(encoder, modality, chunk, batch_size, pool)
-            _write_part(out / "parts" / f"part-{k:06d}.npz", codes, ids, errors)
-            items_now += len(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total, time.perf_counter() - started)
-    return _require_some_encoded(_merge(out, job, mine, len(chunks), time.perf_counter() - started, items_now))
+            codes, ids, errors = encode_records(encoder, job["modality"], chunk, batch_size, pool)
+            name_of = {r.number: r.name for r in chunk}
+            _write_part(_part_path(out, k), codes, ids, [name_of[i] for i in ids], errors)
+            yield len(chunk)
+
+
+def _chunks(source, job: dict, read_texts: bool = True) -> Iterator[list[Record]]:
+    """The job's shard of ``source``, streamed in lists of ``chunk_size`` records (chunk k
+    is part k)."""
+    i, n = job["shard"]
+    mine = itertools.islice(iter_collection(source, job["modality"], read_texts=read_texts), i, None, n)
+    while chunk := list(itertools.islice(mine, job["chunk_size"])):
+        yield chunk
 
 
 # what a record lacks when it was meant for the other modality -> the option that was meant
@@ -190,11 +214,16 @@ def _require_some_encoded(summary: dict) -> dict:
 # --- job folder ------------------------------------------------------------------------------------
 
 
-def _fingerprint(records: list[Record]) -> str:
+def input_fingerprint(records: Iterable[Record]) -> tuple[str, int]:
+    """The sha256 of the records' numbers, names and image paths (what ids and names come
+    from; a resume must see the same), and how many records there are. Every engine's jobs
+    record it."""
     digest = hashlib.sha256()
+    count = 0
     for r in records:
         digest.update(f"{r.number}\t{r.name}\t{r.image}\n".encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
+        count += 1
+    return digest.hexdigest(), count
 
 
 def _prepare(out: Path, job: dict, resume: bool) -> set[int]:
@@ -207,6 +236,10 @@ def _prepare(out: Path, job: dict, resume: bool) -> set[int]:
             old = json.loads(job_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise EncodeJobError(f"{job_file} is unreadable ({exc}); remove the folder and start again") from exc
+        if old.get("version") != job["version"]:
+            raise EncodeJobError(f"{out} holds a job of another cmhash version (job format {old.get('version')!r}, "
+                                 f"this one writes {job['version']}); finish it with that version, or start "
+                                 "again in a new folder")
         changed = sorted(k for k in job if old.get(k) != job[k])
         if changed:
             raise EncodeJobError(
@@ -223,12 +256,17 @@ def _prepare(out: Path, job: dict, resume: bool) -> set[int]:
     return done
 
 
-def _write_part(path: Path, codes, ids, errors) -> None:
+def _part_path(out: Path, k: int) -> Path:
+    return out / "parts" / f"part-{k:06d}.npz"
+
+
+def _write_part(path: Path, codes, ids, names, errors) -> None:
     buffer = io.BytesIO()
     np.savez(
         buffer,
         codes=codes,
         ids=np.asarray(ids, dtype=np.int64),
+        names=np.asarray(names, dtype=str),
         error_ids=np.asarray([e["id"] for e in errors], dtype=np.int64),
         error_items=np.asarray([e["item"] for e in errors], dtype=str),
         error_reasons=np.asarray([e["reason"] for e in errors], dtype=str),
@@ -315,50 +353,74 @@ def _text_input(encoder, record: Record):
 # --- merging ------------------------------------------------------------------------------------------
 
 
-def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: float, items_now: int) -> dict:
-    """Gather the parts into the codes and errors files (npz and JSON lines, or Parquet). Beyond the parts' codes and ids
-    (a few bytes per item), nothing per item is held twice: names are looked up in ``mine``
-    by position and the npz file is written straight to disk."""
-    codes, ids, errors = [], [], []
-    for k in range(n_chunks):
-        path = out / "parts" / f"part-{k:06d}.npz"
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                codes.append(z["codes"])
-                ids.append(z["ids"])
-                errors.extend({"id": int(i), "item": str(n), "reason": str(r)}
-                              for i, n, r in zip(z["error_ids"], z["error_items"], z["error_reasons"]))
-        except (OSError, ValueError, KeyError) as exc:
-            raise EncodeJobError(f"{path} is missing or damaged ({exc}); delete it and resume to redo its items") from exc
-    codes = np.concatenate(codes) if codes else np.zeros((0, job["bits"] // 8), np.uint8)
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    seen = np.concatenate([ids, np.asarray([e["id"] for e in errors], dtype=np.int64)])
-    expected = np.fromiter((r.number for r in mine), dtype=np.int64, count=len(mine))  # ascending
-    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), expected):
-        raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; delete {out}/parts and start again")
-    at = np.searchsorted(expected, ids)  # each id's record in mine
-    names = np.asarray([mine[k].name for k in at], dtype=str) if len(ids) else np.zeros(0, dtype=str)
+def _read_part(out: Path, k: int, *keys: str) -> list[np.ndarray]:
+    path = _part_path(out, k)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [z[key] for key in keys]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise EncodeJobError(f"{path} is missing or damaged ({exc}); delete it and resume to redo its items") from exc
+
+
+def _part_errors(out: Path, k: int) -> list[dict]:
+    ids, items, reasons = _read_part(out, k, "error_ids", "error_items", "error_reasons")
+    return [{"id": int(i), "item": str(n), "reason": str(r)} for i, n, r in zip(ids, items, reasons)]
+
+
+def _merge(out: Path, job: dict, chunks: Iterable[list[Record]], seconds: float, items_now: int) -> dict:
+    """Gather the parts into the codes and errors files (npz and JSON lines, or Parquet), a
+    part at a time: a first pass checks each part against its chunk of the input (``chunks``,
+    streamed beside them) and sizes the output, a pass per output column writes it."""
+    width = job["bits"] // 8
+    parts = range(-(-job["items"] // job["chunk_size"]))
+    encoded = errors = 0
+    name_length = 1  # numpy's str arrays are at least <U1
+    for k, chunk in itertools.zip_longest(parts, chunks):
+        covered = k is not None and chunk is not None  # else the input's length changed
+        if covered:
+            codes, ids, names, error_ids = _read_part(out, k, "codes", "ids", "names", "error_ids")
+            expected = np.fromiter((r.number for r in chunk), dtype=np.int64, count=len(chunk))  # ascending
+            covered = np.array_equal(np.sort(np.concatenate([ids, error_ids])), expected)
+        if not covered:
+            raise EncodeJobError(f"{out}: the parts do not cover every item exactly once; "
+                                 f"delete {out}/parts and start again")
+        if codes.shape != (len(ids), width) or names.shape != ids.shape:
+            raise EncodeJobError(f"{_part_path(out, k)} is damaged (its codes, ids and names disagree); "
+                                 "delete it and resume to redo its items")
+        encoded += len(ids)
+        errors += len(error_ids)
+        name_length = max(name_length, names.dtype.itemsize // np.dtype("U1").itemsize)
     # the codes file, the errors file and summary.json are one unit: summary.json, written last,
     # marks the job finished; until it exists the parts stay and a resume redoes this merge.
     if job.get("output_format") == "parquet":
         from . import parquet
 
         codes_file, errors_file = out / "codes.parquet", out / "errors.parquet"
-        parquet.write_table(parquet.codes_table(ids, codes, names.tolist(), bits=job["bits"],
-                                                bundle_fingerprint=job["bundle_fingerprint"]), codes_file)
-        parquet.write_table(parquet.errors_table(errors), errors_file)
+        schema = parquet.codes_schema(job["bits"], bundle_fingerprint=job["bundle_fingerprint"])
+        parquet.write_tables((parquet.codes_table(ids, codes, names.tolist(), bits=job["bits"],
+                                                  bundle_fingerprint=job["bundle_fingerprint"])
+                              for codes, ids, names in (_read_part(out, k, "codes", "ids", "names") for k in parts)),
+                             codes_file, schema=schema)
+        parquet.write_tables((parquet.errors_table(_part_errors(out, k)) for k in parts), errors_file,
+                             schema=parquet.ERRORS_SCHEMA)
     else:
         codes_file, errors_file = out / "codes.npz", out / "errors.jsonl"
-        with atomic_path(codes_file) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, codes=codes, ids=ids, names=names, bundle_fingerprint=np.asarray(job["bundle_fingerprint"]))
-        atomic_write(errors_file, ((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in errors))
+        fingerprint = np.asarray(job["bundle_fingerprint"])
+        _write_npz(codes_file, [
+            ("codes", np.dtype(np.uint8), (encoded, width), (_read_part(out, k, "codes")[0] for k in parts)),
+            ("ids", np.dtype(np.int64), (encoded,), (_read_part(out, k, "ids")[0] for k in parts)),
+            ("names", np.dtype(f"U{name_length}"), (encoded,), (_read_part(out, k, "names")[0] for k in parts)),
+            ("bundle_fingerprint", fingerprint.dtype, (), [fingerprint]),
+        ])
+        atomic_write(errors_file, ((json.dumps(e, ensure_ascii=False) + "\n").encode()
+                                   for k in parts for e in _part_errors(out, k)))
     summary = {
         "input": job["input"],
         "modality": job["modality"],
         "shard": f"{job['shard'][0]}/{job['shard'][1]}",
-        "items": len(mine),
-        "encoded": int(len(ids)),
-        "errors": len(errors),
+        "items": job["items"],
+        "encoded": encoded,
+        "errors": errors,
         "bits": job["bits"],
         "variant": job["variant"],
         "bundle_fingerprint": job["bundle_fingerprint"],
@@ -371,6 +433,24 @@ def _merge(out: Path, job: dict, mine: list[Record], n_chunks: int, seconds: flo
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(out / "parts", ignore_errors=True)
     return summary
+
+
+def _write_npz(path: Path, members: list[tuple[str, np.dtype, tuple, Iterable[np.ndarray]]]) -> None:
+    """The file ``np.savez(path, name=array, ...)`` writes, written atomically a block at a
+    time: each member is (name, dtype, shape, blocks), the blocks being the array's rows in
+    order (C order), so no whole array is ever held."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, dtype, shape, blocks in members:
+            with archive.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                size = 0
+                for block in blocks:
+                    data = np.ascontiguousarray(block, dtype=dtype)
+                    f.write(data.tobytes())
+                    size += data.size
+                if size != int(np.prod(shape)):  # the parts changed since they were checked
+                    raise EncodeJobError(f"{path}: the parts changed while they were merged; resume to merge again")
 
 
 class Progress:

@@ -23,9 +23,10 @@ They are imported when a function here is called, never by ``import cmhash``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 __all__ = ["FORMAT", "CodeColumns", "codes_schema", "codes_table", "ERRORS_SCHEMA", "errors_table",
-           "write_table", "read_codes", "read_errors", "milvus_table"]
+           "write_table", "write_tables", "read_codes", "read_errors", "milvus_table"]
 
 FORMAT = "cmhash-codes/1"
 KEY_FORMAT = b"cmhash.format"
@@ -180,7 +181,13 @@ def errors_table(rows: list[dict]) -> "pa.Table":
 
 
 def write_table(table: "pa.Table", path_or_url, *, filesystem=None) -> None:
-    """Write an Arrow table as one Parquet file.
+    """Write an Arrow table as one Parquet file: :func:`write_tables` of the one table."""
+    write_tables([table], path_or_url, schema=table.schema, filesystem=filesystem)
+
+
+def write_tables(tables: Iterable["pa.Table"], path_or_url, *, schema: "pa.Schema", filesystem=None) -> None:
+    """Write Arrow tables of one ``schema`` as one Parquet file, a row group (or more) per
+    table, one table in memory at a time (``tables`` may be a generator).
 
     A local path is written atomically (a temporary file beside it, then ``os.replace``): a
     crash leaves the previous file whole. Every page carries a CRC-32, which :func:`read_codes`
@@ -190,11 +197,10 @@ def write_table(table: "pa.Table", path_or_url, *, filesystem=None) -> None:
     """
     _, pq = _pyarrow()
     fs, path = _filesystem(path_or_url, filesystem)
-    if fs is not None:
-        pq.write_table(table, path, filesystem=fs, write_page_checksum=True)
-        return
-    with atomic_path(path) as tmp:
-        pq.write_table(table, str(tmp), write_page_checksum=True)
+    with (contextlib.nullcontext(path) if fs is not None else atomic_path(path)) as target, \
+            pq.ParquetWriter(str(target), schema, filesystem=fs, write_page_checksum=True) as writer:
+        for table in tables:
+            writer.write_table(table)
 
 
 def _parts(path: str, fs) -> list[str]:

@@ -122,6 +122,59 @@ def test_a_kill_inside_the_merge_leaves_a_resumable_job(text_bundle, tmp_path, c
         assert list(z["ids"]) == [0, 1, 2, 3]
 
 
+KILL_IN_STREAMED_MERGE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import cmhash.offline as offline
+    import cmhash.parquet as parquet
+    read_part, write_tables = offline._read_part, parquet.write_tables
+
+    def die_in_names(out, k, *keys):  # codes.npz half written: its codes and ids members are in
+        if keys == ("names",) and k == 1:
+            os._exit(9)
+        return read_part(out, k, *keys)
+
+    def die_before_errors(tables, path, **kwargs):  # codes.parquet in place, errors.parquet not
+        if Path(path).name == "errors.parquet":
+            os._exit(9)
+        write_tables(tables, path, **kwargs)
+
+    offline._read_part, parquet.write_tables = die_in_names, die_before_errors
+    offline.encode_collection(sys.argv[1], sys.argv[2], sys.argv[3], modality="text", chunk_size=2,
+                              output_format=sys.argv[4])
+""")
+
+
+@pytest.mark.parametrize("output_format", ["npz", "parquet"])
+def test_a_kill_while_the_merge_streams_leaves_a_resumable_job(text_bundle, tmp_path, output_format):
+    if output_format == "parquet":
+        pytest.importorskip("pyarrow")
+    lines = tmp_path / "texts.txt"
+    lines.write_text("cat\ndog on the sofa\n\nsea at sunset\nzzzz\nsnow\n")
+    reference = encode_collection(text_bundle, lines, tmp_path / "ref", modality="text", chunk_size=2,
+                                  output_format=output_format)
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_STREAMED_MERGE, str(text_bundle), str(lines), str(out),
+                             output_format])
+    assert killed.returncode == 9
+    assert not (out / "summary.json").exists() and len(list((out / "parts").glob("part-*.npz"))) == 3
+    if output_format == "npz":
+        assert not (out / "codes.npz").exists() and list(out.glob(".codes.npz.*.tmp"))  # the temporary, never renamed
+    else:
+        assert (out / "codes.parquet").exists() and not (out / "errors.parquet").exists()
+    summary = encode_collection(text_bundle, lines, out, modality="text", chunk_size=2, resume=True,
+                                output_format=output_format)
+    assert (summary["items"], summary["encoded"], summary["errors"], summary["items_this_run"]) == (5, 4, 1, 0)
+    assert not (out / "parts").exists()
+    if output_format == "npz":  # the zip members carry their time: compare the arrays
+        with np.load(out / "codes.npz") as got, np.load(tmp_path / "ref" / "codes.npz") as ref:
+            assert all(np.array_equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref.files)
+        assert (out / "errors.jsonl").read_text() == (tmp_path / "ref" / "errors.jsonl").read_text()
+    else:
+        for name in ("codes", "errors_file"):
+            assert Path(summary[name]).read_bytes() == Path(reference[name]).read_bytes()
+
+
 @pytest.mark.parametrize("option, value, error", [
     ("batch_size", 0, "InvalidArgumentError"), ("workers", -1, "InvalidArgumentError"),
     ("chunk_size", 2.5, "ArgumentTypeError"), ("batch_size", True, "ArgumentTypeError"),

@@ -31,6 +31,7 @@ import numpy as np
 from ..cpus import available_cpus
 from ..errors import EncodeJobError, InvalidArgumentError
 from ..inputs import IMAGE_SUFFIXES, Record, read_collection
+from ..offline import input_fingerprint
 from .batches import as_columns, encode_prepared, hash_items, is_url, process_encoder
 
 JOB_FORMAT = "cmhash.encode-ray"
@@ -293,10 +294,7 @@ def _plan(source, modality: str, chunk_size: int, column: str | None):
     for k, start in enumerate(range(0, len(records), chunk_size)):
         chunk = records[start : start + chunk_size]
         parts.append({"part": k, "items": len(chunk), "records": [_record_json(r) for r in chunk]})
-    digest = hashlib.sha256()
-    for r in records:
-        digest.update(f"{r.number}\t{r.name}\t{r.image}\n".encode("utf-8", "surrogatepass"))
-    return parts, [r.number for r in records], digest.hexdigest(), None
+    return parts, [r.number for r in records], input_fingerprint(records)[0], None
 
 
 def _record_json(r: Record) -> dict:
