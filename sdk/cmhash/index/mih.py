@@ -378,7 +378,8 @@ class MultiIndex(CodeStore):
                                  f"positions out of range or repeated); {redo}")
         # MIHI lists positions in every table: table 0's are perm, the others become ranks.
         ranks = entries[n:] if tag == b"MIHR" else _positions_to_ranks(entries[n:], perm, offsets, sizes)
-        tables = _Tables(start.astype(np.int32), width.astype(np.int32), offsets, perm, ranks, c.codes[perm], n)
+        ordered = np.take(c.codes, perm, axis=0)  # several times faster than c.codes[perm]
+        tables = _Tables(start.astype(np.int32), width.astype(np.int32), offsets, perm, ranks, ordered, n)
         self._substrings = substrings
         self._tables = tables if mmap else tables.in_memory()
 
