@@ -77,27 +77,38 @@ size_t cmh_mih_offsets_len(size_t m, const uint32_t *width) {
     return total;
 }
 
+/* Counting sort of rows 0..n of src by substring (start, width): off (2^width + 1) gets the
+ * bucket bounds, out[off[key]..off[key + 1]) the rows of bucket key in increasing order. */
+static void sort_by_key(const uint8_t *src, size_t n, size_t nbytes, uint32_t start, uint32_t width,
+                        uint32_t *keys, int32_t *off, int32_t *out) {
+    const size_t size = (size_t)1 << width;
+    memset(off, 0, (size + 1) * sizeof *off);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = sub_key(src + i * nbytes, nbytes, start, width);
+        off[keys[i] + 1]++;
+    }
+    for (size_t key = 0; key < size; key++) off[key + 1] += off[key];
+    /* Place the rows, counting each bucket's fill in its start offset (shifted down one
+     * slot), which ends as the next bucket's start: no cursor array needed. */
+    for (size_t i = 0; i < n; i++) out[off[keys[i]]++] = (int32_t)i;
+    for (size_t key = size; key > 0; key--) off[key] = off[key - 1];
+    off[0] = 0;
+}
+
 int cmh_mih_build(const uint8_t *db, size_t n, size_t nbytes, size_t m, const uint32_t *start,
-                  const uint32_t *width, int32_t *offsets, int32_t *positions) {
+                  const uint32_t *width, int32_t *offsets, int32_t *perm, int32_t *ranks, uint8_t *ordered) {
     uint32_t *keys = malloc((n ? n : 1) * sizeof *keys);
     if (!keys) return -1;
-    size_t base = 0;
-    for (size_t j = 0; j < m; j++) {
-        const size_t size = (size_t)1 << width[j];
-        int32_t *off = offsets + base;
-        memset(off, 0, (size + 1) * sizeof *off);
-        for (size_t p = 0; p < n; p++) {
-            keys[p] = sub_key(db + p * nbytes, nbytes, start[j], width[j]);
-            off[keys[p] + 1]++;
-        }
-        for (size_t key = 0; key < size; key++) off[key + 1] += off[key];
-        /* Place the positions, counting each bucket's fill in its start offset (shifted down
-         * one slot), which ends as the next bucket's start: no cursor array needed. */
-        int32_t *pos = positions + j * n;
-        for (size_t p = 0; p < n; p++) pos[off[keys[p]]++] = (int32_t)p;
-        for (size_t key = size; key > 0; key--) off[key] = off[key - 1];
-        off[0] = 0;
-        base += size + 1;
+    sort_by_key(db, n, nbytes, start[0], width[0], keys, offsets, perm); /* rank order */
+    for (size_t r = 0; r < n; r++) {
+        if (r + 16 < n) __builtin_prefetch(db + (size_t)perm[r + 16] * nbytes);
+        memcpy(ordered + r * nbytes, db + (size_t)perm[r] * nbytes, nbytes);
+    }
+    /* The other tables sort the ranks, read in order from the copy. */
+    size_t base = ((size_t)1 << width[0]) + 1;
+    for (size_t j = 1; j < m; j++) {
+        sort_by_key(ordered, n, nbytes, start[j], width[j], keys, offsets + base, ranks + (j - 1) * n);
+        base += ((size_t)1 << width[j]) + 1;
     }
     free(keys);
     return 0;
@@ -107,9 +118,9 @@ int cmh_mih_build(const uint8_t *db, size_t n, size_t nbytes, size_t m, const ui
 /* Per-thread workspace. */
 
 typedef struct {
-    uint64_t *seen; /* bitmap over table positions, all clear between queries */
+    uint64_t *seen; /* bitmap over ranks, all clear between queries */
     uint32_t *hist; /* candidates per distance */
-    uint16_t *cd;   /* candidates: distance, position */
+    uint16_t *cd;   /* candidates: distance, and rank (< n_tab) or position (scanned codes) */
     uint32_t *cp;
     size_t count, cap;
     uint64_t *keys; /* (distance << 32 | position), for sorting */
@@ -188,8 +199,10 @@ static int cmp_u64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The candidates at distance <= limit, sorted by (distance, position), into w->keys. */
-static int ws_sorted(workspace *w, uint32_t limit, size_t *out_len) {
+/* The candidates at distance <= limit, their ranks turned into positions, sorted by
+ * (distance, position) into w->keys. Only these few read perm, so the search itself never
+ * needs positions. */
+static int ws_sorted(workspace *w, const cmh_mih_tables *t, uint32_t limit, size_t *out_len) {
     if (w->count > w->keys_cap) {
         uint64_t *keys = realloc(w->keys, w->count * sizeof *keys);
         if (!keys) return -1;
@@ -197,8 +210,15 @@ static int ws_sorted(workspace *w, uint32_t limit, size_t *out_len) {
         w->keys_cap = w->count;
     }
     size_t len = 0;
-    for (size_t i = 0; i < w->count; i++)
-        if (w->cd[i] <= limit) w->keys[len++] = (uint64_t)w->cd[i] << 32 | w->cp[i];
+    for (size_t i = 0; i < w->count; i++) {
+        if (w->cd[i] > limit) continue;
+        uint32_t p = w->cp[i];
+        if (p < t->n_tab) {
+            p = (uint32_t)t->perm[p];
+            if (p >= t->n_tab) continue; /* damaged perm */
+        }
+        w->keys[len++] = (uint64_t)w->cd[i] << 32 | p;
+    }
     qsort(w->keys, len, sizeof *w->keys, cmp_u64);
     *out_len = len;
     return 0;
@@ -239,6 +259,7 @@ static int query_one(const mih_ctx *c, workspace *w, size_t qi, int64_t *lookups
     const cmh_mih_tables *t = c->t;
     const uint8_t *qc = c->q + qi * c->nb;
     const size_t n_tab = t->n_tab, m = t->m;
+    const uint8_t *ordered = t->ordered;
     const int knn = c->k > 0;
     const uint32_t keep = knn ? UINT32_MAX : c->radius; /* candidates farther are not kept */
     size_t work = 0, lookups = 0;
@@ -265,13 +286,14 @@ static int query_one(const mih_ctx *c, workspace *w, size_t qi, int64_t *lookups
             const uint32_t width = t->width[j];
             if (r > width) continue;
             const int32_t *off = t->offsets + base[j];
-            const int32_t *pos = t->positions + j * n_tab;
+            /* Table 0's buckets are spans of ranks; the others list theirs. */
+            const int32_t *rk = j ? t->ranks + (j - 1) * n_tab : NULL;
             const uint32_t limit = 1u << width;
             uint32_t mask = r ? (1u << r) - 1u : 0;
             int more = 1;
             while (more) {
                 /* A batch of keys, in stages that each prefetch what the next one reads, so
-                 * that the random accesses (offsets, positions, codes) overlap. */
+                 * that the random accesses (offsets, ranks, codes) overlap. */
                 uint32_t keys[BATCH];
                 int64_t lo[BATCH], hi[BATCH];
                 size_t nk = 0;
@@ -289,28 +311,30 @@ static int query_one(const mih_ctx *c, workspace *w, size_t qi, int64_t *lookups
                 for (size_t i = 0; i < nk; i++) {
                     lo[i] = off[keys[i]] < 0 ? 0 : off[keys[i]];
                     hi[i] = off[keys[i] + 1] > (int64_t)n_tab ? (int64_t)n_tab : off[keys[i] + 1];
-                    if (lo[i] < hi[i]) __builtin_prefetch(&pos[lo[i]]);
+                    if (lo[i] < hi[i] && rk) __builtin_prefetch(&rk[lo[i]]);
                 }
                 for (size_t i = 0; i < nk; i++)
-                    for (int64_t s = lo[i]; s < hi[i]; s++)
-                        if ((uint32_t)pos[s] < n_tab) __builtin_prefetch(&w->seen[(uint32_t)pos[s] >> 6]);
+                    for (int64_t s = lo[i]; s < hi[i]; s++) {
+                        const uint32_t p = rk ? (uint32_t)rk[s] : (uint32_t)s;
+                        if (p < n_tab) __builtin_prefetch(&w->seen[p >> 6]);
+                    }
                 size_t np = 0;
                 for (size_t i = 0; i < nk; i++) {
                     if (hi[i] > lo[i] && ws_reserve(w, np + (size_t)(hi[i] - lo[i])) < 0) return -1;
                     for (int64_t s = lo[i]; s < hi[i]; s++) {
-                        const uint32_t p = (uint32_t)pos[s];
+                        const uint32_t p = rk ? (uint32_t)rk[s] : (uint32_t)s;
                         if (p >= n_tab) continue;
                         uint64_t *word = &w->seen[p >> 6];
                         const uint64_t bit = (uint64_t)1 << (p & 63);
                         if (*word & bit) continue;
                         *word |= bit;
                         w->pend[np++] = p;
-                        __builtin_prefetch(c->db + (size_t)p * c->nb);
+                        __builtin_prefetch(ordered + (size_t)p * c->nb);
                     }
                 }
                 /* Every candidate is kept, also beyond a search radius: the list says which
                  * bits of `seen` to clear, and the results filter by distance. */
-                if (ws_push_batch(w, c->dist_batch, qc, c->db, c->nb, np) < 0) return -1;
+                if (ws_push_batch(w, c->dist_batch, qc, ordered, c->nb, np) < 0) return -1;
                 lookups += nk;
                 work += nk + np;
                 if (work > c->max_work) {
@@ -338,7 +362,7 @@ static void knn_emit(mih_ctx *c, workspace *w, size_t qi) {
     int64_t *oi = c->out_i + qi * c->k;
     const uint32_t kth = kth_distance(w->hist, c->bits, c->k);
     size_t len = 0;
-    if (ws_sorted(w, kth == UINT32_MAX ? (uint32_t)c->bits : kth, &len) < 0) {
+    if (ws_sorted(w, c->t, kth == UINT32_MAX ? (uint32_t)c->bits : kth, &len) < 0) {
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -386,7 +410,7 @@ static void worker(void *p, size_t tid, size_t nt) {
                 knn_emit(c, &w, qi);
             } else {
                 size_t len = 0;
-                if (ws_sorted(&w, c->radius, &len) < 0) {
+                if (ws_sorted(&w, c->t, c->radius, &len) < 0) {
                     __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
                     break;
                 }

@@ -2,14 +2,20 @@
  * hash tables on substrings of the codes. No Python API in here.
  *
  * A code of `nbytes` bytes is split into m substrings, substring j being the `width[j]`
- * bits (1..CMH_MIH_MAX_WIDTH) from bit `start[j]` (bit i is bit i % 8 of byte i / 8). Table
- * j is a direct-addressed CSR: the positions of the codes whose substring j equals key are
- * positions[j * n_tab + offsets[base[j] + key] .. offsets[base[j] + key + 1]), where
- * base[j] = sum over i < j of (2^width[i] + 1). The tables cover database positions
- * [0, n_tab); positions [n_tab, n) (codes added since the tables were built) are scanned.
+ * bits (1..CMH_MIH_MAX_WIDTH) from bit `start[j]` (bit i is bit i % 8 of byte i / 8). The
+ * tables cover database positions [0, n_tab); positions [n_tab, n) (codes added since the
+ * tables were built) are scanned.
  *
- * Search never reads outside the arrays whatever their contents: bucket bounds and
- * positions are clamped to the table, so damaged tables give wrong answers, never a crash. */
+ * Layout: the covered codes are numbered by *rank*, their order in table 0 (by substring-0
+ * key, then position). perm[rank] is the code's position and ordered[rank] a copy of the
+ * code, so codes that share a key sit together in memory: a bucket's candidates are read
+ * from a few cache lines rather than from one random line each. Table j's bucket `key`
+ * spans [offsets[base[j] + key], offsets[base[j] + key + 1]), with base[j] = sum over i < j
+ * of (2^width[i] + 1): for table 0 the span is the ranks themselves; for j >= 1 it indexes
+ * ranks[(j - 1) * n_tab ...], listed in increasing order within a bucket.
+ *
+ * Search never reads outside the arrays whatever their contents: bucket bounds, ranks and
+ * perm entries are clamped to the table, so damaged tables give wrong answers, never a crash. */
 #ifndef CMHASH_MIH_CORE_H
 #define CMHASH_MIH_CORE_H
 
@@ -21,18 +27,20 @@
 typedef struct {
     size_t m;
     const uint32_t *start, *width;
-    const int32_t *offsets;   /* sum_j (2^width[j] + 1) */
-    const int32_t *positions; /* m * n_tab */
+    const int32_t *offsets; /* sum_j (2^width[j] + 1) */
+    const int32_t *perm;    /* n_tab: rank -> position */
+    const int32_t *ranks;   /* (m - 1) * n_tab: tables 1..m-1 */
+    const uint8_t *ordered; /* n_tab * nbytes: the code of each rank */
     size_t n_tab;
 } cmh_mih_tables;
 
 /* Number of offsets entries of the tables (sum of 2^width + 1). */
 size_t cmh_mih_offsets_len(size_t m, const uint32_t *width);
 
-/* Build the tables of db[0..n) (counting sort per substring) into offsets and positions.
- * Returns 0. */
+/* Build the tables of db[0..n) (counting sorts) into offsets, perm, ranks and ordered.
+ * Returns 0, or -1 out of memory. */
 int cmh_mih_build(const uint8_t *db, size_t n, size_t nbytes, size_t m, const uint32_t *start,
-                  const uint32_t *width, int32_t *offsets, int32_t *positions);
+                  const uint32_t *width, int32_t *offsets, int32_t *perm, int32_t *ranks, uint8_t *ordered);
 
 /* Per-query report: path (CMH_MIH_TABLES: answered by the tables; CMH_MIH_OVER: gave up when
  * its work passed max_work; CMH_MIH_SKIPPED: not tried because earlier queries of the same

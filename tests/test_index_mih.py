@@ -1,7 +1,8 @@
 """MultiIndex (multi-index hashing): results equal the flat index's on every query (ids,
 distances, tie order) on random, clustered and duplicate-heavy codes at 32 to 256 bits,
 through the tables and through the fallback; adds, removes, names, save/load with mmap,
-the cost model's decisions, and damaged tables."""
+the cost model's decisions, the rank layout of the tables (and files in the positions
+layout), and damaged tables."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from cmhash import _hamming
 from cmhash.cli import main
 from cmhash.errors import ArgumentTypeError, IndexFileError, InvalidArgumentError
-from cmhash.index import HashIndex, MultiIndex, load_index, mih
+from cmhash.index import HashIndex, MultiIndex, _file, load_index, mih
+from fixtures.mih_files import positions_tables, write_positions_layout
 
 
 def clustered(n, bits, seed, clusters=40, latent=24, spread=0.3):
@@ -167,32 +169,44 @@ def _patch(data: bytes, tag: bytes, fn) -> bytes:
     return bytes(out)
 
 
+def _set(index: int, value: int | None = None, source: int | None = None):
+    """A section rewrite: int32 entry ``index`` set to ``value`` (or to entry ``source``)."""
+    def fn(b):
+        arr = np.frombuffer(b, "<i4").copy()
+        arr[index] = value if source is None else arr[source]
+        return arr.tobytes()
+    return fn
+
+
+def _offsets_backwards(b):
+    arr = np.frombuffer(b, "<i4").copy()
+    arr[3], arr[4] = arr[4] + 1, arr[3]
+    return arr.tobytes()
+
+
 def test_damaged_tables_raise_index_file_error(tmp_path):
     multi = MultiIndex(64, substrings=4)
     multi.add(dataset("clustered", 300, 64))
     path = tmp_path / "m.cmhidx"
     multi.save(path)
     data = path.read_bytes()
-
-    def positions_out_of_range(b):
-        arr = np.frombuffer(b, "<i4").copy()
-        arr[5] = 300
-        return arr.tobytes()
-
-    def offsets_backwards(b):
-        arr = np.frombuffer(b, "<i4").copy()
-        arr[3], arr[4] = arr[4] + 1, arr[3]
-        return arr.tobytes()
-
+    assert _section(data, b"MIHI") is None  # written in the rank layout
+    old = tmp_path / "old.cmhidx"
+    write_positions_layout(old, multi.codes, multi.ids, 4, 4)
     cases = {
-        "MIHI": (positions_out_of_range, "damaged"),
-        "MIHO": (offsets_backwards, "damaged"),
-        "MIHP": (lambda b: json.dumps({"substrings": 4, "start": [0, 16, 32, 48], "width": [16, 16, 16, 30]}).encode(),
-                 "impossible multi-index parameters"),
+        (path, "MIHR", "rank out of range"): (_set(300 + 5, 300), "damaged"),
+        (path, "MIHR", "perm not a permutation"): (_set(0, source=1), "damaged"),
+        (path, "MIHO", "offsets backwards"): (_offsets_backwards, "damaged"),
+        (path, "MIHP", "impossible"): (lambda b: json.dumps({"substrings": 4, "start": [0, 16, 32, 48],
+                                                               "width": [16, 16, 16, 30]}).encode(),
+                                         "impossible multi-index parameters"),
+        (old, "MIHI", "position out of range"): (_set(300 + 5, 300), "damaged"),
+        (old, "MIHI", "table 0 not a permutation"): (_set(0, source=1), "damaged"),
+        (old, "MIHO", "offsets backwards"): (_offsets_backwards, "damaged"),
     }
     bad = tmp_path / "bad.cmhidx"
-    for tag, (fn, pattern) in cases.items():
-        bad.write_bytes(_patch(data, tag.encode(), fn))
+    for (source, tag, what), (fn, pattern) in cases.items():
+        bad.write_bytes(_patch(source.read_bytes(), tag.encode(), fn))
         for mmap in (False, True):
             with pytest.raises(IndexFileError, match=pattern):
                 load_index(bad, mmap=mmap)
@@ -203,6 +217,67 @@ def test_damaged_tables_raise_index_file_error(tmp_path):
     bad.write_bytes(_patch(data, b"MIHP", lambda b: json.dumps(other).encode()))
     with pytest.raises(IndexFileError, match="do not match"):
         load_index(bad)
+    # Both layouts, or a layout without its parameters: refused.
+    loaded = load_index(path)
+    sections = loaded._extra_sections()
+    for extra, drop in (({b"MIHI": [_file.as_bytes(positions_tables(multi.codes, 4)[3])]}, None), ({}, b"MIHP")):
+        chosen = {tag: bufs for tag, bufs in {**sections, **extra}.items() if tag != drop}
+        _file.write(str(bad), kind=_file.KIND_MIH, bits=64, next_id=300, codes=multi.codes, ids=multi.ids,
+                    sections=chosen)
+        with pytest.raises(IndexFileError, match="part of its tables"):
+            load_index(bad)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_positions_layout_files_load_into_the_rank_layout(tables_always, tmp_path, mmap):
+    """A file whose tables list positions loads into exactly the tables a build gives, and
+    answers exactly as the flat index; saving it again writes the rank layout."""
+    db = dataset("clustered", 2500, 64, seed=12)
+    ids = np.random.default_rng(13).permutation(10**6)[:2500]
+    path = tmp_path / "old.cmhidx"
+    write_positions_layout(path, db, ids, 4, 4)
+    loaded = load_index(path, mmap=mmap)
+    fresh = MultiIndex(64, substrings=4)
+    fresh.add(db, ids)
+    fresh.build_tables()
+    t, f = loaded._tables, fresh._tables
+    for name in ("start", "width", "offsets", "perm", "ranks", "ordered"):
+        assert np.array_equal(getattr(t, name), getattr(f, name)), name
+    # The layout itself, against numpy: perm is table 0's bucket order, ordered the codes in
+    # that order, and each other bucket lists the ranks of its codes in increasing order.
+    _, _, offsets, positions = positions_tables(db, 4)
+    n = len(db)
+    assert np.array_equal(f.offsets, offsets) and np.array_equal(f.perm, positions[:n])
+    assert np.array_equal(f.ordered, db[positions[:n]])
+    rank_of = np.argsort(f.perm)
+    for j in range(1, 4):
+        off = offsets[j * (2**16 + 1) : (j + 1) * (2**16 + 1)]
+        ranks, expect = f.ranks[(j - 1) * n : j * n], rank_of[positions[j * n : (j + 1) * n]]
+        for b in np.flatnonzero(np.diff(off))[:200]:
+            assert np.array_equal(ranks[off[b] : off[b + 1]], np.sort(expect[off[b] : off[b + 1]]))
+    flat = HashIndex(64)
+    flat.add(db, ids)
+    q = np.concatenate([db[:20], dataset("clustered", 20, 64, seed=14)])
+    for k in (1, 10, 50):
+        assert same(flat.search(q, k), loaded.search(q, k))
+    assert same(flat.range_search(q, 7), loaded.range_search(q, 7))
+    loaded.add(db[:3] ^ 1)  # scanned next to the tables
+    flat.add(db[:3] ^ 1)
+    assert same(flat.search(q, 10), loaded.search(q, 10))
+    loaded.save(tmp_path / "new.cmhidx")
+    new = (tmp_path / "new.cmhidx").read_bytes()
+    assert _section(new, b"MIHR") is not None and _section(new, b"MIHI") is None
+    assert same(flat.search(q, 10), load_index(tmp_path / "new.cmhidx", mmap=mmap).search(q, 10))
+
+
+def test_table_bytes_count_the_copy_of_the_codes(tables_always):
+    db = dataset("clustered", 3000, 128, seed=15)
+    multi = MultiIndex(128, substrings=8)
+    multi.add(db)
+    multi.build_tables()
+    offsets = 8 * (2**16 + 1) * 4
+    expect = offsets + 4 * 3000 + 4 * 7 * 3000 + 16 * 3000  # offsets, perm, ranks, ordered
+    assert multi.table_bytes == expect and multi.explain(db[:2], k=3)["table_bytes"] == expect
 
 
 def test_bad_arguments_are_typed():
@@ -221,33 +296,59 @@ def test_bad_arguments_are_typed():
 
 
 def test_native_tables_never_read_out_of_bounds():
-    """Hostile tables (any int32 contents of the right sizes) give some answer, never a crash."""
+    """Hostile tables (any int32 contents of the right sizes) give some answer, never a crash;
+    buffers of the wrong size or dtype are refused."""
     rng = np.random.default_rng(11)
     db = rng.integers(0, 256, (200, 4), dtype=np.uint8)
     start, width = np.array([0, 16], np.int32), np.array([16, 16], np.int32)
     offsets = np.empty(2 * (2**16 + 1), np.int32)
-    positions = np.empty(400, np.int32)
-    _hamming.mih_build(db, start, width, offsets, positions)
+    perm, ranks, ordered = np.empty(200, np.int32), np.empty(200, np.int32), np.empty_like(db)
+    _hamming.mih_build(db, start, width, offsets, perm, ranks, ordered)
+    assert np.array_equal(ordered, db[perm]) and np.array_equal(np.sort(perm), np.arange(200))
+    D = np.empty((3, 5), np.int32)
+    I = np.empty((3, 5), np.int64)
+    st = np.empty((3, 3), np.int64)
     for trial in range(20):
-        off = offsets.copy()
-        pos = positions.copy()
-        off[rng.integers(0, off.size, 50)] = rng.integers(-2**31, 2**31 - 1, 50, dtype=np.int64)
-        pos[rng.integers(0, pos.size, 50)] = rng.integers(-2**31, 2**31 - 1, 50, dtype=np.int64)
-        D = np.empty((3, 5), np.int32)
-        I = np.empty((3, 5), np.int64)
-        st = np.empty((3, 3), np.int64)
-        _hamming.mih_knn(db[:3], db, start, width, off, pos, 200, 5, 10**6, D, I, st, 1)
+        tabs = [offsets.copy(), perm.copy(), ranks.copy()]
+        for arr in tabs:
+            arr[rng.integers(0, arr.size, 50)] = rng.integers(-2**31, 2**31 - 1, 50, dtype=np.int64)
+        _hamming.mih_knn(db[:3], db, start, width, *tabs, ordered, 200, 5, 10**6, D, I, st, 1)
         assert ((I >= -1) & (I < 200)).all()
-        lims, d, i, s = _hamming.mih_range(db[:3], db, start, width, off, pos, 200, 8, 10**6, 1)
-        assert (np.frombuffer(i, np.int64) < 200).all()
+        lims, d, i, s = _hamming.mih_range(db[:3], db, start, width, *tabs, ordered, 200, 8, 10**6, 1)
+        assert ((np.frombuffer(i, np.int64) >= 0) & (np.frombuffer(i, np.int64) < 200)).all()
+    tables = (offsets, perm, ranks, ordered)
+    for at, bad in ((0, offsets[:-1]), (1, perm[:-1]), (2, ranks[:-1]), (3, ordered[:-1])):
+        args = list(tables)
+        args[at] = bad
+        with pytest.raises(ValueError, match="tables must hold"):
+            _hamming.mih_knn(db[:3], db, start, width, *args, 200, 5, 10, D, I, st)
+        with pytest.raises(ValueError, match="tables must hold"):
+            _hamming.mih_range(db[:3], db, start, width, *args, 200, 5, 10)
+    for at, bad in ((1, perm.astype(np.int64)), (2, ranks.astype(np.uint32)), (3, ordered.astype(np.int8)),
+                    (3, ordered.view(np.int32)), (0, offsets[::2])):
+        args = list(tables)
+        args[at] = bad
+        with pytest.raises(TypeError):
+            _hamming.mih_knn(db[:3], db, start, width, *args, 200, 5, 10, D, I, st)
+    with pytest.raises(TypeError, match="writable"):
+        _hamming.mih_build(db, start, width, offsets, perm, ranks, np.frombuffer(db.tobytes(), np.uint8))
     with pytest.raises(ValueError, match="tables must hold"):
-        _hamming.mih_knn(db[:3], db, start, width, offsets[:-1], positions, 200, 5, 10, D, I, st)
+        _hamming.mih_build(db, start, width, offsets, perm, ranks, ordered[:-1])
+    shared = np.empty(offsets.size + 199, np.int32)  # outputs that overlap are refused
+    with pytest.raises(ValueError, match="offsets and perm share memory"):
+        _hamming.mih_build(db, start, width, shared[: offsets.size], shared[-200:], ranks, ordered)
+    with pytest.raises(ValueError, match="db and ordered share memory"):
+        _hamming.mih_build(db, start, width, offsets, perm, ranks, db)
     with pytest.raises(ValueError, match="within the 32 bits"):
-        _hamming.mih_build(db, start, np.array([16, 17], np.int32), offsets, positions)
+        _hamming.mih_build(db, start, np.array([16, 17], np.int32), *tables)
     with pytest.raises(ValueError, match="n_tab"):
-        _hamming.mih_knn(db[:3], db, start, width, offsets, positions, 201, 5, 10, D, I, st)
+        _hamming.mih_knn(db[:3], db, start, width, *tables, 201, 5, 10, D, I, st)
     with pytest.raises(TypeError, match="int32"):
-        _hamming.mih_knn(db[:3], db, start.astype(np.int64), width, offsets, positions, 200, 5, 10, D, I, st)
+        _hamming.mih_knn(db[:3], db, start.astype(np.int64), width, *tables, 200, 5, 10, D, I, st)
+    # Tables of fewer codes than db (codes added since): shorter perm, ranks and copy.
+    _hamming.mih_knn(db[:3], db, start, width, offsets, perm[:150], ranks[:150], ordered[:150], 150, 5, 10**6,
+                     D, I, st, 1)
+    assert ((I >= -1) & (I < 200)).all()
 
 
 def test_cli_builds_and_searches_a_multi_index(tables_always, tmp_path, capsys):

@@ -23,12 +23,15 @@ def rank_metrics(
     map_ks: Sequence[int], prec_ks: Sequence[int], hist_all: Buffer, hist_rel: Buffer,
     ap: Buffer, prec: Buffer, threads: int = 0,
 ) -> None: ...
-def mih_build(db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, positions: Buffer, /) -> None: ...
+def mih_build(
+    db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, perm: Buffer, ranks: Buffer, ordered: Buffer, /
+) -> None: ...
 def mih_knn(
-    queries: Buffer, db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, positions: Buffer,
-    n_tab: int, k: int, max_work: int, out_distances: Buffer, out_labels: Buffer, stats: Buffer, threads: int = 0,
+    queries: Buffer, db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, perm: Buffer, ranks: Buffer,
+    ordered: Buffer, n_tab: int, k: int, max_work: int, out_distances: Buffer, out_labels: Buffer, stats: Buffer,
+    threads: int = 0,
 ) -> None: ...
 def mih_range(
-    queries: Buffer, db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, positions: Buffer,
-    n_tab: int, radius: int, max_work: int, threads: int = 0,
+    queries: Buffer, db: Buffer, start: Buffer, width: Buffer, offsets: Buffer, perm: Buffer, ranks: Buffer,
+    ordered: Buffer, n_tab: int, radius: int, max_work: int, threads: int = 0,
 ) -> tuple[bytearray, bytearray, bytearray, bytearray]: ...

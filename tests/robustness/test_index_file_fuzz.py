@@ -1,5 +1,6 @@
 """Fuzzing of index files: random byte flips, truncations, extensions and header rewrites of
-valid files of every kind (with metadata, names and tables). Loading either gives an index
+valid files of every kind (with metadata, names and tables; multi-index tables in the rank
+layout that save writes and in the positions layout that load converts). Loading either gives an index
 that searches like a fresh one of the same codes, or raises IndexFileError or
 ResourceLimitError; it never crashes or returns something inconsistent."""
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from cmhash.errors import IndexFileError, ResourceLimitError  # noqa: E402
 from cmhash.index import HashIndex, MultiIndex, load_index, mih  # noqa: E402
+from fixtures.mih_files import write_positions_layout  # noqa: E402
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 KINDS = {"flat": lambda bits: HashIndex(bits, metadata={"m": "x"}),
@@ -25,16 +27,21 @@ def _blob(kind: str, n: int, bits: int) -> bytes:
     import tempfile
 
     rng = np.random.default_rng(n)
-    index = KINDS[kind](bits)
-    index.add(rng.integers(0, 256, (n, bits // 8), dtype=np.uint8), names=[f"i{i}" if i % 3 else None for i in range(n)])
+    codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.cmhidx")
-        index.save(path)
+        if kind == "mih-positions":
+            write_positions_layout(path, codes, np.arange(n), 2, 2)
+        else:
+            index = KINDS[kind](bits)
+            index.add(codes, names=[f"i{i}" if i % 3 else None for i in range(n)])
+            index.save(path)
         with open(path, "rb") as f:
             return f.read()
 
 
 BLOBS = {(kind, n): _blob(kind, n, 32) for kind in KINDS for n in (0, 3, 200)}
+BLOBS.update({("mih-positions", n): _blob("mih-positions", n, 32) for n in (3, 200)})
 
 
 @st.composite

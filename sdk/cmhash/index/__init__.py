@@ -58,12 +58,19 @@ know. Tags defined so far:
     NAME   item names, bytes: the names in position order, UTF-8, back to back
     MIHP   multi-index parameters: JSON {"substrings": m or null, "start": [...], "width": [...]}
     MIHO   multi-index bucket offsets: for each table j, 2**width[j] + 1 int32, from 0 to count
-    MIHI   multi-index positions: m x count int32, table j's bucket `key` being
-           MIHI[j*count + MIHO[b_j + key] : j*count + MIHO[b_j + key + 1]], b_j the start of
-           table j's offsets (see :mod:`cmhash.index.mih`)
+    MIHR   multi-index tables in rank order (ranks number the codes in table 0's bucket
+           order): perm, count int32 (the position of each rank), then ranks, (m - 1) x
+           count int32. Table 0's bucket `key` is ranks MIHO[key] .. MIHO[key + 1] - 1; table
+           j >= 1's is ranks[(j-1)*count + MIHO[b_j + key] : (j-1)*count + MIHO[b_j + key + 1]],
+           b_j the start of table j's offsets (see :mod:`cmhash.index.mih`)
+    MIHI   the tables as positions (read, converted to MIHR's layout at load; not written):
+           m x count int32, table j's bucket `key` being
+           MIHI[j*count + MIHO[b_j + key] : j*count + MIHO[b_j + key + 1]]
 
-Every section starts at a multiple of 64, so ``mmap=True`` maps the names and tables
-without copying, as it does the codes and ids.
+A multi-index file holds MIHP and MIHO with one of MIHR and MIHI, or none of them. Every
+section starts at a multiple of 64, so ``mmap=True`` maps the names and tables without
+copying, as it does the codes and ids (a multi-index also gathers its copy of the codes in
+rank order into memory).
 """
 
 from __future__ import annotations
