@@ -86,12 +86,19 @@ def make_data(kind: str, n: int, nq: int, bits: int, args) -> tuple[np.ndarray, 
 
 
 def timed(fn, repeat: int):
-    best, out = float("inf"), None
+    return timed_together([fn], repeat)[0]
+
+
+def timed_together(fns, repeat: int):
+    """[(best seconds, result)] of each function, their runs interleaved so that a change of
+    the machine's speed during the runs touches all of them alike."""
+    best, out = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            out[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return list(zip(best, out))
 
 
 def recall(dist: np.ndarray, exact_dist: np.ndarray, k: int) -> float:
@@ -154,9 +161,10 @@ def run(args) -> list[dict]:
                     faiss.omp_set_num_threads(threads)
                     for k in args.k:
                         base = dict(data=kind, n=n, bits=bits, k=k, threads=threads)
-                        t_flat, (fd, fi) = timed(lambda: flat.search(q, k, threads=threads), args.repeat)
+                        (t_flat, (fd, fi)), (t_mih, (md, mi)) = timed_together(
+                            [lambda: flat.search(q, k, threads=threads), lambda: multi.search(q, k, threads=threads)],
+                            args.repeat)
                         emit(**base, method="cmhash-flat", seconds=t_flat, qps=len(q) / t_flat)
-                        t_mih, (md, mi) = timed(lambda: multi.search(q, k, threads=threads), args.repeat)
                         exact = bool(np.array_equal(fd, md) and np.array_equal(fi, mi))
                         path = multi.explain(q, k=k, threads=threads)["path"]
                         emit(**base, method="cmhash-mih", seconds=t_mih, qps=len(q) / t_mih,

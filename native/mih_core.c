@@ -21,8 +21,9 @@
 #include "kernels.h"
 #include "threads.h"
 
-/* After this many queries of one thread, if at least 3 in 4 gave up, the rest of the
- * thread's queries skip the tables: their codes are evidently not structured enough. */
+/* After this many queries of one thread, the rest skip the tables when those tried so far
+ * cost more than scanning would have (a query that gave up cost its work cap, as much as a
+ * scan, and then the scan): the codes are evidently not structured enough. */
 #define SKIP_AFTER 16
 /* Keys looked up together, so that their memory accesses overlap. */
 #define BATCH 32
@@ -388,11 +389,12 @@ static void worker(void *p, size_t tid, size_t nt) {
         return;
     }
     memset(w.hist, 0, (c->bits + 1) * sizeof *w.hist);
-    size_t tried = 0, over = 0;
+    size_t tried = 0;
+    uint64_t spent = 0; /* work of the queries tried, a gave-up one counted as two caps */
     for (size_t qi = qb; qi < qe; qi++) {
         int64_t *st = c->stats + qi * 3;
         st[1] = st[2] = 0;
-        if (tried >= SKIP_AFTER && 4 * over >= 3 * tried) {
+        if (tried >= SKIP_AFTER && spent > (uint64_t)tried * c->max_work) {
             st[0] = CMH_MIH_SKIPPED;
             if (!c->k) c->counts[qi] = 0;
             continue;
@@ -404,7 +406,7 @@ static void worker(void *p, size_t tid, size_t nt) {
         }
         st[0] = path;
         tried++;
-        over += path != CMH_MIH_TABLES;
+        spent += path == CMH_MIH_TABLES ? (uint64_t)(st[1] + st[2]) : 2 * (uint64_t)c->max_work;
         if (path == CMH_MIH_TABLES) {
             if (c->k) {
                 knn_emit(c, &w, qi);

@@ -69,7 +69,7 @@ MIN_CODES = 1 << 15
 SCAN_COST = 1 / 256
 #: A kNN query with k above this share of the collection is answered by the scan.
 MAX_K_SHARE = 1 / 64
-PATHS = ("tables", "gave up (work over max_work)", "skipped (earlier queries gave up)")
+PATHS = ("tables", "gave up (work over max_work)", "skipped (earlier queries cost more than a scan)")
 
 
 def substring_layout(bits: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +277,7 @@ class MultiIndex(CodeStore):
         path = "tables" if by["by_tables"] == nq else "scan" if by["by_tables"] == 0 else "mixed"
         reason = ("every query within its work cap" if path == "tables" else
                   f"{by['gave_up']} queries passed the work cap of {max_work} (as much as a scan) and "
-                  f"{by['skipped']} were sent to the scan after most earlier ones did: the codes are too "
+                  f"{by['skipped']} were sent to the scan once the earlier ones had cost more than scanning: the codes are too "
                   "spread out for the tables here")
         tried = paths != 2
         return {"path": path, "reason": reason, **by,
