@@ -220,7 +220,7 @@ static int ws_sorted(workspace *w, const cmh_mih_tables *t, uint32_t limit, size
         }
         w->keys[len++] = (uint64_t)w->cd[i] << 32 | p;
     }
-    qsort(w->keys, len, sizeof *w->keys, cmp_u64);
+    if (len > 1) qsort(w->keys, len, sizeof *w->keys, cmp_u64); /* keys may still be NULL when len is 0 */
     *out_len = len;
     return 0;
 }
@@ -423,7 +423,7 @@ static void worker(void *p, size_t tid, size_t nt) {
                     break;
                 }
                 c->hits[tid] = grown;
-                memcpy(grown + c->hits_len[tid], w.keys, len * sizeof *grown);
+                if (len) memcpy(grown + c->hits_len[tid], w.keys, len * sizeof *grown);
                 c->hits_len[tid] = need;
                 c->counts[qi] = len;
             }
