@@ -35,8 +35,9 @@ Cost model. Tables cannot beat a scan on every collection: on uniformly random c
 near neighbours are far away, and each table lookup and candidate is a random memory
 access while the scan streams. Each query's work (lookups plus candidates) is capped at
 ``max_work``, the number of random accesses that cost as much as scanning the collection
-(``n * SCAN_COST``); a query that passes it gives up and is answered by the flat scan, and
-once most of the first queries of a thread give up, the rest go straight to the scan.
+(``n * SCAN_COST``, for 64-bit codes; in proportion to the code's bytes); a query that passes
+it gives up and is answered by the flat scan, and once the first queries of a thread have
+cost more than scanning would have, the rest go straight to the scan.
 Small collections (``MIN_CODES``), a large k and a large radius go to the scan at once.
 :meth:`MultiIndex.explain` runs a search and says which path answered and why.
 """
@@ -63,9 +64,9 @@ MAX_WIDTH = 24  # bits per substring: direct-addressed tables of 2**24 + 1 offse
 MAX_SUBSTRINGS = 64
 #: Below this many codes the tables are not built: a scan is as fast.
 MIN_CODES = 1 << 15
-#: Random accesses (table lookups, candidates) that cost as much as scanning one code; from
-#: timings on a 2-vCPU AMD EPYC VM with AVX-512, loaded: the scan takes ~0.4 ns per 64-bit
-#: code and query, a random access into the tables or codes of 10 M codes ~100 ns.
+#: Random accesses (table lookups, candidates) that cost as much as scanning one 64-bit code,
+#: in proportion for other lengths (the scan's cost grows with the bytes of a code, a
+#: random access's hardly); from timings on a 2-vCPU AMD EPYC VM with AVX-512.
 SCAN_COST = 1 / 256
 #: A kNN query with k above this share of the collection is answered by the scan.
 MAX_K_SHARE = 1 / 64
@@ -253,7 +254,7 @@ class MultiIndex(CodeStore):
                 return f"{n} codes, fewer than MIN_CODES={MIN_CODES}: a scan is as fast", 0
             return (f"no tables: {self._bits}-bit codes need tables larger than the {n} codes "
                     "themselves; a scan is as fast"), 0
-        max_work = max(int(n * SCAN_COST), 64)
+        max_work = max(int(n * SCAN_COST * self.nbytes / 8), 64)
         if k is not None and k > n * MAX_K_SHARE:
             return f"k={k} is more than {MAX_K_SHARE:.4g} of the {n} codes: a scan is as fast", max_work
         if radius is not None:
